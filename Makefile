@@ -1,0 +1,28 @@
+# The README's two commands: `make test` and `make demo`. Each creates .venv/ (if missing) and
+# installs the pinned stack into it first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vild_d2-installed
+
+.PHONY: test demo install clean
+.DEFAULT_GOAL := test
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock setup.py tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip==24.3.1"
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) tools/run_demo.py --output output/demo
+
+clean:
+	rm -rf $(VENV) output build *.egg-info

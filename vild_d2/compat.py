@@ -1,0 +1,117 @@
+"""Bridges for running on the pure-Python detectron2 0.6 install with current numpy/Pillow.
+
+Each bridge is applied only when its gap is detected, changes no installed file, and is listed in
+:data:`APPLIED` (name -> one-line reason) once :func:`apply_bridges` has run. ``import vild_d2``
+runs it before anything imports ``detectron2.layers`` or ``detectron2.data``.
+
+* ``detectron2._C``: the registry sdist has no compiled extension, yet ``detectron2.layers`` imports
+  ``_C`` at module load. A placeholder module lets the pure-Python parts (RoIAlign and NMS go
+  through torchvision) load; any compiled op raises :class:`CompiledOpsUnavailable` saying how to
+  get a source build.
+* ``PIL.Image.LINEAR``: removed in Pillow 10, referenced by ``detectron2.data.transforms`` at class
+  definition time; it was always an alias of ``BILINEAR``.
+* ``np.float`` / ``np.int`` / ``np.str`` / ``np.object``: removed in numpy 1.24, used by
+  ``lvis.LVISEval.accumulate`` and by detectron2 0.6 (class histogram, VOC loader); they were
+  always aliases of the builtins.
+"""
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+__all__ = ["APPLIED", "CompiledOpsUnavailable", "apply_bridges", "has_compiled_ops"]
+
+APPLIED = {}
+
+_SOURCE_BUILD_HINT = (
+    "Install detectron2 from source with its compiled ops instead, e.g. "
+    "`pip install 'git+https://github.com/facebookresearch/detectron2.git'` "
+    "(needs internet and a C++/CUDA toolchain); see the README."
+)
+
+
+class CompiledOpsUnavailable(AttributeError):
+    """A detectron2 operation needs ``detectron2._C``, which this install does not have."""
+
+
+class _MissingCompiledOps(types.ModuleType):
+    """Stands in for ``detectron2._C`` on a pure-Python detectron2 install."""
+
+    def __init__(self):
+        super().__init__("detectron2._C")
+        self.__spec__ = importlib.machinery.ModuleSpec(
+            "detectron2._C", None, origin="vild_d2.compat (no compiled ops)"
+        )
+
+    # Used by detectron2.utils.collect_env, which default_setup() calls.
+    @staticmethod
+    def get_compiler_version():
+        return "none (pure-Python detectron2, see vild_d2.compat)"
+
+    @staticmethod
+    def get_cuda_version():
+        return "none (pure-Python detectron2, see vild_d2.compat)"
+
+    @staticmethod
+    def has_cuda():
+        return False
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise CompiledOpsUnavailable(
+            f"detectron2._C.{name} is a compiled detectron2 op (deformable conv, rotated boxes, "
+            f"rotated RoIAlign, fast COCO eval), but this detectron2 was installed as pure Python "
+            f"without compiled ops. {_SOURCE_BUILD_HINT}"
+        )
+
+
+def has_compiled_ops() -> bool:
+    """True if detectron2's C++/CUDA extension is really installed (not the placeholder)."""
+    module = sys.modules.get("detectron2._C")
+    if module is not None:
+        return not isinstance(module, _MissingCompiledOps)
+    return importlib.util.find_spec("detectron2._C") is not None
+
+
+def _bridge_detectron2_c():
+    import detectron2
+
+    if has_compiled_ops():
+        return
+    stub = _MissingCompiledOps()
+    sys.modules["detectron2._C"] = stub
+    detectron2._C = stub
+    APPLIED["detectron2._C"] = "no compiled detectron2 ops: placeholder that explains itself"
+
+
+def _bridge_pil_linear():
+    from PIL import Image
+
+    if hasattr(Image, "LINEAR"):
+        return
+    Image.LINEAR = Image.Resampling.BILINEAR
+    APPLIED["PIL.Image.LINEAR"] = "Pillow >= 10 removed it; alias of BILINEAR"
+
+
+_NUMPY_ALIASES = {"float": float, "int": int, "str": str, "object": object}
+
+
+def _bridge_numpy_aliases():
+    import numpy as np
+
+    missing = [name for name in _NUMPY_ALIASES if name not in vars(np)]
+    # numpy < 1.24 still has them (with a deprecation warning): nothing to do.
+    if not missing or np.lib.NumpyVersion(np.__version__) < "1.24.0":
+        return
+    for name in missing:
+        setattr(np, name, _NUMPY_ALIASES[name])
+    APPLIED["numpy aliases"] = f"numpy >= 1.24 removed np.{{{','.join(missing)}}}; builtins"
+
+
+def apply_bridges():
+    """Apply every bridge whose gap is present; idempotent. Returns :data:`APPLIED`."""
+    _bridge_detectron2_c()
+    _bridge_pil_linear()
+    _bridge_numpy_aliases()
+    return APPLIED

@@ -1,0 +1,44 @@
+"""The project's config node, ``cfg.MODEL.VILD``."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_vild_config"]
+
+VARIANTS = ("text", "vild", "ensemble")
+
+
+def add_vild_config(cfg):
+    """Add ``cfg.MODEL.VILD`` (ViLD's options, with their paper/official defaults) to ``cfg``."""
+    _C = cfg
+    _C.MODEL.VILD = CN()
+    # "text": ViLD-text (text classifier only); "vild": ViLD (text classifier + distillation
+    # boxes through the same head); "ensemble": ViLD-ensemble (separate image-branch head).
+    _C.MODEL.VILD.VARIANT = "vild"
+    # CLIP teacher: a name for clip.load ("ViT-B/32", needs internet once) or a local checkpoint.
+    _C.MODEL.VILD.CLIP_MODEL = "ViT-B/32"
+    # Classifier used in training: a saved vocabulary file (tools/build_text_classifier.py) or a
+    # registered dataset name (its thing_classes are encoded). "" = DATASETS.TRAIN[0].
+    # Its names must be the training dataset's thing_classes, in order (they index gt_classes).
+    _C.MODEL.VILD.TRAIN_VOCABULARY = ""
+    # Classifier used at test time, same forms as above. "" = DATASETS.TEST[0], else the
+    # training vocabulary. The model can switch it at run time (model.set_vocabulary).
+    _C.MODEL.VILD.TEST_VOCABULARY = ""
+    # Prompt templates file ("{}" = class name, "{article}" = a/an). "" = the 63 ViLD templates.
+    _C.MODEL.VILD.PROMPT_TEMPLATES = ""
+    # Average each class's synonyms (dataset metadata "class_synonyms") into its embedding.
+    _C.MODEL.VILD.USE_SYNONYMS = False
+    # Where text embeddings are cached, keyed by (CLIP model, templates, names).
+    _C.MODEL.VILD.EMBEDDING_CACHE_DIR = "~/.cache/vild_d2"
+    # Softmax temperature on cosine similarities (logits = cos / T; 0.01 = x100).
+    _C.MODEL.VILD.TEMPERATURE = 0.01
+    # Weight w of the L1 distillation loss (0.5 for R50; the paper used 1.0/2.0 for R152).
+    _C.MODEL.VILD.DISTILL_WEIGHT = 0.5
+    # ViLD-ensemble: score = p_t^l * p_i^(1-l) on base classes, p_t^(1-l) * p_i^l on novel ones.
+    _C.MODEL.VILD.ENSEMBLE_LAMBDA = 2.0 / 3.0
+
+    # Large-scale jitter (official recipe): flip, resize by a random factor of IMAGE_SIZE, then
+    # crop/pad to IMAGE_SIZE x IMAGE_SIZE. Replaces INPUT.MIN_SIZE_TRAIN resizing in training.
+    _C.MODEL.VILD.LSJ = CN()
+    _C.MODEL.VILD.LSJ.ENABLED = False
+    _C.MODEL.VILD.LSJ.IMAGE_SIZE = 1024
+    _C.MODEL.VILD.LSJ.MIN_SCALE = 0.1
+    _C.MODEL.VILD.LSJ.MAX_SCALE = 2.0
