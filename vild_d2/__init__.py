@@ -4,6 +4,19 @@ from . import compat
 # Must run before anything imports detectron2.layers / detectron2.data (see compat.py).
 compat.apply_bridges()
 
+from .checkpoint import ViLDCheckpointer  # noqa: E402
 from .config import add_vild_config  # noqa: E402
+from .data import ViLDDatasetMapper  # noqa: E402
+from .modeling import ViLDOutputLayers, ViLDRCNN, ViLDROIHeads  # noqa: E402
+from .text import TextEncoder, Vocabulary  # noqa: E402
 
-__all__ = ["add_vild_config"]
+__all__ = [
+    "add_vild_config",
+    "ViLDRCNN",
+    "ViLDROIHeads",
+    "ViLDOutputLayers",
+    "ViLDDatasetMapper",
+    "ViLDCheckpointer",
+    "TextEncoder",
+    "Vocabulary",
+]

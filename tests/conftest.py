@@ -1,0 +1,12 @@
+"""Shared pytest fixtures."""
+import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2 imports)
+
+import pytest
+
+from vild_d2.text import save_random_clip
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory) -> str:
+    """Path of a tiny random-weight CLIP checkpoint (ViT, 32-d embeddings) for clip.load."""
+    return save_random_clip(str(tmp_path_factory.mktemp("clip") / "tiny_clip.pt"), embed_dim=32)

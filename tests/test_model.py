@@ -1,0 +1,310 @@
+"""The ViLD model: math against float64 references, each variant end to end, vocabulary switch."""
+import vild_d2  # noqa: F401  (first: compat bridges)
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from vild_d2 import ViLDCheckpointer, ViLDOutputLayers, Vocabulary, add_vild_config
+from vild_d2.modeling import distillation_loss, ensemble_scores
+
+TRAIN_NAMES = ["red square", "blue circle", "green triangle"]
+TEST_NAMES = ["red square", "blue circle", "green triangle", "yellow star", "purple cross"]
+DIM = 16
+
+
+def _vocab(names, seed, dim=DIM, novel=None):
+    g = torch.Generator().manual_seed(seed)
+    # Deliberately not unit-norm: the model must normalise the class embeddings itself.
+    return Vocabulary(list(names), torch.randn(len(names), dim, generator=g) * 3, novel)
+
+
+@pytest.fixture(scope="module")
+def vocab_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab")
+    files = {}
+    for key, names, seed in (("train", TRAIN_NAMES, 0), ("test", TEST_NAMES, 1)):
+        files[key] = str(root / f"{key}.pth")
+        _vocab(names, seed).save(files[key])
+    return files
+
+
+def tiny_cfg(variant, vocab_files, **overrides):
+    cfg = get_cfg()
+    add_vild_config(cfg)
+    cfg.merge_from_file("configs/Toy/Base-Toy-R18-FPN.yaml")
+    cfg.MODEL.VILD.VARIANT = variant
+    cfg.MODEL.VILD.TRAIN_VOCABULARY = vocab_files["train"]
+    cfg.MODEL.VILD.TEST_VOCABULARY = vocab_files["test"]
+    cfg.merge_from_list([x for kv in overrides.items() for x in kv])
+    return cfg
+
+
+def _inputs(num_images=2, num_distill=(5, 3), with_gt=(True, True), dim=DIM, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = 64, 80
+    inputs = []
+    for i in range(num_images):
+        image = torch.randint(0, 255, (3, h, w), generator=g, dtype=torch.uint8)
+        inst = Instances((h, w))
+        if with_gt[i]:
+            boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [40.0, 10.0, 76.0, 50.0]])
+            masks = torch.zeros(2, h, w, dtype=torch.bool)
+            for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+                masks[k, y0:y1, x0:x1] = True
+            inst.gt_boxes, inst.gt_classes, inst.gt_masks = Boxes(boxes), torch.tensor([0, 2]), BitMasks(masks)
+        else:
+            inst.gt_boxes = Boxes(torch.zeros(0, 4))
+            inst.gt_classes = torch.zeros(0, dtype=torch.long)
+            inst.gt_masks = BitMasks(torch.zeros(0, h, w, dtype=torch.bool))
+        m = num_distill[i]
+        xy = torch.rand(m, 2, generator=g) * torch.tensor([w / 2, h / 2])
+        distill = Instances((h, w))
+        distill.boxes = Boxes(torch.cat([xy, xy + 8 + torch.rand(m, 2, generator=g) * 20], 1))
+        distill.embeddings = torch.randn(m, dim, generator=g)
+        inputs.append({"image": image, "height": h, "width": w, "instances": inst, "distill": distill})
+    return inputs
+
+
+def _predictor(**kwargs):
+    torch.manual_seed(0)
+    args = dict(
+        box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)),
+        train_vocabulary=_vocab(TRAIN_NAMES, 0),
+        test_vocabulary=_vocab(TEST_NAMES, 1),
+        test_score_thresh=0.0,
+        test_nms_thresh=1.0,
+    )
+    args.update(kwargs)
+    return ViLDOutputLayers(ShapeSpec(channels=8), **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Math against independent float64 computations
+def _ref_logits(pred, x, class_embeddings, temperature=0.01):
+    x, W, b = x.double(), pred.projection.weight.double(), pred.projection.bias.double()
+    region = x @ W.t() + b
+    region = region / region.norm(dim=1, keepdim=True)
+    cls = torch.cat([class_embeddings.double(), pred.background.double()[None]])
+    cls = cls / cls.norm(dim=1, keepdim=True)
+    return region @ cls.t() / temperature
+
+
+def test_text_classifier_logits_and_loss_match_float64():
+    pred = _predictor().train()
+    x = torch.randn(6, 8)
+    logits, deltas = pred(x)
+    ref = _ref_logits(pred, x, pred.train_vocabulary.embeddings)
+    assert logits.shape == (6, len(TRAIN_NAMES) + 1) and deltas.shape == (6, 4)
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-3)
+
+    proposals = Instances((50, 50))
+    proposals.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 10, 10]] * 6))
+    proposals.gt_boxes = Boxes(torch.tensor([[1.0, 1, 11, 11]] * 6))
+    proposals.gt_classes = torch.tensor([0, 1, 2, 3, 3, 1])  # 3 = background (K_train)
+    with EventStorage():
+        losses = pred.losses((logits, deltas), [proposals])
+    # Softmax cross-entropy over K+1 columns, mean over RoIs, by hand in float64.
+    gt = proposals.gt_classes
+    ref_ce = (torch.logsumexp(ref, 1) - ref[torch.arange(6), gt]).mean()
+    assert math.isclose(losses["loss_cls"].item(), ref_ce.item(), rel_tol=1e-4)
+    assert losses["loss_box_reg"].item() > 0
+
+
+def test_test_vocabulary_in_eval_and_background_dropped_without_renormalising():
+    pred = _predictor().eval()
+    x = torch.randn(4, 8)
+    logits, _ = pred(x)
+    ref = _ref_logits(pred, x, pred.test_vocabulary.embeddings)
+    assert logits.shape == (4, len(TEST_NAMES) + 1)
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-3)
+
+    proposals = Instances((50, 60))
+    proposals.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 45]] * 2))
+    pred.test_topk_per_image = 100
+    (inst,), _ = pred.inference(pred(x), [proposals])
+    probs = ref.softmax(1)  # over K+1, background included
+    # Every detection's score is its class's softmax probability over K+1 (not renormalised
+    # over the K foreground classes after dropping background).
+    roi = inst.pred_classes.new_tensor([0, 1, 2, 3]).repeat_interleave(len(TEST_NAMES))
+    cls = torch.arange(len(TEST_NAMES)).repeat(4)
+    expected = sorted(probs[roi, cls].tolist(), reverse=True)
+    assert len(inst) == 4 * len(TEST_NAMES)
+    assert inst.scores.tolist() == pytest.approx(expected, rel=1e-4)
+    assert int(inst.pred_classes.max()) < len(TEST_NAMES)
+
+
+def test_distillation_loss_matches_float64():
+    region = F.normalize(torch.randn(7, DIM), dim=1)
+    target = torch.randn(7, DIM) * 5  # un-normalised targets get normalised
+    t = target.double() / target.double().norm(dim=1, keepdim=True)
+    ref = (region.double() - t).abs().sum(1).mean()
+    assert math.isclose(distillation_loss(region, target).item(), ref.item(), rel_tol=1e-5)
+    empty = torch.zeros(0, DIM, requires_grad=True)
+    zero = distillation_loss(empty, torch.zeros(0, DIM))
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_ensemble_scores_hand_worked_and_float64():
+    lam = 2.0 / 3.0
+    p_t = torch.tensor([[0.8, 0.1]])
+    p_i = torch.tensor([[0.2, 0.6]])
+    is_base = torch.tensor([True, False])
+    out = ensemble_scores(p_t, p_i, is_base, lam)
+    # base: 0.8^(2/3) * 0.2^(1/3); novel: 0.1^(1/3) * 0.6^(2/3)
+    assert out[0, 0].item() == pytest.approx(0.8 ** (2 / 3) * 0.2 ** (1 / 3), rel=1e-6)
+    assert out[0, 1].item() == pytest.approx(0.1 ** (1 / 3) * 0.6 ** (2 / 3), rel=1e-6)
+
+    p_t, p_i = torch.rand(5, 6), torch.rand(5, 6)
+    is_base = torch.tensor([True, False, True, True, False, False])
+    ref = torch.where(
+        is_base,
+        p_t.double() ** lam * p_i.double() ** (1 - lam),
+        p_t.double() ** (1 - lam) * p_i.double() ** lam,
+    )
+    torch.testing.assert_close(ensemble_scores(p_t, p_i, is_base, lam).double(), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each variant end to end on a tiny model
+EXPECTED_LOSSES = {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
+
+
+@pytest.mark.parametrize("variant", ["text", "vild", "ensemble"])
+def test_variant_train_step_and_inference(variant, vocab_files):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(variant, vocab_files))
+    with EventStorage():
+        losses = model(_inputs())
+    expected = EXPECTED_LOSSES | ({"loss_distill"} if variant != "text" else set())
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    if variant != "text":
+        assert losses["loss_distill"].item() > 0
+        head = model.roi_heads.image_projection if variant == "ensemble" else model.roi_heads.box_predictor.projection
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    if variant == "ensemble":
+        # The text-branch head receives no gradient from the distillation loss alone.
+        model.zero_grad()
+        with EventStorage():
+            model(_inputs())["loss_distill"].backward()
+        assert model.roi_heads.box_predictor.projection.weight.grad is None or \
+            model.roi_heads.box_predictor.projection.weight.grad.abs().sum() == 0
+
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([{"image": _inputs()[0]["image"], "height": 64, "width": 80}])
+    inst = out["instances"]
+    assert len(inst) > 0
+    assert int(inst.pred_classes.max()) < len(TEST_NAMES)
+    assert inst.has("pred_masks") and inst.pred_masks.shape[1:] == (64, 80)
+    assert float(inst.scores.max()) <= 1.0
+
+
+def test_empty_annotations_and_empty_distillation(vocab_files):
+    torch.manual_seed(0)
+    for variant in ("vild", "ensemble"):
+        model = build_model(tiny_cfg(variant, vocab_files))
+        with EventStorage():
+            # Image 0 has no annotations, image 1 no distillation boxes.
+            losses = model(_inputs(num_distill=(4, 0), with_gt=(False, True)))
+            assert all(torch.isfinite(v) for v in losses.values())
+            # No distillation box in the whole batch: zero loss, still differentiable.
+            losses = model(_inputs(num_distill=(0, 0)))
+        assert losses["loss_distill"].item() == 0.0
+        sum(losses.values()).backward()
+
+
+def test_ensemble_base_novel_from_training_vocabulary(vocab_files):
+    model = build_model(tiny_cfg("ensemble", vocab_files))
+    is_base = model.roi_heads.box_predictor.test_is_base.tolist()
+    assert is_base == [n in TRAIN_NAMES for n in TEST_NAMES]
+    # An explicit novel mask in the vocabulary wins.
+    novel = torch.tensor([False, True, False, True, True])
+    model.set_vocabulary(_vocab(TEST_NAMES, 1, novel=novel))
+    assert model.roi_heads.box_predictor.test_is_base.tolist() == (~novel).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary switching and checkpoints
+def _detect(model, seed=3):
+    model.eval()
+    with torch.no_grad():
+        return model([{"image": _inputs(seed=seed)[0]["image"], "height": 64, "width": 80}])[0][
+            "instances"
+        ]
+
+
+def test_vocabulary_switch_without_rebuilding_and_checkpoint(vocab_files, tmp_path):
+    torch.manual_seed(0)
+    # A soft temperature so that untrained scores are not all saturated at 1.0.
+    cfg = tiny_cfg("vild", vocab_files, **{"MODEL.VILD.TEMPERATURE": 0.5})
+    model = build_model(cfg)
+    before = _detect(model)
+    other = _vocab(["cat", "dog"], seed=7)
+    predictor = model.roi_heads.box_predictor
+    model.set_vocabulary(other)
+    assert model.roi_heads.box_predictor is predictor  # same module, no rebuild
+    assert "test_embeddings" in dict(predictor.named_buffers())  # still a registered buffer
+    switched = _detect(model)
+    assert model.vocabulary.names == ["cat", "dog"]
+    assert int(switched.pred_classes.max()) < 2
+    assert len(before) != len(switched) or not torch.allclose(before.scores, switched.scores)
+
+    # Saved with the checkpoint; load() restores it into a model built with the config's.
+    ViLDCheckpointer(model, str(tmp_path)).save("switched")
+    fresh = build_model(cfg)
+    assert fresh.vocabulary.names == TEST_NAMES
+    ViLDCheckpointer(fresh, str(tmp_path)).load(str(tmp_path / "switched.pth"))
+    assert fresh.vocabulary.names == ["cat", "dog"]
+    again = _detect(fresh)
+    torch.testing.assert_close(again.scores, switched.scores)
+    assert torch.equal(again.pred_classes, switched.pred_classes)
+
+    # Loading weights only (train_net --eval-only) keeps the config's vocabulary (transfer).
+    weights_only = build_model(cfg)
+    ViLDCheckpointer(weights_only).resume_or_load(str(tmp_path / "switched.pth"), resume=False)
+    assert weights_only.vocabulary.names == TEST_NAMES
+    torch.testing.assert_close(_detect(weights_only).scores, before.scores)
+
+    # Switching back restores the original outputs exactly.
+    model.set_vocabulary(vocab_files["test"])
+    torch.testing.assert_close(_detect(model).scores, before.scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+def test_width_mismatch_is_a_clear_error(vocab_files, tmp_path):
+    wide = str(tmp_path / "wide.pth")
+    _vocab(TEST_NAMES, 1, dim=DIM * 2).save(wide)
+    with pytest.raises(ValueError, match=rf"{2 * DIM}-d.*{DIM}-d"):
+        build_model(tiny_cfg("vild", {"train": vocab_files["train"], "test": wide}))
+    model = build_model(tiny_cfg("vild", vocab_files))
+    with pytest.raises(ValueError, match=rf"{2 * DIM}-d.*{DIM}-d"):
+        model.set_vocabulary(wide)
+    # Distillation targets from another CLIP width.
+    with EventStorage(), pytest.raises(ValueError, match=rf"{DIM * 2}-d.*{DIM}-d"):
+        model(_inputs(dim=DIM * 2))
+
+
+def test_missing_distillation_inputs_and_bad_variant(vocab_files):
+    model = build_model(tiny_cfg("vild", vocab_files))
+    inputs = _inputs()
+    for x in inputs:
+        del x["distill"]
+    with EventStorage(), pytest.raises(ValueError, match="distill"):
+        model(inputs)
+    with pytest.raises(ValueError, match="VARIANT"):
+        build_model(tiny_cfg("clip", vocab_files))
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        model.set_vocabulary(Vocabulary([], torch.zeros(0, DIM)))

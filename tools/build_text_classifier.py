@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Build a ViLD-text classifier (a saved :class:`vild_d2.text.Vocabulary`) from class names.
+
+Examples:
+    python tools/build_text_classifier.py --clip ViT-B/32 --dataset lvis_v1_val --output lvis.pth
+    python tools/build_text_classifier.py --clip clip.pt --names "cat,dog,zebra" --novel zebra \
+        --output animals.pth
+"""
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import List
+
+import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2.data loads)
+from vild_d2.text import (
+    TextEncoder,
+    load_templates,
+    novel_mask,
+    vocabulary_from_dataset,
+    vocabulary_from_names,
+)
+
+
+def _split(text: str) -> List[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clip", required=True, help="CLIP model name (e.g. ViT-B/32) or checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--names", help='comma-separated class names, e.g. "cat,dog"')
+    src.add_argument("--names-file", help="text file with one class name per line")
+    src.add_argument("--dataset", help="registered dataset whose thing_classes to encode")
+    p.add_argument("--novel", default="", help="comma-separated novel class names")
+    p.add_argument("--templates", default="", help='prompt templates file ("" = the 63 ViLD ones)')
+    p.add_argument("--synonyms", action="store_true", help="average dataset class_synonyms in")
+    p.add_argument("--cache-dir", default="~/.cache/vild_d2", help='embedding cache ("" = none)')
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", required=True, help="output vocabulary file (.pth)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    encoder = TextEncoder(
+        args.clip,
+        templates=load_templates(args.templates),
+        cache_dir=args.cache_dir or None,
+        device=args.device,
+    )
+    novel = _split(args.novel) or None
+    if args.dataset:
+        vocab = vocabulary_from_dataset(args.dataset, encoder, use_synonyms=args.synonyms)
+        if novel is not None:  # explicit --novel overrides the dataset's novel_classes
+            vocab = dataclasses.replace(vocab, novel=novel_mask(vocab.names, novel))
+    else:
+        if args.names_file:
+            lines = Path(args.names_file).read_text(encoding="utf-8").splitlines()
+            names = [line.strip() for line in lines if line.strip()]
+        else:
+            names = _split(args.names)
+        vocab = vocabulary_from_names(names, encoder, novel=novel)
+    vocab.save(args.output)
+    num_novel = "unknown" if vocab.novel is None else int(vocab.novel.sum())
+    print(f"K={len(vocab)} D={vocab.dim} novel={num_novel} -> wrote {Path(args.output).resolve()}")
+
+
+if __name__ == "__main__":
+    main()

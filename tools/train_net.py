@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Train or evaluate ViLD: detectron2's train_net with the vild_d2 config, trainer and model."""
+import vild_d2  # noqa: F401  (first: registers the model and applies compatibility bridges)
+from detectron2.engine import default_argument_parser, launch
+from vild_d2.checkpoint import ViLDCheckpointer
+from vild_d2.engine import Trainer, setup
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        ViLDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -1,0 +1,35 @@
+"""A DetectionCheckpointer that also saves the model's test vocabulary."""
+from detectron2.checkpoint import DetectionCheckpointer
+from torch.nn.parallel import DistributedDataParallel
+
+from .text import Vocabulary
+
+__all__ = ["ViLDCheckpointer"]
+
+
+class _VocabularyState:
+    """Checkpointable view of a ViLD model's test vocabulary (names, embeddings, novel mask)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self):
+        return self.model.vocabulary.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.set_vocabulary(Vocabulary.from_state_dict(state, where="checkpoint"))
+
+
+class ViLDCheckpointer(DetectionCheckpointer):
+    """
+    :class:`DetectionCheckpointer` whose checkpoints carry the test vocabulary under the key
+    ``"vocabulary"``, like the optimizer's state: ``load(path)`` restores it (the model then
+    detects what it detected when saved), while ``resume_or_load(path, resume=False)`` loads
+    the weights only, so a config's ``MODEL.VILD.TEST_VOCABULARY`` stays in force (transfer).
+    """
+
+    def __init__(self, model, save_dir="", *, save_to_disk=None, **checkpointables):
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        if hasattr(module, "set_vocabulary"):
+            checkpointables.setdefault("vocabulary", _VocabularyState(module))
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)

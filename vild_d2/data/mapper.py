@@ -1,0 +1,187 @@
+"""Dataset mapper that carries ViLD's distillation boxes through the training augmentations.
+
+Dataset dict fields added by this project (both optional, but given together):
+
+* ``"distill_boxes"``: array-like, shape (M, 4), float. Distillation boxes (precomputed
+  class-agnostic proposals) in XYXY_ABS, in the coordinates of the ORIGINAL image
+  (``file_name`` as stored on disk, before any augmentation).
+* ``"distill_embeddings"``: array-like, shape (M, D), float. The CLIP image embedding of each
+  box (row i belongs to box i).
+
+In training, the mapper pops both and returns ``dataset_dict["distill"]``, an
+:class:`Instances` of the output image size with fields ``boxes`` (:class:`Boxes`, (M', 4)
+float32, output-image coordinates) and ``embeddings`` (Tensor (M', D) float32), where M' <= M
+after boxes that a crop made empty are dropped. At inference the two fields are dropped.
+"""
+import logging
+import numpy as np
+import torch
+
+from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
+from detectron2.structures import Boxes, Instances
+
+__all__ = ["ViLDDatasetMapper", "build_lsj_augmentation"]
+
+logger = logging.getLogger(__name__)
+
+DISTILL_BOXES = "distill_boxes"
+DISTILL_EMBEDDINGS = "distill_embeddings"
+
+
+def build_lsj_augmentation(cfg):
+    """
+    Large-scale jitter (official ViLD recipe): random flip, resize so that the image fits in
+    ``IMAGE_SIZE * s`` (s ~ U[MIN_SCALE, MAX_SCALE]), then a random crop / pad to
+    ``IMAGE_SIZE x IMAGE_SIZE``.
+
+    Returns:
+        list[Augmentation]
+    """
+    lsj = cfg.MODEL.VILD.LSJ
+    size = lsj.IMAGE_SIZE
+    augs = []
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(
+            T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+            )
+        )
+    augs.append(
+        T.ResizeScale(lsj.MIN_SCALE, lsj.MAX_SCALE, target_height=size, target_width=size)
+    )
+    augs.append(T.FixedSizeCrop(crop_size=(size, size)))
+    return augs
+
+
+class ViLDDatasetMapper(DatasetMapper):
+    """
+    :class:`DatasetMapper` that also maps the distillation boxes and embeddings (see the module
+    docstring), with optional large-scale jitter (``cfg.MODEL.VILD.LSJ``).
+
+    The distillation boxes are transformed by the very same ``transforms`` object as the image
+    and the gt annotations (one sampled transform list per image). The official ViLD code flips
+    them with an independent coin, so about half of its targets are mirrored; that cannot
+    happen here.
+    """
+
+    # __init__ is DatasetMapper's (same keyword arguments); its @configurable wrapper calls
+    # type(self).from_config, i.e. the one below.
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        if is_train and cfg.MODEL.VILD.LSJ.ENABLED:
+            if cfg.INPUT.CROP.ENABLED:
+                logger.warning("MODEL.VILD.LSJ.ENABLED: INPUT.CROP is ignored (LSJ crops itself).")
+            ret.update(
+                augmentations=build_lsj_augmentation(cfg),
+                # Like detectron2 for crops: a cropped mask's tight box can be smaller than the
+                # crop of its box.
+                recompute_boxes=cfg.MODEL.MASK_ON,
+            )
+        return ret
+
+    def __call__(self, dataset_dict):
+        """
+        Args:
+            dataset_dict (dict): one image in Detectron2 Dataset format, optionally with
+                "distill_boxes" (M, 4) and "distill_embeddings" (M, D).
+
+        Returns:
+            dict: as :class:`DatasetMapper`, plus "distill" (:class:`Instances`) in training
+                when the input had distillation fields.
+        """
+        has_distill = DISTILL_BOXES in dataset_dict or DISTILL_EMBEDDINGS in dataset_dict
+        if not has_distill:
+            return super().__call__(dataset_dict)
+
+        # Shallow copy: the caller's dict must not change; the base class deep-copies it.
+        dataset_dict = dict(dataset_dict)
+        if not self.is_train:
+            dataset_dict.pop(DISTILL_BOXES, None)
+            dataset_dict.pop(DISTILL_EMBEDDINGS, None)
+            return super().__call__(dataset_dict)
+
+        # DatasetMapper.__call__ only calls _transform_annotations (the one hook that sees the
+        # sampled transforms) when "annotations" exists. An image without gt then gets an empty
+        # "instances", which is what it is.
+        dataset_dict.setdefault("annotations", [])
+        return super().__call__(dataset_dict)
+
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        super()._transform_annotations(dataset_dict, transforms, image_shape)
+        if DISTILL_BOXES in dataset_dict or DISTILL_EMBEDDINGS in dataset_dict:
+            boxes, embeddings = _read_distill_fields(dataset_dict)
+            dataset_dict["distill"] = transform_distill_boxes(
+                boxes, embeddings, transforms, image_shape
+            )
+
+
+def _read_distill_fields(dataset_dict):
+    """
+    Pop and check the distillation fields.
+
+    Returns:
+        boxes (ndarray (M, 4) float64), embeddings (ndarray (M, D) float32; (0, 0) if M = 0
+        and D is unknown)
+    """
+    file_name = dataset_dict.get("file_name", "<no file_name>")
+    if DISTILL_BOXES not in dataset_dict or DISTILL_EMBEDDINGS not in dataset_dict:
+        raise ValueError(
+            f"{file_name}: '{DISTILL_BOXES}' and '{DISTILL_EMBEDDINGS}' must be given together."
+        )
+    # float64 like detectron2's path for XYXY_ABS gt boxes (transform, then float32), so that a
+    # distillation box and a gt box with the same input coordinates come out bit-identical.
+    boxes = np.asarray(dataset_dict.pop(DISTILL_BOXES), dtype=np.float64)
+    embeddings = np.asarray(dataset_dict.pop(DISTILL_EMBEDDINGS), dtype=np.float32)
+    # An empty list has shape (0,): accept it as "no boxes".
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if embeddings.size == 0 and embeddings.ndim != 2:
+        embeddings = embeddings.reshape(0, 0)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(
+            f"{file_name}: '{DISTILL_BOXES}' must have shape (M, 4) in XYXY_ABS, got "
+            f"{tuple(boxes.shape)}."
+        )
+    if embeddings.ndim != 2:
+        raise ValueError(
+            f"{file_name}: '{DISTILL_EMBEDDINGS}' must have shape (M, D), got "
+            f"{tuple(embeddings.shape)}."
+        )
+    if len(boxes) != len(embeddings):
+        raise ValueError(
+            f"{file_name}: {len(boxes)} '{DISTILL_BOXES}' but {len(embeddings)} "
+            f"'{DISTILL_EMBEDDINGS}'; they must match one to one."
+        )
+    return boxes, embeddings
+
+
+def transform_distill_boxes(boxes, embeddings, transforms, image_shape):
+    """
+    Apply the image's transforms to the distillation boxes, clip them to the output image and
+    drop those that became empty, together with their embeddings.
+
+    Args:
+        boxes (ndarray): (M, 4) XYXY_ABS in the original image.
+        embeddings (ndarray): (M, D).
+        transforms (TransformList): the transforms applied to the image.
+        image_shape (tuple): (h, w) of the transformed image.
+
+    Returns:
+        Instances: of size ``image_shape``, with ``boxes`` (Boxes (M', 4)) and
+        ``embeddings`` (Tensor (M', D)).
+    """
+    if len(boxes):
+        # Same calls as utils.transform_instance_annotations for gt boxes.
+        boxes = transforms.apply_box(boxes)
+    boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    boxes.clip(image_shape)
+    # Same threshold as utils.filter_empty_instances for gt boxes.
+    keep = boxes.nonempty(threshold=1e-5)
+    instances = Instances(image_shape)
+    instances.boxes = boxes[keep]
+    instances.embeddings = torch.as_tensor(embeddings, dtype=torch.float32)[keep]
+    return instances

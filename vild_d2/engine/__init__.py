@@ -1,0 +1,3 @@
+from .trainer import Trainer, setup
+
+__all__ = ["Trainer", "setup"]

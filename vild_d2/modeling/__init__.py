@@ -1,0 +1,12 @@
+from .meta_arch import ViLDRCNN
+from .predictor import ViLDOutputLayers, cosine_logits, distillation_loss, ensemble_scores
+from .roi_heads import ViLDROIHeads
+
+__all__ = [
+    "ViLDRCNN",
+    "ViLDROIHeads",
+    "ViLDOutputLayers",
+    "cosine_logits",
+    "distillation_loss",
+    "ensemble_scores",
+]

@@ -1,0 +1,203 @@
+"""ViLD RoI heads: ViLD-text, ViLD (distillation through the same head) and ViLD-ensemble.
+
+Shape shorthand: R = sampled RoIs (all images), M = distillation boxes (all images),
+C = box-head output channels, D = CLIP embedding width, K = classes.
+"""
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.box_head import build_box_head
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.structures import Boxes, Instances
+
+from ..config import VARIANTS
+from .predictor import ViLDOutputLayers, distillation_loss, ensemble_scores
+
+__all__ = ["ViLDROIHeads"]
+
+logger = logging.getLogger(__name__)
+
+
+@ROI_HEADS_REGISTRY.register()
+class ViLDROIHeads(StandardROIHeads):
+    """
+    :class:`StandardROIHeads` with ViLD's text classifier and, in training, the image
+    distillation loss on precomputed boxes (``distill``: per image an Instances with ``boxes``
+    and ``embeddings``, see :class:`vild_d2.data.ViLDDatasetMapper`).
+
+    * ``"text"``: no distillation.
+    * ``"vild"``: distillation boxes are pooled together with the sampled RoIs and go through the
+      same box head and projection; their box outputs are discarded.
+    * ``"ensemble"``: a separate ``image_box_head`` + ``image_projection`` embeds the distillation
+      boxes; at test time both branches score the same proposals (geometric mean).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        variant: str = "vild",
+        distill_weight: float = 0.5,
+        ensemble_lambda: float = 2.0 / 3.0,
+        image_box_head: Optional[nn.Module] = None,
+        image_projection: Optional[nn.Module] = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            variant: one of "text", "vild", "ensemble".
+            distill_weight: weight w of the L1 distillation loss.
+            ensemble_lambda: lambda of ViLD-ensemble's score.
+            image_box_head, image_projection: the image branch (ensemble only).
+            kwargs: as :class:`StandardROIHeads`; ``box_predictor`` is a :class:`ViLDOutputLayers`.
+        """
+        super().__init__(**kwargs)
+        if variant not in VARIANTS:
+            raise ValueError(f"MODEL.VILD.VARIANT must be one of {VARIANTS}, got {variant!r}")
+        if (variant == "ensemble") != (image_box_head is not None and image_projection is not None):
+            raise ValueError("the image branch (image_box_head, image_projection) is needed "
+                             "exactly when variant == 'ensemble'")
+        if not isinstance(self.box_predictor, ViLDOutputLayers):
+            raise TypeError(f"box_predictor must be ViLDOutputLayers, got {type(self.box_predictor)}")
+        self.variant = variant
+        self.distill_weight = distill_weight
+        self.ensemble_lambda = ensemble_lambda
+        self.image_box_head = image_box_head
+        self.image_projection = image_projection
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret.update(
+            variant=cfg.MODEL.VILD.VARIANT,
+            distill_weight=cfg.MODEL.VILD.DISTILL_WEIGHT,
+            ensemble_lambda=cfg.MODEL.VILD.ENSEMBLE_LAMBDA,
+        )
+        # Background index of the sampled RoIs = number of training classes (not NUM_CLASSES).
+        ret["num_classes"] = len(ret["box_predictor"].train_vocabulary)
+        return ret
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
+        pooler_resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+        in_channels = {input_shape[f].channels for f in in_features}
+        if len(in_channels) != 1:
+            raise ValueError(f"RoI features {in_features} must have equal channels, got {in_channels}")
+        pooled_shape = ShapeSpec(
+            channels=in_channels.pop(), height=pooler_resolution, width=pooler_resolution
+        )
+        box_head = build_box_head(cfg, pooled_shape)
+        box_predictor = ViLDOutputLayers(cfg, box_head.output_shape)
+        ret = {
+            "box_in_features": in_features,
+            "box_pooler": ROIPooler(
+                output_size=pooler_resolution,
+                scales=tuple(1.0 / input_shape[k].stride for k in in_features),
+                sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+                pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+            ),
+            "box_head": box_head,
+            "box_predictor": box_predictor,
+        }
+        if cfg.MODEL.VILD.VARIANT == "ensemble":
+            ret["image_box_head"] = build_box_head(cfg, pooled_shape)
+            ret["image_projection"] = nn.Linear(
+                box_head.output_shape.channels, box_predictor.embed_dim
+            )
+        return ret
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, images, features, proposals, targets=None, distill=None):
+        """
+        As :meth:`StandardROIHeads.forward`, plus ``distill`` (training, variants "vild" and
+        "ensemble"): list of Instances, one per image, with ``boxes`` (Boxes, M_i) and
+        ``embeddings`` (M_i, D) in the network input's coordinates.
+        """
+        if not self.training:
+            return super().forward(images, features, proposals)
+        if self.variant != "text" and distill is None:
+            raise ValueError(
+                f"MODEL.VILD.VARIANT={self.variant!r} trains with distillation boxes, but the "
+                "inputs carry none (dataset dicts need 'distill_boxes' and 'distill_embeddings'); "
+                "use VARIANT 'text' to train without them."
+            )
+        proposals = self.label_and_sample_proposals(proposals, targets)
+        del targets
+        losses = self._forward_box(features, proposals, distill)
+        losses.update(self._forward_mask(features, proposals))
+        losses.update(self._forward_keypoint(features, proposals))
+        return proposals, losses
+
+    def _forward_box(self, features, proposals: List[Instances], distill=None):
+        features = [features[f] for f in self.box_in_features]
+        if self.training and self.variant != "text":
+            return self._forward_box_with_distillation(features, proposals, distill)
+        pooled = self.box_pooler(features, [p.proposal_boxes for p in proposals])
+        predictions = self.box_predictor(self.box_head(pooled))
+        if self.training:
+            return self.box_predictor.losses(predictions, proposals)
+        if self.variant == "ensemble":
+            return self._ensemble_inference(pooled, predictions, proposals)
+        return self.box_predictor.inference(predictions, proposals)[0]
+
+    def _forward_box_with_distillation(self, features, proposals, distill) -> Dict[str, torch.Tensor]:
+        # One RoIAlign call for the sampled RoIs and the distillation boxes of every image:
+        # per image, its R_i RoIs then its M_i distillation boxes.
+        boxes = [Boxes.cat([p.proposal_boxes, d.boxes]) for p, d in zip(proposals, distill)]
+        pooled = self.box_pooler(features, boxes)
+        counts = torch.tensor(
+            [[len(p), len(d)] for p, d in zip(proposals, distill)], device=pooled.device
+        ).flatten()
+        is_distill = (torch.arange(counts.numel(), device=pooled.device) % 2).repeat_interleave(
+            counts
+        ).bool()
+        targets = torch.cat([d.embeddings for d in distill])
+        if targets.shape[0] and targets.shape[1] != self.box_predictor.embed_dim:
+            raise ValueError(
+                f"distillation targets are {targets.shape[1]}-d but the model's region embeddings "
+                f"are {self.box_predictor.embed_dim}-d: the CLIP model that made them differs "
+                f"from MODEL.VILD.CLIP_MODEL"
+            )
+
+        if self.variant == "vild":
+            box_features = self.box_head(pooled)
+            predictions = self.box_predictor(box_features[~is_distill])
+            region_embeddings = self.box_predictor.embed(box_features[is_distill])
+        else:  # ensemble: the text branch sees only RoIs, the image branch only distill boxes
+            predictions = self.box_predictor(self.box_head(pooled[~is_distill]))
+            region_embeddings = self.embed_image_branch(pooled[is_distill])
+        losses = self.box_predictor.losses(predictions, proposals)
+        losses["loss_distill"] = self.distill_weight * distillation_loss(region_embeddings, targets)
+        return losses
+
+    def embed_image_branch(self, pooled):
+        """(N, C_in, S, S) pooled features -> (N, D) L2-normalised image-branch embeddings."""
+        x = self.image_box_head(pooled)
+        return nn.functional.normalize(self.image_projection(x.flatten(1)), dim=1, eps=1e-8)
+
+    def _ensemble_inference(self, pooled, predictions, proposals):
+        """Both branches on the same pooled proposals (R, C_in, S, S); boxes from the text one."""
+        predictor = self.box_predictor
+        text_probs = predictions[0].softmax(-1)[:, :-1]  # background dropped, not renormalised
+        image_probs = predictor.image_probs(self.embed_image_branch(pooled))
+        scores = ensemble_scores(text_probs, image_probs, predictor.test_is_base, self.ensemble_lambda)
+        # fast_rcnn_inference expects a trailing background column, which it drops.
+        scores = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
+        num_per_image = [len(p) for p in proposals]
+        instances, _ = fast_rcnn_inference(
+            predictor.predict_boxes(predictions, proposals),
+            scores.split(num_per_image),
+            [p.image_size for p in proposals],
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
+        )
+        return instances

@@ -1,0 +1,261 @@
+"""CLIP text encoder for the ViLD-text classifier: prompt ensembles with an on-disk cache."""
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import clip
+import torch
+import torch.nn.functional as F
+from clip.model import CLIP
+
+from .prompts import fill_prompts, load_templates, process_name
+
+__all__ = ["clip_identity", "load_clip", "TextEncoder", "save_random_clip"]
+
+logger = logging.getLogger(__name__)
+
+Device = Union[str, torch.device]
+
+
+def clip_identity(spec: str) -> str:
+    """What identifies the CLIP weights of ``spec`` (a ``clip.available_models()`` name, or a
+    local checkpoint: "abs_path|size|mtime_ns", so a rewritten file changes the identity)."""
+    if spec in clip.available_models():
+        return spec
+    path = Path(spec).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    raise FileNotFoundError(
+        f"CLIP model {spec!r} is neither a known model name nor an existing checkpoint file; "
+        f"known names: {clip.available_models()}"
+    )
+
+
+def load_clip(spec: str, device: Device = "cpu") -> Tuple[CLIP, str]:
+    """Load CLIP (eval mode) from a model name or a local checkpoint; returns (model, identity)."""
+    identity = clip_identity(spec)
+    path = spec if spec in clip.available_models() else str(Path(spec).expanduser())
+    model, _ = clip.load(path, device=device, jit=False)
+    # build_model casts weights to fp16, which CPU matmuls do not support well: use fp32 there.
+    if torch.device(device).type == "cpu":
+        model = model.float()
+    return model.eval(), identity
+
+
+class TextEncoder:
+    """Encodes class names into ViLD-text classifier embeddings with CLIP's text tower.
+
+    Each class embedding is the ensemble over prompts (all templates x the name and its
+    synonyms): L2-normalise every prompt embedding, average, L2-normalise again. CLIP is loaded
+    lazily, only when an :meth:`encode` call misses the cache.
+    """
+
+    def __init__(
+        self,
+        clip_model: str,
+        *,
+        templates: Optional[Sequence[str]] = None,
+        cache_dir: Optional[str] = "~/.cache/vild_d2",
+        device: Device = "cpu",
+        batch_size: int = 1024,
+    ):
+        """
+        Args:
+            clip_model: a ``clip.available_models()`` name or a local CLIP checkpoint path.
+            templates: prompt templates ("{}" = name, "{article}" = a/an); None = the 63 ViLD ones.
+            cache_dir: embeddings are cached under ``<cache_dir>/text/``; None = no cache.
+            device: where CLIP runs; results are always returned on the CPU.
+            batch_size: prompts per CLIP forward.
+        """
+        self.clip_model = clip_model
+        self.templates = list(templates) if templates is not None else load_templates()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.device = device
+        self.batch_size = batch_size
+        self._model: Optional[CLIP] = None
+        self._identity: Optional[str] = None
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether CLIP has been loaded (cache hits never load it)."""
+        return self._model is not None
+
+    @property
+    def model(self) -> CLIP:
+        """The CLIP model, loaded on first use."""
+        if self._model is None:
+            logger.info("Loading CLIP %s on %s", self.clip_model, self.device)
+            self._model, self._identity = load_clip(self.clip_model, self.device)
+        return self._model
+
+    @property
+    def identity(self) -> str:
+        """Identity of the CLIP weights (see :func:`clip_identity`); loads nothing."""
+        if self._identity is None:
+            self._identity = clip_identity(self.clip_model)
+        return self._identity
+
+    def cache_path(
+        self, names: Sequence[str], synonyms: Optional[Sequence[Sequence[str]]] = None
+    ) -> Optional[Path]:
+        """The cache file for these inputs (None without a cache dir)."""
+        if self.cache_dir is None:
+            return None
+        key = json.dumps(
+            [
+                self.identity,
+                self.templates,
+                list(names),
+                None if synonyms is None else [list(s) for s in synonyms],
+            ]
+        )
+        return self.cache_dir / "text" / f"{hashlib.sha256(key.encode('utf-8')).hexdigest()}.pt"
+
+    def encode(
+        self, names: Sequence[str], synonyms: Optional[Sequence[Sequence[str]]] = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            names: K class names.
+            synonyms: optional K lists of extra names per class, averaged into its embedding.
+
+        Returns:
+            Tensor (K, D) float32 on CPU, unit-norm rows; D = the CLIP text width.
+        """
+        names = list(names)
+        if not names:
+            raise ValueError("no class names to encode")
+        if synonyms is not None and len(synonyms) != len(names):
+            raise ValueError(f"got {len(synonyms)} synonym lists for {len(names)} class names")
+
+        path = self.cache_path(names, synonyms)
+        if path is not None and path.is_file():
+            cached = self._read_cache(path, len(names))
+            if cached is not None:
+                logger.info("Loaded %d text embeddings from cache %s", len(names), path)
+                return cached
+
+        embeddings = self._compute(names, synonyms)
+        if path is not None:
+            _atomic_save(embeddings, path)
+        return embeddings
+
+    def _compute(
+        self, names: List[str], synonyms: Optional[Sequence[Sequence[str]]]
+    ) -> torch.Tensor:
+        prompts: List[str] = []
+        owner: List[int] = []  # class index of each prompt
+        for k, name in enumerate(names):
+            for variant in _variants(name, synonyms[k] if synonyms is not None else ()):
+                filled = fill_prompts(variant, self.templates)
+                prompts.extend(filled)
+                owner.extend([k] * len(filled))
+        logger.info(
+            "Encoding %d classes (%d prompts) with CLIP %s", len(names), len(prompts), self.identity
+        )
+
+        model = self.model
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                tokens = clip.tokenize(prompts[start : start + self.batch_size], truncate=True)
+                out = model.encode_text(tokens.to(self.device))
+                chunks.append(F.normalize(out.float(), dim=-1).cpu())
+        per_prompt = torch.cat(chunks)  # (P, D)
+
+        # Mean over each class's prompts (P x D -> K x D) in one scatter, then re-normalise.
+        index = torch.tensor(owner)
+        sums = per_prompt.new_zeros(len(names), per_prompt.shape[1])
+        sums.index_add_(0, index, per_prompt)
+        counts = torch.bincount(index, minlength=len(names)).unsqueeze(1)
+        return F.normalize(sums / counts, dim=-1)
+
+    @staticmethod
+    def _read_cache(path: Path, num_classes: int) -> Optional[torch.Tensor]:
+        """The cached (K, D) tensor, or None (with a warning) if the file is unusable."""
+        try:
+            emb = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a bad cache is never fatal; torch.load's errors are open-ended
+            logger.warning("Ignoring corrupt text-embedding cache %s (%s); recomputing", path, e)
+            return None
+        if not (isinstance(emb, torch.Tensor) and emb.dim() == 2 and len(emb) == num_classes):
+            logger.warning("Ignoring text-embedding cache %s of unexpected content", path)
+            return None
+        return emb.float()
+
+
+def _variants(name: str, synonyms: Sequence[str]) -> List[str]:
+    """The name and its synonyms, without ones that process to the same text (so no name is
+    weighted twice, e.g. LVIS synonym lists usually repeat the name)."""
+    seen, out = set(), []
+    for n in [name, *synonyms]:
+        key = process_name(n)
+        if key not in seen:
+            seen.add(key)
+            out.append(n)
+    return out
+
+
+def _atomic_save(obj, path: Path) -> None:
+    """torch.save to ``path`` via a temporary file + os.replace, so readers never see a
+    partial file (e.g. concurrent workers or an interrupted run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_random_clip(
+    path: str,
+    *,
+    embed_dim: int = 32,
+    image_resolution: int = 32,
+    vision_layers: int = 1,
+    vision_width: int = 64,
+    vision_patch_size: int = 16,
+    transformer_width: int = 64,
+    transformer_heads: int = 1,
+    transformer_layers: int = 1,
+    seed: int = 0,
+) -> str:
+    """Save a tiny random-weight ViT CLIP checkpoint loadable by ``clip.load(path, jit=False)``
+    (for tests and the offline demo; its embeddings are meaningless). Returns ``path``.
+
+    ``clip.model.build_model`` infers heads as width // 64 for both towers, so widths must be
+    multiples of 64 and ``transformer_heads == transformer_width // 64``.
+    """
+    if transformer_width % 64 or transformer_heads != transformer_width // 64:
+        raise ValueError(
+            f"transformer_width={transformer_width}, transformer_heads={transformer_heads}: "
+            "clip.load infers heads = width // 64, so width must be 64 * heads"
+        )
+    if vision_width % 64:
+        raise ValueError(f"vision_width={vision_width} must be a multiple of 64 for clip.load")
+    torch.manual_seed(seed)
+    model = CLIP(
+        embed_dim=embed_dim,
+        image_resolution=image_resolution,
+        vision_layers=vision_layers,
+        vision_width=vision_width,
+        vision_patch_size=vision_patch_size,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=transformer_width,
+        transformer_heads=transformer_heads,
+        transformer_layers=transformer_layers,
+    )
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), Path(path).expanduser())
+    return str(path)

@@ -1,0 +1,215 @@
+"""A named set of class embeddings (the frozen ViLD-text classifier) and where to get one."""
+import collections
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .encoder import TextEncoder, _atomic_save
+
+__all__ = [
+    "FORMAT",
+    "Vocabulary",
+    "novel_mask",
+    "vocabulary_from_names",
+    "vocabulary_from_dataset",
+    "resolve_vocabulary",
+    "check_same_width",
+]
+
+logger = logging.getLogger(__name__)
+
+# Format tag stored in saved vocabulary files.
+FORMAT = "vild_d2.vocabulary/1"
+
+
+
+@dataclasses.dataclass
+class Vocabulary:
+    """K class names with their text embeddings.
+
+    Attributes:
+        names: K class names (unique).
+        embeddings: (K, D) float32 class embeddings.
+        novel: (K,) bool, True = novel class; None = unknown.
+        clip_model: identity of the CLIP that made the embeddings ("" = unknown).
+    """
+
+    names: List[str]
+    embeddings: torch.Tensor
+    novel: Optional[torch.Tensor] = None
+    clip_model: str = ""
+
+    def __post_init__(self):
+        self.names = list(self.names)
+        if not self.names:
+            raise ValueError("empty vocabulary: it needs at least one class name")
+        dups = [n for n, c in collections.Counter(self.names).items() if c > 1]
+        if dups:
+            raise ValueError(f"duplicate class names in vocabulary: {dups}")
+        k = len(self.names)
+        self.embeddings = torch.as_tensor(self.embeddings)
+        if self.embeddings.dim() != 2 or len(self.embeddings) != k:
+            raise ValueError(
+                f"embeddings must be (K, D) with K = {k} names, got shape "
+                f"{tuple(self.embeddings.shape)}"
+            )
+        self.embeddings = self.embeddings.detach().float().cpu()
+        if self.novel is not None:
+            self.novel = torch.as_tensor(self.novel, dtype=torch.bool).cpu()
+            if self.novel.shape != (k,):
+                raise ValueError(
+                    f"novel mask must have shape ({k},) for {k} names, "
+                    f"got {tuple(self.novel.shape)}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def dim(self) -> int:
+        """D, the embedding width."""
+        return self.embeddings.shape[1]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """A plain dict (tensors, lists, strings) that :meth:`from_state_dict` reads back."""
+        return {
+            "format": FORMAT,
+            "names": list(self.names),
+            "embeddings": self.embeddings,
+            "novel": self.novel,
+            "clip_model": self.clip_model,
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: Any, where: str = "") -> "Vocabulary":
+        """Inverse of :meth:`state_dict`; ``where`` (e.g. a file path) prefixes error messages."""
+        prefix = f"{where}: " if where else ""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            tag = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{prefix}not a vocabulary ({FORMAT!r} expected, found {tag!r})")
+        missing = {"names", "embeddings"} - d.keys()
+        if missing:
+            raise ValueError(f"{prefix}vocabulary is missing {sorted(missing)}")
+        if not isinstance(d["embeddings"], torch.Tensor):
+            raise ValueError(f"{prefix}vocabulary 'embeddings' is not a tensor")
+        try:
+            return cls(d["names"], d["embeddings"], d.get("novel"), d.get("clip_model", ""))
+        except ValueError as e:
+            raise ValueError(f"{prefix}{e}") from e
+
+    def save(self, path: str) -> None:
+        """Write to ``path`` (parent dirs created; atomic, so no partial file is ever seen)."""
+        _atomic_save(self.state_dict(), Path(path).expanduser())
+
+    @classmethod
+    def load(cls, path: str) -> "Vocabulary":
+        """Read a file written by :meth:`save`."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"vocabulary file not found: {path}")
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load's errors on bad bytes are open-ended (IndexError...)
+            raise ValueError(
+                f"{path}: cannot read vocabulary (corrupt, truncated or not a torch file): {e}"
+            ) from e
+        return cls.from_state_dict(d, where=str(path))
+
+    def subset(self, keep: torch.Tensor) -> "Vocabulary":
+        """The classes where ``keep`` ((K,) bool) is True, in the same order."""
+        keep = torch.as_tensor(keep, dtype=torch.bool)
+        if keep.shape != (len(self),):
+            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({len(self)},)")
+        idx = keep.nonzero().flatten().tolist()
+        return Vocabulary(
+            [self.names[i] for i in idx],
+            self.embeddings[keep],
+            None if self.novel is None else self.novel[keep],
+            self.clip_model,
+        )
+
+    def is_base_for(self, train_names: Sequence[str]) -> torch.Tensor:
+        """(K,) bool, True = base class: ``~novel`` if known, else "name is in ``train_names``"."""
+        if self.novel is not None:
+            return ~self.novel
+        train = set(train_names)
+        return torch.tensor([n in train for n in self.names], dtype=torch.bool)
+
+
+def novel_mask(names: Sequence[str], novel_names: Sequence[str]) -> torch.Tensor:
+    """(K,) bool, True where ``names[k]`` is in ``novel_names`` (all of which must be in names)."""
+    unknown = sorted(set(novel_names) - set(names))
+    if unknown:
+        raise ValueError(f"novel classes not among the class names: {unknown}")
+    novel = set(novel_names)
+    return torch.tensor([n in novel for n in names], dtype=torch.bool)
+
+
+def vocabulary_from_names(
+    names: Sequence[str],
+    encoder: TextEncoder,
+    novel: Optional[Union[Sequence[str], torch.Tensor]] = None,
+    synonyms: Optional[Sequence[Sequence[str]]] = None,
+) -> Vocabulary:
+    """Encode ``names``; ``novel`` is a (K,) bool mask or a list of the novel names."""
+    if novel is not None and not isinstance(novel, torch.Tensor):
+        novel = novel_mask(names, novel)
+    return Vocabulary(list(names), encoder.encode(names, synonyms), novel, encoder.identity)
+
+
+def vocabulary_from_dataset(
+    dataset_name: str, encoder: TextEncoder, use_synonyms: bool = False
+) -> Vocabulary:
+    """Encode a registered dataset's ``thing_classes``; novel classes from its metadata
+    ``novel_classes`` (names) if set, synonyms from ``class_synonyms`` if ``use_synonyms``."""
+    meta = MetadataCatalog.get(dataset_name)
+    names = meta.get("thing_classes", None)
+    if not names:
+        raise ValueError(f"dataset {dataset_name!r} has no thing_classes in its metadata")
+    novel_names = meta.get("novel_classes", None)
+    synonyms = None
+    if use_synonyms:
+        synonyms = meta.get("class_synonyms", None)
+        if synonyms is None:
+            # Not fatal: e.g. a COCO test vocabulary under an LVIS config with synonyms on.
+            logger.warning("Dataset %r has no class_synonyms; using names only", dataset_name)
+        elif len(synonyms) != len(names):
+            raise ValueError(
+                f"dataset {dataset_name!r}: {len(synonyms)} class_synonyms lists for "
+                f"{len(names)} thing_classes"
+            )
+    return vocabulary_from_names(names, encoder, novel=novel_names, synonyms=synonyms)
+
+
+def resolve_vocabulary(
+    spec: Union[Vocabulary, Sequence[str], str], encoder: TextEncoder, use_synonyms: bool = False
+) -> Vocabulary:
+    """A vocabulary from a :class:`Vocabulary`, a list of names, a saved file (.pth/.pt) or a
+    registered dataset name."""
+    if isinstance(spec, Vocabulary):
+        return spec
+    if isinstance(spec, (list, tuple)):
+        return vocabulary_from_names(spec, encoder)
+    if not isinstance(spec, str):
+        raise TypeError(f"cannot make a vocabulary from a {type(spec).__name__}")
+    # A .pth/.pt spec is always meant as a file, so a missing one gets a file-not-found error.
+    if Path(spec).expanduser().is_file() or spec.endswith((".pth", ".pt")):
+        return Vocabulary.load(spec)
+    if spec in DatasetCatalog.list():
+        return vocabulary_from_dataset(spec, encoder, use_synonyms=use_synonyms)
+    raise ValueError(f"vocabulary {spec!r} is neither a file nor a registered dataset")
+
+
+def check_same_width(vocab: Vocabulary, dim: int, where: str, clip_model: str = "") -> None:
+    """Raise if ``vocab`` cannot serve as the classifier of a model with ``dim``-d region
+    embeddings (``clip_model`` = the model's CLIP identity, for the message)."""
+    if vocab.dim != dim:
+        raise ValueError(
+            f"vocabulary {where!r} has {vocab.dim}-d embeddings "
+            f"(CLIP {vocab.clip_model or 'unknown'}) but the model's region embeddings are "
+            f"{dim}-d (CLIP {clip_model or 'unknown'})"
+        )
