@@ -1,4 +1,5 @@
 """Shared pytest fixtures."""
+
 import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2 imports)
 
 import pytest

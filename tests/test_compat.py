@@ -1,4 +1,5 @@
 """The pure-Python detectron2 bridges: each detected, applied only when needed, and working."""
+
 import vild_d2  # noqa: F401  (first: compat bridges)
 
 import importlib.util
@@ -36,6 +37,7 @@ def test_bridges_are_applied_only_when_needed(monkeypatch):
 @pytest.mark.skipif(compat.has_compiled_ops(), reason="detectron2 has its compiled ops")
 def test_compiled_ops_fail_with_a_clear_message():
     import detectron2
+    from detectron2.layers import nms_rotated
     from detectron2.layers.rotated_boxes import pairwise_iou_rotated
     from detectron2.utils.collect_env import collect_env_info
 
@@ -44,6 +46,8 @@ def test_compiled_ops_fail_with_a_clear_message():
         detectron2._C.deform_conv_forward
     with pytest.raises(compat.CompiledOpsUnavailable, match="box_iou_rotated"):
         pairwise_iou_rotated(torch.zeros(1, 5), torch.zeros(1, 5))
+    with pytest.raises(compat.CompiledOpsUnavailable, match="nms_rotated"):
+        nms_rotated(torch.zeros(1, 5), torch.ones(1), 0.5)
     # default_setup() prints the environment, which asks _C for its compiler.
     assert "pure-Python detectron2" in collect_env_info()
 

@@ -1,4 +1,5 @@
 """Every YAML in configs/ loads through the same setup() as tools/train_net.py."""
+
 import vild_d2  # noqa: F401  (first: compat bridges)
 
 from pathlib import Path
@@ -20,12 +21,21 @@ def test_configs_found():
 @pytest.mark.parametrize("config_file", CONFIGS)
 def test_config_loads(config_file, tmp_path):
     args = default_argument_parser().parse_args(
-        ["--config-file", config_file, "OUTPUT_DIR", str(tmp_path), "MODEL.VILD.TEMPERATURE", "0.02"]
+        [
+            "--config-file",
+            config_file,
+            "OUTPUT_DIR",
+            str(tmp_path),
+            "MODEL.VILD.TEMPERATURE",
+            "0.02",
+        ]
     )
     cfg = setup(args)
     assert cfg.MODEL.META_ARCHITECTURE == "ViLDRCNN"
     assert cfg.MODEL.ROI_HEADS.NAME == "ViLDROIHeads"
     assert cfg.MODEL.VILD.VARIANT in VARIANTS
     assert cfg.MODEL.VILD.TEMPERATURE == 0.02  # command-line overrides reach the node
-    assert cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG and cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
+    assert (
+        cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG and cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
+    )
     assert (tmp_path / "config.yaml").is_file()  # default_setup ran

@@ -2,6 +2,7 @@
 
 Expected boxes are worked out by hand; pixel checks tie every output box to the drawn square.
 """
+
 import vild_d2  # noqa: F401  (compat bridges first)
 
 import cv2

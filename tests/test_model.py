@@ -1,4 +1,5 @@
 """The ViLD model: math against float64 references, each variant end to end, vocabulary switch."""
+
 import vild_d2  # noqa: F401  (first: compat bridges)
 
 import math
@@ -61,7 +62,11 @@ def _inputs(num_images=2, num_distill=(5, 3), with_gt=(True, True), dim=DIM, see
             masks = torch.zeros(2, h, w, dtype=torch.bool)
             for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
                 masks[k, y0:y1, x0:x1] = True
-            inst.gt_boxes, inst.gt_classes, inst.gt_masks = Boxes(boxes), torch.tensor([0, 2]), BitMasks(masks)
+            inst.gt_boxes, inst.gt_classes, inst.gt_masks = (
+                Boxes(boxes),
+                torch.tensor([0, 2]),
+                BitMasks(masks),
+            )
         else:
             inst.gt_boxes = Boxes(torch.zeros(0, 4))
             inst.gt_classes = torch.zeros(0, dtype=torch.long)
@@ -71,7 +76,9 @@ def _inputs(num_images=2, num_distill=(5, 3), with_gt=(True, True), dim=DIM, see
         distill = Instances((h, w))
         distill.boxes = Boxes(torch.cat([xy, xy + 8 + torch.rand(m, 2, generator=g) * 20], 1))
         distill.embeddings = torch.randn(m, dim, generator=g)
-        inputs.append({"image": image, "height": h, "width": w, "instances": inst, "distill": distill})
+        inputs.append(
+            {"image": image, "height": h, "width": w, "instances": inst, "distill": distill}
+        )
     return inputs
 
 
@@ -191,15 +198,21 @@ def test_variant_train_step_and_inference(variant, vocab_files):
     sum(losses.values()).backward()
     if variant != "text":
         assert losses["loss_distill"].item() > 0
-        head = model.roi_heads.image_projection if variant == "ensemble" else model.roi_heads.box_predictor.projection
+        head = (
+            model.roi_heads.image_projection
+            if variant == "ensemble"
+            else model.roi_heads.box_predictor.projection
+        )
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     if variant == "ensemble":
         # The text-branch head receives no gradient from the distillation loss alone.
         model.zero_grad()
         with EventStorage():
             model(_inputs())["loss_distill"].backward()
-        assert model.roi_heads.box_predictor.projection.weight.grad is None or \
-            model.roi_heads.box_predictor.projection.weight.grad.abs().sum() == 0
+        assert (
+            model.roi_heads.box_predictor.projection.weight.grad is None
+            or model.roi_heads.box_predictor.projection.weight.grad.abs().sum() == 0
+        )
 
     model.eval()
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """Tests for vild_d2.text: prompts, CLIP prompt ensembles, the cache, vocabularies and the CLI."""
+
 import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2 imports)
 
 import logging
@@ -38,8 +39,11 @@ PROMPTS = {
         "traffic light",
     ],
     "apple": ["This is a photo of an apple.", "There is the apple in the scene.", "This is apple"],
-    "stoplight": ["This is a photo of a stoplight.", "There is the stoplight in the scene.",
-                  "stoplight"],
+    "stoplight": [
+        "This is a photo of a stoplight.",
+        "There is the stoplight in the scene.",
+        "stoplight",
+    ],
 }
 
 

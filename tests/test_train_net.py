@@ -1,4 +1,5 @@
 """tools/train_net.py end to end on the toy world: each variant trains, saves and evaluates."""
+
 import vild_d2  # noqa: F401  (first: compat bridges)
 
 import os
@@ -17,9 +18,18 @@ ITERS = 10
 def toy_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
     subprocess.run(
-        [sys.executable, "tools/make_toy_world.py", "--root", str(root / "vild_toy"),
-         "--num-train", "4", "--num-val", "2"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "tools/make_toy_world.py",
+            "--root",
+            str(root / "vild_toy"),
+            "--num-train",
+            "4",
+            "--num-val",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
     )
     env = dict(os.environ, DETECTRON2_DATASETS=str(root), OMP_NUM_THREADS="2")
     return root, env
@@ -36,13 +46,26 @@ def _train_net(env, *args):
 @pytest.mark.parametrize("variant", ["vild_text", "vild", "vild_ensemble"])
 def test_train_and_evaluate(variant, toy_env, tmp_path):
     root, env = toy_env
-    common = ["MODEL.VILD.CLIP_MODEL", str(root / "vild_toy" / "tiny_clip.pt"),
-              "MODEL.VILD.EMBEDDING_CACHE_DIR", str(root / "cache"),
-              # A barely trained model with logits x100 can give its foreground classes
-              # probabilities that underflow to 0: keep every box so the evaluator has input.
-              "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "-1.0"]
-    log = _train_net(env, "--config-file", f"configs/Toy/{variant}.yaml", *common,
-                     "SOLVER.MAX_ITER", str(ITERS), "OUTPUT_DIR", str(tmp_path))
+    common = [
+        "MODEL.VILD.CLIP_MODEL",
+        str(root / "vild_toy" / "tiny_clip.pt"),
+        "MODEL.VILD.EMBEDDING_CACHE_DIR",
+        str(root / "cache"),
+        # A barely trained model with logits x100 can give its foreground classes
+        # probabilities that underflow to 0: keep every box so the evaluator has input.
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        "-1.0",
+    ]
+    log = _train_net(
+        env,
+        "--config-file",
+        f"configs/Toy/{variant}.yaml",
+        *common,
+        "SOLVER.MAX_ITER",
+        str(ITERS),
+        "OUTPUT_DIR",
+        str(tmp_path),
+    )
     if variant != "vild_text":
         assert "loss_distill" in log
     # The LVIS evaluator ran on the val split (novel classes = APr) for boxes and masks.
@@ -54,8 +77,18 @@ def test_train_and_evaluate(variant, toy_env, tmp_path):
     assert checkpoint["vocabulary"]["names"] == TOY_CLASSES  # test vocabulary saved with it
 
     if variant == "vild_ensemble":
-        log = _train_net(env, "--config-file", f"configs/Toy/{variant}.yaml", "--eval-only",
-                         *common, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-                         "OUTPUT_DIR", str(tmp_path / "eval"))
+        log = _train_net(
+            env,
+            "--config-file",
+            f"configs/Toy/{variant}.yaml",
+            "--eval-only",
+            *common,
+            "MODEL.WEIGHTS",
+            str(tmp_path / "model_final.pth"),
+            "OUTPUT_DIR",
+            str(tmp_path / "eval"),
+        )
         assert "copypaste: Task: segm" in log
-        assert (tmp_path / "eval" / "inference" / "vild_toy_val" / "lvis_instances_results.json").is_file()
+        assert (
+            tmp_path / "eval" / "inference" / "vild_toy_val" / "lvis_instances_results.json"
+        ).is_file()

@@ -6,6 +6,7 @@ Examples:
     python tools/build_text_classifier.py --clip clip.pt --names "cat,dog,zebra" --novel zebra \
         --output animals.pth
 """
+
 import argparse
 import dataclasses
 import logging

@@ -12,6 +12,7 @@
 
 Usage: python tools/install_detectron2.py
 """
+
 import hashlib
 import importlib.util
 import subprocess
@@ -49,8 +50,15 @@ def main():
         tmp = Path(tmp)
         # --no-build-isolation: the sdist's setup.py imports torch just to compute metadata.
         _pip(
-            "download", "-q", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-            SDIST, "-d", str(tmp),
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-build-isolation",
+            SDIST,
+            "-d",
+            str(tmp),
         )
         (archive,) = tmp.glob("*.tar.gz")
         digest = hashlib.sha256(archive.read_bytes()).hexdigest()

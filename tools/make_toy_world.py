@@ -4,6 +4,7 @@
 Usage: python tools/make_toy_world.py [--root datasets/vild_toy] [--clip PATH] [--seed 0]
 Without --clip, a random-weight tiny CLIP is saved as ROOT/tiny_clip.pt and used.
 """
+
 import argparse
 import logging
 from pathlib import Path

@@ -12,6 +12,7 @@
 With a random teacher the numbers and the photo's labels mean nothing: this run shows the
 plumbing. Stages are cached: rerunning skips a finished stage.
 """
+
 import argparse
 import os
 import subprocess
@@ -59,24 +60,45 @@ def main():
     world = datasets / "vild_toy"
     clip_path = world / "tiny_clip.pt"
     overrides = [
-        "MODEL.VILD.CLIP_MODEL", str(clip_path),
-        "MODEL.VILD.EMBEDDING_CACHE_DIR", str(out / "cache"),
-        "SOLVER.MAX_ITER", str(args.iters),
-        "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
-        "OUTPUT_DIR", str(out / "train"),
+        "MODEL.VILD.CLIP_MODEL",
+        str(clip_path),
+        "MODEL.VILD.EMBEDDING_CACHE_DIR",
+        str(out / "cache"),
+        "SOLVER.MAX_ITER",
+        str(args.iters),
+        "SOLVER.STEPS",
+        f"({int(args.iters * 0.8)},)",
+        "OUTPUT_DIR",
+        str(out / "train"),
     ]
 
     print("[1/3] toy world and tiny CLIP teacher")
     if not (world / "distill_train.pth").is_file():
-        _run("tools/make_toy_world.py", "--root", str(world), "--num-train", "48",
-             "--num-val", "8", env=env)
+        _run(
+            "tools/make_toy_world.py",
+            "--root",
+            str(world),
+            "--num-train",
+            "48",
+            "--num-val",
+            "8",
+            env=env,
+        )
     print("[2/3] train ViLD on base classes, evaluate on all (LVIS evaluator)")
     weights = out / "train" / "model_final.pth"
     if not weights.is_file():
         _run("tools/train_net.py", "--config-file", "configs/Toy/vild.yaml", *overrides, env=env)
     else:
-        _run("tools/train_net.py", "--config-file", "configs/Toy/vild.yaml", "--eval-only",
-             "MODEL.WEIGHTS", str(weights), *overrides, env=env)
+        _run(
+            "tools/train_net.py",
+            "--config-file",
+            "configs/Toy/vild.yaml",
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(weights),
+            *overrides,
+            env=env,
+        )
 
     print("[3/3] pictures")
     os.environ["DETECTRON2_DATASETS"] = str(datasets)

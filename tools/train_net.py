@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Train or evaluate ViLD: detectron2's train_net with the vild_d2 config, trainer and model."""
+
 import vild_d2  # noqa: F401  (first: registers the model and applies compatibility bridges)
 from detectron2.engine import default_argument_parser, launch
 from vild_d2.checkpoint import ViLDCheckpointer

@@ -1,4 +1,5 @@
 """ViLD for Detectron2. Importing the package registers its meta-architecture and RoI heads."""
+
 from . import compat
 
 # Must run before anything imports detectron2.layers / detectron2.data (see compat.py).

@@ -1,4 +1,5 @@
 """A DetectionCheckpointer that also saves the model's test vocabulary."""
+
 from detectron2.checkpoint import DetectionCheckpointer
 from torch.nn.parallel import DistributedDataParallel
 

@@ -6,14 +6,15 @@ runs it before anything imports ``detectron2.layers`` or ``detectron2.data``.
 
 * ``detectron2._C``: the registry sdist has no compiled extension, yet ``detectron2.layers`` imports
   ``_C`` at module load. A placeholder module lets the pure-Python parts (RoIAlign and NMS go
-  through torchvision) load; any compiled op raises :class:`CompiledOpsUnavailable` saying how to
-  get a source build.
+  through torchvision) load; any compiled op (including ``torch.ops.detectron2.nms_rotated``)
+  raises :class:`CompiledOpsUnavailable` saying how to get a source build.
 * ``PIL.Image.LINEAR``: removed in Pillow 10, referenced by ``detectron2.data.transforms`` at class
   definition time; it was always an alias of ``BILINEAR``.
 * ``np.float`` / ``np.int`` / ``np.str`` / ``np.object``: removed in numpy 1.24, used by
   ``lvis.LVISEval.accumulate`` and by detectron2 0.6 (class histogram, VOC loader); they were
   always aliases of the builtins.
 """
+
 import importlib.machinery
 import importlib.util
 import sys
@@ -74,6 +75,26 @@ def has_compiled_ops() -> bool:
     return importlib.util.find_spec("detectron2._C") is not None
 
 
+_TORCH_OPS = None  # keeps the placeholder op library alive
+
+
+def _define_missing_torch_ops():
+    """``nms_rotated`` is reached through ``torch.ops.detectron2`` (registered by ``_C``): a
+    placeholder op that explains itself instead of torch's "no such operator"."""
+    global _TORCH_OPS
+    import torch
+
+    if _TORCH_OPS is not None:
+        return
+
+    def nms_rotated(boxes, scores, iou_threshold):
+        getattr(sys.modules["detectron2._C"], "nms_rotated")  # raises CompiledOpsUnavailable
+
+    _TORCH_OPS = torch.library.Library("detectron2", "DEF")
+    _TORCH_OPS.define("nms_rotated(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCH_OPS.impl("nms_rotated", nms_rotated, "CompositeExplicitAutograd")
+
+
 def _bridge_detectron2_c():
     import detectron2
 
@@ -82,6 +103,7 @@ def _bridge_detectron2_c():
     stub = _MissingCompiledOps()
     sys.modules["detectron2._C"] = stub
     detectron2._C = stub
+    _define_missing_torch_ops()
     APPLIED["detectron2._C"] = "no compiled detectron2 ops: placeholder that explains itself"
 
 

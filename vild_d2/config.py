@@ -1,4 +1,5 @@
 """The project's config node, ``cfg.MODEL.VILD``."""
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_vild_config"]

@@ -13,6 +13,7 @@ In training, the mapper pops both and returns ``dataset_dict["distill"]``, an
 float32, output-image coordinates) and ``embeddings`` (Tensor (M', D) float32), where M' <= M
 after boxes that a crop made empty are dropped. At inference the two fields are dropped.
 """
+
 import logging
 import numpy as np
 import torch
@@ -48,9 +49,7 @@ def build_lsj_augmentation(cfg):
                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
             )
         )
-    augs.append(
-        T.ResizeScale(lsj.MIN_SCALE, lsj.MAX_SCALE, target_height=size, target_width=size)
-    )
+    augs.append(T.ResizeScale(lsj.MIN_SCALE, lsj.MAX_SCALE, target_height=size, target_width=size))
     augs.append(T.FixedSizeCrop(crop_size=(size, size)))
     return augs
 

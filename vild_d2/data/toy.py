@@ -8,6 +8,7 @@ also gets class-agnostic distillation boxes with CLIP image embeddings of their 
 Layout under ``root``: ``images/*.png``, ``train.json`` (base categories only),
 ``val.json`` (all categories), ``distill_train.pth``.
 """
+
 import json
 import logging
 import os
@@ -33,8 +34,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_COLOURS = {"red": (40, 40, 220), "green": (40, 200, 40), "blue": (220, 60, 40),
-            "yellow": (30, 220, 230)}  # BGR
+_COLOURS = {
+    "red": (40, 40, 220),
+    "green": (40, 200, 40),
+    "blue": (220, 60, 40),
+    "yellow": (30, 220, 230),
+}  # BGR
 _SHAPES = ("square", "circle", "triangle")
 TOY_CLASSES = [f"{c} {s}" for s in _SHAPES for c in _COLOURS]
 TOY_NOVEL = ["yellow circle", "green triangle"]
@@ -71,12 +76,23 @@ def _draw_image(rng, height, width, objects_per_image):
 
 def _lvis_json(images, annotations, class_names):
     categories = [
-        {"id": i + 1, "name": n, "synonyms": [n], "frequency": "r" if n in TOY_NOVEL else "f",
-         "image_count": 0, "instance_count": 0}
+        {
+            "id": i + 1,
+            "name": n,
+            "synonyms": [n],
+            "frequency": "r" if n in TOY_NOVEL else "f",
+            "image_count": 0,
+            "instance_count": 0,
+        }
         for i, n in enumerate(class_names)
     ]
-    return {"info": {"description": "vild_d2 toy world"}, "licenses": [], "images": images,
-            "annotations": annotations, "categories": categories}
+    return {
+        "info": {"description": "vild_d2 toy world"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def generate_toy_world(
@@ -103,21 +119,32 @@ def generate_toy_world(
             file_name = f"{split}_{k:05d}.png"
             cv2.imwrite(str(root / "images" / file_name), image)
             # LVIS v1 locates images by the last two parts of coco_url: <split folder>/<file>.
-            images.append({"id": image_id, "coco_url": f"toy/images/{file_name}",
-                           "file_name": file_name, "height": height,
-                           "width": width, "neg_category_ids": [],
-                           "not_exhaustive_category_ids": []})
+            images.append(
+                {
+                    "id": image_id,
+                    "coco_url": f"toy/images/{file_name}",
+                    "file_name": file_name,
+                    "height": height,
+                    "width": width,
+                    "neg_category_ids": [],
+                    "not_exhaustive_category_ids": [],
+                }
+            )
             for name, poly in objects:
                 if name not in cat_id:  # novel objects stay unannotated in training images
                     continue
                 x0, y0 = poly.min(0)
                 x1, y1 = poly.max(0)
-                annotations.append({
-                    "id": len(annotations) + 1, "image_id": image_id,
-                    "category_id": cat_id[name], "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": float(cv2.contourArea(poly.astype(np.float32))),
-                    "segmentation": [poly.flatten().tolist()],
-                })
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": cat_id[name],
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": float(cv2.contourArea(poly.astype(np.float32))),
+                        "segmentation": [poly.flatten().tolist()],
+                    }
+                )
         with open(root / f"{split}.json", "w") as f:
             json.dump(_lvis_json(images, annotations, names), f)
     return root
@@ -156,7 +183,7 @@ def compute_toy_distillation(root: str, clip_model, *, boxes_per_image: int = 8,
         pixels = (pixels - _CLIP_MEAN[:, None, None]) / _CLIP_STD[:, None, None]
         dtype = next(clip_model.visual.parameters()).dtype
         emb = F.normalize(clip_model.encode_image(pixels.to(dtype)).float(), dim=1)
-        emb = F.normalize(emb[: len(boxes)] + emb[len(boxes):], dim=1)
+        emb = F.normalize(emb[: len(boxes)] + emb[len(boxes) :], dim=1)
         out[img["id"]] = {"boxes": boxes, "embeddings": emb.half()}
     torch.save(out, root / "distill_train.pth")
     return out
@@ -173,8 +200,10 @@ def _load_split(root: Path, split: str, dataset_name: str) -> List[Dict]:
     if split == "train":
         distill_file = root / "distill_train.pth"
         if not distill_file.is_file():
-            raise FileNotFoundError(f"{dataset_name}: {distill_file} not found (distillation "
-                                    "targets); rerun tools/make_toy_world.py")
+            raise FileNotFoundError(
+                f"{dataset_name}: {distill_file} not found (distillation "
+                "targets); rerun tools/make_toy_world.py"
+            )
         distill = torch.load(distill_file)
         for d in dicts:
             d["distill_boxes"] = distill[d["image_id"]]["boxes"].numpy()
@@ -191,7 +220,9 @@ def register_toy_world(root: str, prefix: str = "vild_toy"):
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         DatasetCatalog.register(name, lambda s=split, n=name: _load_split(root, s, n))
-        classes = [c for c in TOY_CLASSES if c not in TOY_NOVEL] if split == "train" else TOY_CLASSES
+        classes = (
+            [c for c in TOY_CLASSES if c not in TOY_NOVEL] if split == "train" else TOY_CLASSES
+        )
         MetadataCatalog.get(name).set(
             thing_classes=classes,
             novel_classes=[c for c in TOY_NOVEL if c in classes],

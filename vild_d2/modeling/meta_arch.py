@@ -1,5 +1,6 @@
 """ViLD's meta-architecture: Mask R-CNN that feeds distillation targets to its RoI heads and
 can change its vocabulary at run time."""
+
 import logging
 from typing import Dict, List, Sequence, Union
 
@@ -75,7 +76,9 @@ class ViLDRCNN(GeneralizedRCNN):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         distill = None
         if self.roi_heads.variant != "text":
-            missing = [x.get("file_name", i) for i, x in enumerate(batched_inputs) if "distill" not in x]
+            missing = [
+                x.get("file_name", i) for i, x in enumerate(batched_inputs) if "distill" not in x
+            ]
             if missing:
                 raise ValueError(
                     f"MODEL.VILD.VARIANT={self.roi_heads.variant!r} needs distillation boxes, but "

@@ -3,6 +3,7 @@
 Shape shorthand: N = RoIs, C = box-head feature channels (1024), D = CLIP embedding width,
 K = classes of the active vocabulary (training or test), K+1 = with background (last column).
 """
+
 import logging
 from typing import Tuple
 
@@ -87,6 +88,7 @@ def build_text_encoder(cfg):
         vild.CLIP_MODEL,
         templates=load_templates(vild.PROMPT_TEMPLATES or None),
         cache_dir=vild.EMBEDDING_CACHE_DIR or None,
+        device=cfg.MODEL.DEVICE,
     )
 
 
@@ -113,8 +115,9 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
     ``train()`` mode, the test one in ``eval()`` mode; :meth:`set_vocabulary` swaps the latter.
     ``losses`` and ``inference`` are detectron2's (softmax CE over K+1, class-agnostic smooth-L1;
     at test time softmax over K+1 and the background column dropped WITHOUT renormalising, which
-    is exactly ViLD's rule). Both vocabularies are non-persistent buffers: the learned weights do not depend on the vocabulary, and
-    :class:`vild_d2.ViLDCheckpointer` stores the test vocabulary beside them.
+    is exactly ViLD's rule). Both vocabularies are non-persistent buffers: the learned weights
+    do not depend on the vocabulary, and :class:`vild_d2.ViLDCheckpointer` stores the test
+    vocabulary beside them.
     """
 
     @configurable
@@ -189,13 +192,15 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
 
     @staticmethod
     def build_vocabularies(cfg) -> Tuple[Vocabulary, Vocabulary]:
-        """Resolve the config's (training, test) vocabularies, encoding names with CLIP if needed."""
+        """The config's (training, test) vocabularies, encoding names with CLIP if needed."""
         encoder = build_text_encoder(cfg)
         use_synonyms = cfg.MODEL.VILD.USE_SYNONYMS
         train_spec, test_spec = vocabulary_specs(cfg)
         train = resolve_vocabulary(train_spec, encoder, use_synonyms=use_synonyms)
-        test = train if test_spec == train_spec else resolve_vocabulary(
-            test_spec, encoder, use_synonyms=use_synonyms
+        test = (
+            train
+            if test_spec == train_spec
+            else resolve_vocabulary(test_spec, encoder, use_synonyms=use_synonyms)
         )
         return train, test
 
@@ -245,5 +250,5 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         return scores, self.bbox_pred(x)
 
     def image_probs(self, image_embeddings):
-        """(N, D) image-branch embeddings -> (N, K) softmax over the test classes (no background)."""
+        """(N, D) image-branch embeddings -> (N, K) softmax over the test classes (no bg)."""
         return cosine_logits(image_embeddings, self.test_embeddings, self.temperature).softmax(-1)

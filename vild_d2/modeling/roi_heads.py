@@ -3,6 +3,7 @@
 Shape shorthand: R = sampled RoIs (all images), M = distillation boxes (all images),
 C = box-head output channels, D = CLIP embedding width, K = classes.
 """
+
 import logging
 from typing import Dict, List, Optional
 
@@ -62,10 +63,14 @@ class ViLDROIHeads(StandardROIHeads):
         if variant not in VARIANTS:
             raise ValueError(f"MODEL.VILD.VARIANT must be one of {VARIANTS}, got {variant!r}")
         if (variant == "ensemble") != (image_box_head is not None and image_projection is not None):
-            raise ValueError("the image branch (image_box_head, image_projection) is needed "
-                             "exactly when variant == 'ensemble'")
+            raise ValueError(
+                "the image branch (image_box_head, image_projection) is needed "
+                "exactly when variant == 'ensemble'"
+            )
         if not isinstance(self.box_predictor, ViLDOutputLayers):
-            raise TypeError(f"box_predictor must be ViLDOutputLayers, got {type(self.box_predictor)}")
+            raise TypeError(
+                f"box_predictor must be ViLDOutputLayers, got {type(self.box_predictor)}"
+            )
         self.variant = variant
         self.distill_weight = distill_weight
         self.ensemble_lambda = ensemble_lambda
@@ -90,7 +95,9 @@ class ViLDROIHeads(StandardROIHeads):
         pooler_resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
         in_channels = {input_shape[f].channels for f in in_features}
         if len(in_channels) != 1:
-            raise ValueError(f"RoI features {in_features} must have equal channels, got {in_channels}")
+            raise ValueError(
+                f"RoI features {in_features} must have equal channels, got {in_channels}"
+            )
         pooled_shape = ShapeSpec(
             channels=in_channels.pop(), height=pooler_resolution, width=pooler_resolution
         )
@@ -148,7 +155,9 @@ class ViLDROIHeads(StandardROIHeads):
             return self._ensemble_inference(pooled, predictions, proposals)
         return self.box_predictor.inference(predictions, proposals)[0]
 
-    def _forward_box_with_distillation(self, features, proposals, distill) -> Dict[str, torch.Tensor]:
+    def _forward_box_with_distillation(
+        self, features, proposals, distill
+    ) -> Dict[str, torch.Tensor]:
         # One RoIAlign call for the sampled RoIs and the distillation boxes of every image:
         # per image, its R_i RoIs then its M_i distillation boxes.
         boxes = [Boxes.cat([p.proposal_boxes, d.boxes]) for p, d in zip(proposals, distill)]
@@ -156,9 +165,11 @@ class ViLDROIHeads(StandardROIHeads):
         counts = torch.tensor(
             [[len(p), len(d)] for p, d in zip(proposals, distill)], device=pooled.device
         ).flatten()
-        is_distill = (torch.arange(counts.numel(), device=pooled.device) % 2).repeat_interleave(
-            counts
-        ).bool()
+        is_distill = (
+            (torch.arange(counts.numel(), device=pooled.device) % 2)
+            .repeat_interleave(counts)
+            .bool()
+        )
         targets = torch.cat([d.embeddings for d in distill])
         if targets.shape[0] and targets.shape[1] != self.box_predictor.embed_dim:
             raise ValueError(
@@ -188,7 +199,9 @@ class ViLDROIHeads(StandardROIHeads):
         predictor = self.box_predictor
         text_probs = predictions[0].softmax(-1)[:, :-1]  # background dropped, not renormalised
         image_probs = predictor.image_probs(self.embed_image_branch(pooled))
-        scores = ensemble_scores(text_probs, image_probs, predictor.test_is_base, self.ensemble_lambda)
+        scores = ensemble_scores(
+            text_probs, image_probs, predictor.test_is_base, self.ensemble_lambda
+        )
         # fast_rcnn_inference expects a trailing background column, which it drops.
         scores = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
         num_per_image = [len(p) for p in proposals]

@@ -1,4 +1,5 @@
 """ViLD-text classifier: class names -> CLIP prompt-ensemble embeddings -> :class:`Vocabulary`."""
+
 from .encoder import TextEncoder, clip_identity, load_clip, save_random_clip
 from .prompts import DEFAULT_TEMPLATES_PATH, article, fill_prompts, load_templates, process_name
 from .vocabulary import (

@@ -1,4 +1,5 @@
 """CLIP text encoder for the ViLD-text classifier: prompt ensembles with an on-disk cache."""
+
 import contextlib
 import hashlib
 import json

@@ -3,6 +3,7 @@
 Follows the official ViLD code: names are normalised, filled into each prompt template, and
 prompts that start with "a"/"the" get the prefix "This is ".
 """
+
 import logging
 from pathlib import Path
 from typing import List, Optional, Sequence

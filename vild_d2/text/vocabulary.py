@@ -1,4 +1,5 @@
 """A named set of class embeddings (the frozen ViLD-text classifier) and where to get one."""
+
 import collections
 import dataclasses
 import logging
@@ -24,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 # Format tag stored in saved vocabulary files.
 FORMAT = "vild_d2.vocabulary/1"
-
 
 
 @dataclasses.dataclass
