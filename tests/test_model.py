@@ -127,6 +127,30 @@ def test_text_classifier_logits_and_loss_match_float64():
     assert losses["loss_box_reg"].item() > 0
 
 
+def test_text_classifier_learns_separable_classes():
+    """Optimisation sanity: frozen text embeddings + learned projection/background fit a
+    separable 3-class + background problem with plain SGD (what the detector's head must do)."""
+    torch.manual_seed(0)
+    pred = _predictor().train()
+    means = torch.randn(len(TRAIN_NAMES) + 1, 8) * 3
+
+    def batch(n=256):
+        y = torch.randint(0, len(TRAIN_NAMES) + 1, (n,))  # last index = background
+        return means[y] + 0.3 * torch.randn(n, 8), y
+
+    opt = torch.optim.SGD(pred.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(200):
+        x, y = batch()
+        loss = F.cross_entropy(pred(x)[0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = batch()
+    accuracy = (pred(x)[0].argmax(1) == y).float().mean().item()
+    assert accuracy > 0.95
+    assert pred.train_embeddings.grad is None  # the text classifier stays frozen
+
+
 def test_test_vocabulary_in_eval_and_background_dropped_without_renormalising():
     pred = _predictor().eval()
     x = torch.randn(4, 8)
@@ -321,3 +345,23 @@ def test_missing_distillation_inputs_and_bad_variant(vocab_files):
         build_model(tiny_cfg("clip", vocab_files))
     with pytest.raises(ValueError, match="empty vocabulary"):
         model.set_vocabulary(Vocabulary([], torch.zeros(0, DIM)))
+
+
+def test_vild_box_head_norm_after_every_layer_and_plain_math():
+    from vild_d2.modeling import ViLDConvFCHead
+
+    shape = ShapeSpec(channels=4, height=3, width=3)
+    head = ViLDConvFCHead(shape, conv_dims=[32], fc_dims=[32, 64], norm="GN")  # GN: 32 groups
+    assert head.output_shape.channels == 64
+    assert [type(n).__name__ for n in head.fc_norms] == ["GroupNorm", "GroupNorm"]
+    assert head(torch.randn(2, 4, 3, 3)).shape == (2, 64)
+    assert head(torch.zeros(0, 4, 3, 3)).shape == (0, 64)
+
+    # Without norm: relu(fc2(relu(fc1(flatten(relu(conv(x))))))), computed in float64.
+    head = ViLDConvFCHead(shape, conv_dims=[5], fc_dims=[6, 7], norm="").double()
+    x = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    conv = head.convs[0]
+    y = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)).flatten(1)
+    for fc in head.fcs:
+        y = F.relu(y @ fc.weight.t() + fc.bias)
+    torch.testing.assert_close(head(x), y)

@@ -92,3 +92,24 @@ def test_train_and_evaluate(variant, toy_env, tmp_path):
         assert (
             tmp_path / "eval" / "inference" / "vild_toy_val" / "lvis_instances_results.json"
         ).is_file()
+
+
+def test_training_vocabulary_must_match_training_classes(tmp_path):
+    from detectron2.config import get_cfg
+
+    from vild_d2 import Vocabulary, add_vild_config
+    from vild_d2.data.toy import TOY_NOVEL
+    from vild_d2.engine import Trainer
+
+    base = [c for c in TOY_CLASSES if c not in TOY_NOVEL]
+    shuffled = str(tmp_path / "shuffled.pth")
+    Vocabulary(base[::-1], torch.randn(len(base), 8)).save(shuffled)
+    cfg = get_cfg()
+    add_vild_config(cfg)
+    cfg.merge_from_file("configs/Toy/vild.yaml")
+    cfg.MODEL.VILD.TRAIN_VOCABULARY = shuffled
+    cfg.MODEL.VILD.TEST_VOCABULARY = shuffled
+    with pytest.raises(ValueError, match="vild_toy_train.*first difference at index 0"):
+        Trainer.build_model(cfg)
+    Vocabulary(base, torch.randn(len(base), 8)).save(shuffled)
+    assert Trainer.build_model(cfg).roi_heads.box_predictor.train_vocabulary.names == base

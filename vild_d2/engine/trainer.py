@@ -46,6 +46,12 @@ class Trainer(DefaultTrainer):
         return super().build_hooks()
 
     @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        _check_training_vocabulary(cfg, model)
+        return model
+
+    @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=ViLDDatasetMapper(cfg, is_train=True))
 
@@ -77,3 +83,22 @@ class Trainer(DefaultTrainer):
             f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; vild_d2 evaluates "
             "'lvis', 'coco' and 'pascal_voc' datasets"
         )
+
+
+def _check_training_vocabulary(cfg, model):
+    """The training classifier's rows are indexed by the datasets' ``gt_classes``: its names
+    must be each training dataset's ``thing_classes``, in order."""
+    names = model.roi_heads.box_predictor.train_vocabulary.names
+    for dataset in cfg.DATASETS.TRAIN:
+        classes = MetadataCatalog.get(dataset).get("thing_classes", None)
+        if classes is not None and list(classes) != list(names):
+            diff = next(
+                (i for i, (a, b) in enumerate(zip(classes, names)) if a != b),
+                min(len(classes), len(names)),
+            )
+            raise ValueError(
+                f"training vocabulary ({len(names)} classes, MODEL.VILD.TRAIN_VOCABULARY="
+                f"{cfg.MODEL.VILD.TRAIN_VOCABULARY!r}) does not match the thing_classes of "
+                f"training dataset {dataset!r} ({len(classes)} classes); first difference at "
+                f"index {diff}. Its rows must be the dataset's classes, in order."
+            )

@@ -1,3 +1,4 @@
+from .box_head import ViLDConvFCHead
 from .meta_arch import ViLDRCNN
 from .predictor import ViLDOutputLayers, cosine_logits, distillation_loss, ensemble_scores
 from .roi_heads import ViLDROIHeads
@@ -6,6 +7,7 @@ __all__ = [
     "ViLDRCNN",
     "ViLDROIHeads",
     "ViLDOutputLayers",
+    "ViLDConvFCHead",
     "cosine_logits",
     "distillation_loss",
     "ensemble_scores",
