@@ -113,3 +113,24 @@ def test_training_vocabulary_must_match_training_classes(tmp_path):
         Trainer.build_model(cfg)
     Vocabulary(base, torch.randn(len(base), 8)).save(shuffled)
     assert Trainer.build_model(cfg).roi_heads.box_predictor.train_vocabulary.names == base
+
+
+def test_resume_continues_from_last_checkpoint(toy_env, tmp_path):
+    root, env = toy_env
+    common = [
+        "--config-file",
+        "configs/Toy/vild.yaml",
+        "MODEL.VILD.CLIP_MODEL",
+        str(root / "vild_toy" / "tiny_clip.pt"),
+        "MODEL.VILD.EMBEDDING_CACHE_DIR",
+        str(root / "cache"),
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(tmp_path),
+    ]
+    _train_net(env, *common, "SOLVER.MAX_ITER", "2")
+    log = _train_net(env, "--resume", *common, "SOLVER.MAX_ITER", "4")
+    assert "Starting training from iteration 2" in log
+    checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert checkpoint["iteration"] == 3

@@ -52,7 +52,7 @@ def _draw(predictor, bgr, names, path, score_thresh=0.0, top=10):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/demo")
-    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--iters", type=int, default=600)
     args = parser.parse_args()
     out = Path(args.output)
     datasets = out / "datasets"
