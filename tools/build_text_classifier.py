@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import List
 
+import torch
+
 import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2.data loads)
 from vild_d2.text import (
     TextEncoder,
@@ -38,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--templates", default="", help='prompt templates file ("" = the 63 ViLD ones)')
     p.add_argument("--synonyms", action="store_true", help="average dataset class_synonyms in")
     p.add_argument("--cache-dir", default="~/.cache/vild_d2", help='embedding cache ("" = none)')
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", required=True, help="output vocabulary file (.pth)")
     return p.parse_args(argv)
 
