@@ -365,3 +365,101 @@ def test_vild_box_head_norm_after_every_layer_and_plain_math():
     for fc in head.fcs:
         y = F.relu(y @ fc.weight.t() + fc.bias)
     torch.testing.assert_close(head(x), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring of the distillation and ensemble branches, against references computed separately
+def _features_and_proposals(model, seed=5):
+    inputs = _inputs(seed=seed)
+    images = model.preprocess_image(inputs)
+    features = model.backbone(images.tensor)
+    rh = model.roi_heads
+    return inputs, [features[f] for f in rh.box_in_features], features
+
+
+@pytest.mark.parametrize("variant", ["vild", "ensemble"])
+def test_distillation_loss_wiring_matches_per_image_reference(variant, vocab_files):
+    """loss_distill equals w * L1 of each image's own distillation boxes, pooled alone through
+    the branch that should embed them (same head for ViLD, the image head for the ensemble)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(variant, vocab_files)).eval()  # eval: no proposal sampling noise
+    rh = model.roi_heads
+    with torch.no_grad(), EventStorage():
+        inputs, feats, features = _features_and_proposals(model)
+        distill = [x["distill"] for x in inputs]
+        proposals = []
+        for x in inputs:  # a few arbitrary labelled RoIs per image
+            p = Instances((64, 80))
+            p.proposal_boxes = x["instances"].gt_boxes
+            p.gt_boxes, p.gt_classes = x["instances"].gt_boxes, x["instances"].gt_classes
+            proposals.append(p)
+        rh.train()
+        losses = rh._forward_box_with_distillation(feats, proposals, distill)
+        rh.eval()
+        ref = []
+        for i, d in enumerate(distill):
+            pooled = rh.box_pooler([f[i : i + 1] for f in feats], [d.boxes])
+            if variant == "vild":
+                emb = rh.box_predictor.embed(rh.box_head(pooled))
+            else:
+                emb = rh.embed_image_branch(pooled)
+            target = d.embeddings.double() / d.embeddings.double().norm(dim=1, keepdim=True)
+            ref.append((emb.double() - target).abs().sum(1))
+        expected = rh.distill_weight * torch.cat(ref).mean()
+    assert losses["loss_distill"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ensemble_inference_matches_float64_reference(vocab_files):
+    torch.manual_seed(0)
+    cfg = tiny_cfg("ensemble", vocab_files, **{"MODEL.VILD.TEMPERATURE": 0.5})
+    model = build_model(cfg).eval()
+    rh = model.roi_heads
+    pred = rh.box_predictor
+    pred.test_score_thresh, pred.test_nms_thresh, pred.test_topk_per_image = -1.0, 1.0, 1000
+    with torch.no_grad():
+        _, feats, _ = _features_and_proposals(model)
+        p = Instances((64, 80))
+        p.proposal_boxes = Boxes(
+            torch.tensor([[2.0, 3, 30, 40], [35, 5, 78, 60], [10, 10, 50, 50]])
+        )
+        (inst,) = rh._forward_box({f: x[:1] for f, x in zip(rh.box_in_features, feats)}, [p])
+        pooled = rh.box_pooler([f[:1] for f in feats], [p.proposal_boxes])
+        # Text branch: softmax over K+1 (background dropped); image branch: softmax over K.
+        logits_t = pred(rh.box_head(pooled))[0].double()
+        p_t = logits_t.softmax(1)[:, :-1]
+        emb_i = rh.image_projection(rh.image_box_head(pooled).flatten(1)).double()
+        emb_i = emb_i / emb_i.norm(dim=1, keepdim=True)
+        cls = pred.test_embeddings.double()
+        cls = cls / cls.norm(dim=1, keepdim=True)
+        p_i = (emb_i @ cls.t() / 0.5).softmax(1)
+        lam = 2.0 / 3.0
+        is_base = torch.tensor([n in TRAIN_NAMES for n in TEST_NAMES])
+        expected = torch.where(is_base, p_t**lam * p_i ** (1 - lam), p_t ** (1 - lam) * p_i**lam)
+    assert len(inst) == 3 * len(TEST_NAMES)
+    assert sorted(inst.scores.tolist(), reverse=True) == pytest.approx(
+        sorted(expected.flatten().tolist(), reverse=True), rel=1e-4
+    )
+    # Each detection's class carries its own (roi, class) score: check the top one exactly.
+    top = expected.flatten().argmax().item()
+    assert int(inst.pred_classes[0]) == top % len(TEST_NAMES)
+
+
+def test_images_with_empty_width_unknown_distillation_are_skipped(vocab_files):
+    """A mapper output for an image without boxes can have (0, 0) embeddings (width unknown)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("vild", vocab_files))
+    inputs = _inputs(num_distill=(3, 0))
+    inputs[1]["distill"].embeddings = torch.zeros(0, 0)
+    with EventStorage():
+        losses = model(inputs)
+    assert torch.isfinite(losses["loss_distill"]) and losses["loss_distill"].item() > 0
+
+
+def test_vocabulary_follows_model_dtype_and_class_specific_heads_are_refused(vocab_files):
+    model = build_model(tiny_cfg("vild", vocab_files)).half()
+    model.set_vocabulary(_vocab(["cat", "dog"], seed=7))
+    assert model.roi_heads.box_predictor.test_embeddings.dtype == torch.float16
+    with pytest.raises(ValueError, match="class-agnostic"):
+        build_model(
+            tiny_cfg("vild", vocab_files, **{"MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False})
+        )

@@ -134,3 +134,51 @@ def test_resume_continues_from_last_checkpoint(toy_env, tmp_path):
     assert "Starting training from iteration 2" in log
     checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=False)
     assert checkpoint["iteration"] == 3
+
+
+def test_each_test_dataset_is_evaluated_with_its_own_classes(toy_env, tmp_path):
+    from detectron2.config import get_cfg
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import DatasetEvaluator
+
+    from vild_d2 import Vocabulary, add_vild_config
+    from vild_d2.data.toy import register_toy_world
+    from vild_d2.engine import Trainer
+
+    root, _ = toy_env
+    register_toy_world(str(root / "vild_toy"))  # this process registered ./datasets at import
+    cfg = get_cfg()
+    add_vild_config(cfg)
+    cfg.merge_from_file("configs/Toy/vild.yaml")
+    cfg.MODEL.VILD.CLIP_MODEL = str(root / "vild_toy" / "tiny_clip.pt")
+    cfg.MODEL.VILD.EMBEDDING_CACHE_DIR = str(root / "cache")
+    cfg.DATASETS.TEST = ("vild_toy_val", "vild_toy_train")  # 12 and 10 classes
+    model = Trainer.build_model(cfg)
+    custom = Vocabulary(["cat", "dog"], torch.randn(2, model.roi_heads.box_predictor.embed_dim))
+    model.set_vocabulary(custom)
+
+    class VocabularySeen(DatasetEvaluator):
+        """Records which vocabulary the model had while the dataset was evaluated."""
+
+        def reset(self):
+            self.names = None
+
+        def process(self, inputs, outputs):
+            self.names = list(model.vocabulary.names)
+
+        def evaluate(self):
+            return {"seen": {"classes": float(len(self.names))}}
+
+    probes = [VocabularySeen(), VocabularySeen()]
+    results = Trainer.test(cfg, model, probes)
+    for probe, name in zip(probes, cfg.DATASETS.TEST):
+        assert probe.names == MetadataCatalog.get(name).thing_classes
+    assert results["vild_toy_val"]["seen"]["classes"] == 12.0
+    assert model.vocabulary.names == ["cat", "dog"]  # restored
+
+    # An explicit test vocabulary that is not the dataset's classes is refused.
+    path = str(tmp_path / "custom.pth")
+    custom.save(path)
+    cfg.MODEL.VILD.TEST_VOCABULARY = path
+    with pytest.raises(ValueError, match="TEST_VOCABULARY.*vild_toy_val"):
+        Trainer.test(cfg, model, probes)

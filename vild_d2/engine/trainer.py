@@ -3,6 +3,7 @@
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 from detectron2.config import get_cfg
 from detectron2.data import (
@@ -11,7 +12,13 @@ from detectron2.data import (
     build_detection_train_loader,
 )
 from detectron2.engine import DefaultTrainer, default_setup
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import (
+    COCOEvaluator,
+    DatasetEvaluator,
+    LVISEvaluator,
+    PascalVOCDetectionEvaluator,
+)
+from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import ViLDCheckpointer
 from ..compat import has_compiled_ops
@@ -62,6 +69,30 @@ class Trainer(DefaultTrainer):
         )
 
     @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """
+        As :meth:`DefaultTrainer.test`, but each test dataset is evaluated with its own classes
+        as the vocabulary (the evaluators read class indices as the dataset's); the model's
+        vocabulary is restored afterwards.
+        """
+        vild = model.module if isinstance(model, DistributedDataParallel) else model
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        previous = vild.vocabulary
+        results = OrderedDict()
+        try:
+            for i, name in enumerate(cfg.DATASETS.TEST):
+                _use_dataset_vocabulary(cfg, vild, name)
+                one = cfg.clone()
+                one.defrost()
+                one.DATASETS.TEST = (name,)
+                one_evaluator = None if evaluators is None else [evaluators[i]]
+                results[name] = super().test(one, model, one_evaluator)
+        finally:
+            vild.set_vocabulary(previous)
+        return list(results.values())[0] if len(results) == 1 else results
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """The evaluator named by the dataset's metadata ``evaluator_type``."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -102,3 +133,20 @@ def _check_training_vocabulary(cfg, model):
                 f"training dataset {dataset!r} ({len(classes)} classes); first difference at "
                 f"index {diff}. Its rows must be the dataset's classes, in order."
             )
+
+
+def _use_dataset_vocabulary(cfg, model, dataset_name):
+    """Make ``model`` detect ``dataset_name``'s thing_classes, in order, before evaluating it."""
+    classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
+    names = model.vocabulary.names
+    if classes is None or names == list(classes):
+        return
+    if cfg.MODEL.VILD.TEST_VOCABULARY:
+        raise ValueError(
+            f"MODEL.VILD.TEST_VOCABULARY={cfg.MODEL.VILD.TEST_VOCABULARY!r} gives {len(names)} "
+            f"classes ({names[:3]}...) but test dataset {dataset_name!r} has {len(classes)} "
+            f"thing_classes ({list(classes)[:3]}...): its evaluator reads class indices as the "
+            "dataset's. Leave TEST_VOCABULARY empty to evaluate each dataset with its classes."
+        )
+    logger.info(f"Evaluating {dataset_name!r} with its {len(classes)} classes as vocabulary")
+    model.set_vocabulary(dataset_name)

@@ -1,4 +1,5 @@
 """The official ViLD box head: convs and FCs, each followed by norm + ReLU."""
+
 from typing import List
 
 import fvcore.nn.weight_init as weight_init

@@ -87,7 +87,11 @@ class ViLDRCNN(GeneralizedRCNN):
                 )
             distill = [x["distill"].to(self.device) for x in batched_inputs]
         features = self.backbone(images.tensor)
-        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        if self.proposal_generator is not None:
+            proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        else:  # MODEL.LOAD_PROPOSALS: precomputed proposals from the dataset
+            proposals = [x["proposals"].to(self.device) for x in batched_inputs]
+            proposal_losses = {}
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances, distill)
         if self.vis_period > 0:
             from detectron2.utils.events import get_event_storage

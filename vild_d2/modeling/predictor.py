@@ -41,7 +41,8 @@ def cosine_logits(embeddings, classifier, temperature):
     Returns:
         (N, K) logits.
     """
-    return embeddings @ F.normalize(classifier, dim=1, eps=_NORM_EPS).t() / temperature
+    classifier = F.normalize(classifier.to(embeddings.dtype), dim=1, eps=_NORM_EPS)
+    return embeddings @ classifier.t() / temperature
 
 
 def distillation_loss(region_embeddings, clip_embeddings):
@@ -57,8 +58,9 @@ def distillation_loss(region_embeddings, clip_embeddings):
     """
     if region_embeddings.shape[0] == 0:
         return region_embeddings.sum() * 0.0
-    targets = F.normalize(clip_embeddings.to(region_embeddings.dtype), dim=1, eps=_NORM_EPS)
-    return (region_embeddings - targets).abs().sum(dim=1).mean()
+    # float32 even under autocast: a sum over D of small differences.
+    targets = F.normalize(clip_embeddings.float(), dim=1, eps=_NORM_EPS)
+    return (region_embeddings.float() - targets).abs().sum(dim=1).mean()
 
 
 def ensemble_scores(text_probs, image_probs, is_base, ensemble_lambda):
@@ -219,12 +221,19 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
 
     def set_vocabulary(self, vocabulary: Vocabulary):
         """Use ``vocabulary`` (K', D) at test time; D must match this model's embedding width."""
-        check_same_width(vocabulary, self.embed_dim, "new test", self.train_vocabulary.clip_model)
-        device = self.background.device
+        ours = self.train_vocabulary.clip_model
+        check_same_width(vocabulary, self.embed_dim, "new test", ours)
+        if vocabulary.clip_model and ours and vocabulary.clip_model != ours:
+            logger.warning(
+                f"The new vocabulary was encoded by CLIP {vocabulary.clip_model}, this model's "
+                f"training vocabulary by {ours}: same width, but possibly another embedding space."
+            )
         self.test_vocabulary = vocabulary
-        # Assigning to a registered buffer keeps it a buffer (with the new shape).
-        self.test_embeddings = vocabulary.embeddings.float().to(device)
-        self.test_is_base = self._is_base(vocabulary).to(device)
+        # Assigning to a registered buffer keeps it a buffer (with the new shape); follow the
+        # model's device and dtype (e.g. after model.half()).
+        bg = self.background
+        self.test_embeddings = vocabulary.embeddings.to(device=bg.device, dtype=bg.dtype)
+        self.test_is_base = self._is_base(vocabulary).to(bg.device)
 
     def classifier(self):
         """(K+1, D) active class embeddings with the background last (rows not normalised)."""

@@ -85,6 +85,15 @@ class ViLDROIHeads(StandardROIHeads):
             distill_weight=cfg.MODEL.VILD.DISTILL_WEIGHT,
             ensemble_lambda=cfg.MODEL.VILD.ENSEMBLE_LAMBDA,
         )
+        if not (
+            cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG
+            and cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
+        ):
+            raise ValueError(
+                "ViLD's classes change between training and test, so box regression and masks "
+                "must be class-agnostic: set MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG and "
+                "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK to True"
+            )
         # Background index of the sampled RoIs = number of training classes (not NUM_CLASSES).
         ret["num_classes"] = len(ret["box_predictor"].train_vocabulary)
         return ret
@@ -170,8 +179,11 @@ class ViLDROIHeads(StandardROIHeads):
             .repeat_interleave(counts)
             .bool()
         )
-        targets = torch.cat([d.embeddings for d in distill])
-        if targets.shape[0] and targets.shape[1] != self.box_predictor.embed_dim:
+        dim = self.box_predictor.embed_dim
+        # Images without boxes may carry (0, 0) embeddings (their width is unknown): skip them.
+        targets = [d.embeddings for d in distill if len(d)]
+        targets = torch.cat(targets) if targets else pooled.new_zeros(0, dim)
+        if targets.shape[1] != dim:
             raise ValueError(
                 f"distillation targets are {targets.shape[1]}-d but the model's region embeddings "
                 f"are {self.box_predictor.embed_dim}-d: the CLIP model that made them differs "
@@ -186,11 +198,27 @@ class ViLDROIHeads(StandardROIHeads):
             predictions = self.box_predictor(self.box_head(pooled[~is_distill]))
             region_embeddings = self.embed_image_branch(pooled[is_distill])
         losses = self.box_predictor.losses(predictions, proposals)
-        losses["loss_distill"] = self.distill_weight * distillation_loss(region_embeddings, targets)
+        if region_embeddings is None:
+            # Keep every image-branch weight in the graph (DDP expects gradients for all).
+            zero = sum(p.sum() for p in self._image_branch_parameters()) * 0.0
+            losses["loss_distill"] = zero
+        else:
+            losses["loss_distill"] = self.distill_weight * distillation_loss(
+                region_embeddings, targets
+            )
         return losses
 
+    def _image_branch_parameters(self):
+        yield from self.image_box_head.parameters()
+        yield from self.image_projection.parameters()
+
     def embed_image_branch(self, pooled):
-        """(N, C_in, S, S) pooled features -> (N, D) L2-normalised image-branch embeddings."""
+        """
+        (N, C_in, S, S) pooled features -> (N, D) L2-normalised image-branch embeddings; None in
+        training when N < 2, which a batch-norm head (the official SyncBN one) cannot train on.
+        """
+        if self.training and pooled.shape[0] < 2:
+            return None
         x = self.image_box_head(pooled)
         return nn.functional.normalize(self.image_projection(x.flatten(1)), dim=1, eps=1e-8)
 
