@@ -6,6 +6,7 @@ from typing import Dict, List, Sequence, Union
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.utils.events import get_event_storage
 
 from ..text import TextEncoder, Vocabulary, resolve_vocabulary
 from .predictor import build_text_encoder
@@ -94,8 +95,6 @@ class ViLDRCNN(GeneralizedRCNN):
             proposal_losses = {}
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances, distill)
         if self.vis_period > 0:
-            from detectron2.utils.events import get_event_storage
-
             storage = get_event_storage()
             if storage.iter % self.vis_period == 0:
                 self.visualize_training(batched_inputs, proposals)
