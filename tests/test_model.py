@@ -463,3 +463,33 @@ def test_vocabulary_follows_model_dtype_and_class_specific_heads_are_refused(voc
         build_model(
             tiny_cfg("vild", vocab_files, **{"MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False})
         )
+
+
+def test_precomputed_proposals_and_one_box_image_branch(vocab_files):
+    torch.manual_seed(0)
+    overrides = {
+        "MODEL.LOAD_PROPOSALS": True,
+        "MODEL.PROPOSAL_GENERATOR.NAME": "PrecomputedProposals",
+    }
+    model = build_model(tiny_cfg("ensemble", vocab_files, **overrides))
+    assert model.proposal_generator is None
+    inputs = _inputs(num_distill=(1, 0))  # one distillation box in the whole batch
+    for x in inputs:
+        p = Instances((64, 80))
+        p.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 40, 40], [30, 10, 79, 60]]))
+        p.objectness_logits = torch.zeros(2)
+        x["proposals"] = p
+    with EventStorage():
+        losses = model(inputs)
+    assert "loss_rpn_cls" not in losses
+    # Fewer than 2 boxes: the image branch is skipped (zero loss) rather than crash a BN head.
+    assert losses["loss_distill"].item() == 0.0 and losses["loss_distill"].requires_grad
+
+
+def test_vocabulary_from_another_clip_of_the_same_width_warns(vocab_files, caplog):
+    model = build_model(tiny_cfg("vild", vocab_files))
+    model.roi_heads.box_predictor.train_vocabulary.clip_model = "ViT-B/32"
+    other = Vocabulary(["cat", "dog"], torch.randn(2, DIM), clip_model="ViT-B/16")
+    with caplog.at_level("WARNING"):
+        model.set_vocabulary(other)
+    assert "ViT-B/16" in caplog.text and "ViT-B/32" in caplog.text
