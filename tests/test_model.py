@@ -493,3 +493,11 @@ def test_vocabulary_from_another_clip_of_the_same_width_warns(vocab_files, caplo
     with caplog.at_level("WARNING"):
         model.set_vocabulary(other)
     assert "ViT-B/16" in caplog.text and "ViT-B/32" in caplog.text
+
+
+def test_predictor_and_model_share_one_text_encoder(vocab_files):
+    from vild_d2.modeling.predictor import build_text_encoder
+
+    cfg = tiny_cfg("vild", vocab_files)
+    model = build_model(cfg)
+    assert model.text_encoder is build_text_encoder(cfg)  # CLIP loads at most once

@@ -4,6 +4,7 @@ Shape shorthand: N = RoIs, C = box-head feature channels (1024), D = CLIP embedd
 K = classes of the active vocabulary (training or test), K+1 = with background (last column).
 """
 
+import functools
 import logging
 from typing import Tuple
 
@@ -16,7 +17,13 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 
-from ..text import TextEncoder, Vocabulary, check_same_width, resolve_vocabulary
+from ..text import (
+    TextEncoder,
+    Vocabulary,
+    check_same_width,
+    load_templates,
+    resolve_vocabulary,
+)
 
 __all__ = [
     "ViLDOutputLayers",
@@ -82,15 +89,24 @@ def ensemble_scores(text_probs, image_probs, is_base, ensemble_lambda):
 
 
 def build_text_encoder(cfg):
-    """The CLIP text encoder described by ``cfg.MODEL.VILD`` (CLIP itself loads lazily)."""
-    from ..text import load_templates
-
+    """
+    The CLIP text encoder described by ``cfg.MODEL.VILD`` (CLIP itself loads lazily). The
+    predictor (building the vocabularies) and the meta-architecture (``set_vocabulary``) share
+    one instance per setting, so CLIP is loaded at most once.
+    """
     vild = cfg.MODEL.VILD
+    return _shared_text_encoder(
+        vild.CLIP_MODEL, vild.PROMPT_TEMPLATES, vild.EMBEDDING_CACHE_DIR, cfg.MODEL.DEVICE
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_text_encoder(clip_model, templates_file, cache_dir, device):
     return TextEncoder(
-        vild.CLIP_MODEL,
-        templates=load_templates(vild.PROMPT_TEMPLATES or None),
-        cache_dir=vild.EMBEDDING_CACHE_DIR or None,
-        device=cfg.MODEL.DEVICE,
+        clip_model,
+        templates=load_templates(templates_file or None),
+        cache_dir=cache_dir or None,
+        device=device,
     )
 
 
@@ -175,9 +191,8 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         self.register_buffer("test_is_base", self._is_base(test_vocabulary), False)
 
     @classmethod
-    def from_config(cls, cfg, input_shape, train_vocabulary=None, test_vocabulary=None):
-        if train_vocabulary is None or test_vocabulary is None:
-            train_vocabulary, test_vocabulary = cls.build_vocabularies(cfg)
+    def from_config(cls, cfg, input_shape):
+        train_vocabulary, test_vocabulary = cls.build_vocabularies(cfg)
         return {
             "input_shape": input_shape,
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS),
