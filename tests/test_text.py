@@ -359,7 +359,7 @@ def test_resolve_from_names_and_file(encoder, tmp_path):
     assert torch.equal(w.embeddings, v.embeddings)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         resolve_vocabulary(str(tmp_path / "nope.pth"), encoder)
-    with pytest.raises(ValueError, match="neither a file nor a registered dataset"):
+    with pytest.raises(ValueError, match="neither a file, a registered dataset nor a built-in"):
         resolve_vocabulary(f"no_such_dataset_{uuid.uuid4().hex}", encoder)
     with pytest.raises(ValueError, match="novel classes not among"):
         vocabulary_from_names(names, encoder, novel=["unicorn"])
@@ -382,6 +382,36 @@ def test_resolve_from_dataset(encoder, dataset_name):
     assert torch.equal(s.embeddings, syn)
     assert not torch.allclose(s.embeddings[0], v.embeddings[0])
     torch.testing.assert_close(s.embeddings[1:], v.embeddings[1:])
+
+
+def test_builtin_vocabularies():
+    from vild_d2.data.categories import builtin_vocabulary
+
+    # Sizes and splits are the benchmarks' published ones (LVIS v1: 337 rare of 1203).
+    sizes = {"lvis": (1203, 337), "coco": (80, None), "coco_ov": (65, 17), "voc": (20, None)}
+    sizes["objects365"] = (365, None)
+    for name, (k, n_novel) in sizes.items():
+        v = builtin_vocabulary(name)
+        assert len(v.names) == len(set(v.names)) == k, name
+        assert (None if v.novel is None else len(v.novel)) == n_novel, name
+    voc = builtin_vocabulary("voc").names
+    assert voc[0] == "airplane" and "dining table" in voc and "tv monitor" in voc
+    assert "motorbike" in voc and "aeroplane" not in voc
+    coco_ov = builtin_vocabulary("coco_ov")
+    assert {"bus", "cat", "dog", "umbrella", "scissors"} <= set(coco_ov.novel)
+    assert "person" in coco_ov.names and "person" not in coco_ov.novel
+    # COCO 80 minus the 15 classes without OV labels in the 48/17 benchmark.
+    assert "hair drier" in builtin_vocabulary("coco").names and "hair drier" not in coco_ov.names
+    lvis = builtin_vocabulary("lvis")
+    assert lvis.synonyms[lvis.names.index("aerosol_can")] == ["aerosol_can", "spray_can"]
+    with pytest.raises(ValueError, match="unknown built-in vocabulary 'klingon'"):
+        builtin_vocabulary("klingon")
+
+
+def test_resolve_builtin_vocabulary(encoder):
+    v = resolve_vocabulary("voc", encoder)
+    assert len(v.names) == 20 and v.novel is None
+    assert torch.equal(v.embeddings, encoder.encode(v.names))
 
 
 def test_dataset_without_thing_classes(encoder, dataset_name):

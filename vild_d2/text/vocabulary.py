@@ -188,8 +188,9 @@ def vocabulary_from_dataset(
 def resolve_vocabulary(
     spec: Union[Vocabulary, Sequence[str], str], encoder: TextEncoder, use_synonyms: bool = False
 ) -> Vocabulary:
-    """A vocabulary from a :class:`Vocabulary`, a list of names, a saved file (.pth/.pt) or a
-    registered dataset name."""
+    """A vocabulary from a :class:`Vocabulary`, a list of names, a saved file (.pth/.pt), a
+    registered dataset name or a built-in vocabulary name ("lvis", "coco", "coco_ov", "voc",
+    "objects365")."""
     if isinstance(spec, Vocabulary):
         return spec
     if isinstance(spec, (list, tuple)):
@@ -201,7 +202,16 @@ def resolve_vocabulary(
         return Vocabulary.load(spec)
     if spec in DatasetCatalog.list():
         return vocabulary_from_dataset(spec, encoder, use_synonyms=use_synonyms)
-    raise ValueError(f"vocabulary {spec!r} is neither a file nor a registered dataset")
+    from ..data.categories import BUILTIN_VOCABULARIES, builtin_vocabulary
+
+    if spec in BUILTIN_VOCABULARIES:
+        builtin = builtin_vocabulary(spec)
+        synonyms = builtin.synonyms if use_synonyms else None
+        return vocabulary_from_names(builtin.names, encoder, builtin.novel, synonyms)
+    raise ValueError(
+        f"vocabulary {spec!r} is neither a file, a registered dataset nor a built-in "
+        f"vocabulary ({', '.join(BUILTIN_VOCABULARIES)})"
+    )
 
 
 def check_same_width(vocab: Vocabulary, dim: int, where: str, clip_model: str = "") -> None:
