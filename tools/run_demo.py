@@ -24,11 +24,9 @@ import cv2
 import numpy as np
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
-from vild_d2 import add_vild_config
+from vild_d2 import ViLDPredictor, add_vild_config
 
 CUSTOM_VOCABULARY = ["person", "space suit", "flag", "helmet", "rocket"]
 
@@ -38,12 +36,12 @@ def _run(*args, env):
     subprocess.run([sys.executable, *args], env=env, check=True)
 
 
-def _draw(predictor, bgr, names, path, score_thresh=0.0, top=10):
+def _draw(predictor, bgr, path, score_thresh=0.0, top=10):
     instances = predictor(bgr)["instances"].to("cpu")
     instances = instances[instances.scores > score_thresh][:top]
-    meta = MetadataCatalog.get(f"__vild_demo_{len(names)}_{hash(tuple(names))}")
-    meta.set(thing_classes=list(names))
-    drawn = Visualizer(bgr[:, :, ::-1], meta, scale=4.0 if bgr.shape[0] < 200 else 1.0)
+    names = predictor.metadata.thing_classes  # follows predictor.set_vocabulary
+    scale = 4.0 if bgr.shape[0] < 200 else 1.0
+    drawn = Visualizer(bgr[:, :, ::-1], predictor.metadata, scale=scale)
     cv2.imwrite(str(path), drawn.draw_instance_predictions(instances).get_image()[:, :, ::-1])
     labels = [f"{names[c]} {s:.2f}" for c, s in zip(instances.pred_classes, instances.scores)]
     print(f"  {path}: {labels[:5]}")
@@ -106,15 +104,15 @@ def main():
     add_vild_config(cfg)
     cfg.merge_from_file("configs/Toy/vild.yaml")
     cfg.merge_from_list(overrides + ["MODEL.WEIGHTS", str(weights)])
-    predictor = DefaultPredictor(cfg)
+    predictor = ViLDPredictor(cfg)
     val_image = cv2.imread(str(world / "images" / "val_00000.png"))
-    _draw(predictor, val_image, predictor.model.vocabulary.names, out / "toy_val.png")
+    _draw(predictor, val_image, out / "toy_val.png")
 
     from skimage import data as skdata
 
     photo = np.ascontiguousarray(skdata.astronaut()[:, :, ::-1])
-    predictor.model.set_vocabulary(CUSTOM_VOCABULARY)
-    _draw(predictor, photo, CUSTOM_VOCABULARY, out / "astronaut_custom_vocabulary.png")
+    predictor.set_vocabulary(CUSTOM_VOCABULARY)
+    _draw(predictor, photo, out / "astronaut_custom_vocabulary.png")
     print(f"done: pictures and the training run are in {out}/")
 
 

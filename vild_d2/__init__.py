@@ -8,6 +8,7 @@ compat.apply_bridges()
 from .checkpoint import ViLDCheckpointer  # noqa: E402
 from .config import add_vild_config  # noqa: E402
 from .data import ViLDDatasetMapper  # noqa: E402
+from .engine.predictor import ViLDPredictor  # noqa: E402
 from .modeling import ViLDOutputLayers, ViLDRCNN, ViLDROIHeads  # noqa: E402
 from .text import TextEncoder, Vocabulary  # noqa: E402
 
@@ -18,6 +19,7 @@ __all__ = [
     "ViLDOutputLayers",
     "ViLDDatasetMapper",
     "ViLDCheckpointer",
+    "ViLDPredictor",
     "TextEncoder",
     "Vocabulary",
 ]

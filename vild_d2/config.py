@@ -33,6 +33,24 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.TEMPERATURE = 0.01
     # Weight w of the L1 distillation loss (0.5 for R50; the paper used 1.0/2.0 for R152).
     _C.MODEL.VILD.DISTILL_WEIGHT = 0.5
+    # Where the distillation targets come from (vild_d2/distill, docs/DISTILLATION.md).
+    _C.MODEL.VILD.DISTILL = CN()
+    # Stores made by tools/precompute_clip_embeddings.py, one per DATASETS.TRAIN entry, in order;
+    # the mapper joins them by image id. () = the dataset dicts carry "distill_boxes" and
+    # "distill_embeddings" themselves (or none, for ViLD-text).
+    _C.MODEL.VILD.DISTILL.STORES = ()
+    # An image absent from its store: "error", or "skip" (it trains without targets; counted
+    # and logged when the loader is built).
+    _C.MODEL.VILD.DISTILL.MISSING = "error"
+    # Use the first (highest-objectness) MAX_BOXES boxes of each image.
+    _C.MODEL.VILD.DISTILL.MAX_BOXES = 300
+    # Context scales of the crops; must be those the stores were made with.
+    _C.MODEL.VILD.DISTILL.CROP_SCALES = (1.0, 1.5)
+    # Online mode, for small datasets: STORES are proposal stores (tools/precompute_proposals.py)
+    # and the mapper computes the targets with CLIP_MODEL on the original image (same crops,
+    # same numbers as the offline store). CLIP then runs in every dataloader worker.
+    _C.MODEL.VILD.DISTILL.ONLINE = False
+    _C.MODEL.VILD.DISTILL.ONLINE_DEVICE = "cpu"
     # ViLD-ensemble: score = p_t^l * p_i^(1-l) on base classes, p_t^(1-l) * p_i^l on novel ones.
     _C.MODEL.VILD.ENSEMBLE_LAMBDA = 2.0 / 3.0
 

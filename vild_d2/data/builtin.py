@@ -3,7 +3,11 @@
 
 import os
 
+from .datasets import register_all_ovd
 from .toy import register_toy_world
 
 _root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 register_toy_world(os.path.join(_root, "vild_toy"))
+# LVIS v1 / COCO 48-17 open-vocabulary splits and the transfer targets (replacing detectron2's
+# registrations of lvis_v1_{train,val}, coco_2017_val and voc_2007_test: same files, more metadata).
+register_all_ovd(_root)

@@ -1,3 +1,4 @@
+from .predictor import ViLDPredictor
 from .trainer import Trainer, setup
 
-__all__ = ["Trainer", "setup"]
+__all__ = ["Trainer", "ViLDPredictor", "setup"]

@@ -24,6 +24,7 @@ from ..checkpoint import ViLDCheckpointer
 from ..compat import has_compiled_ops
 from ..config import add_vild_config
 from ..data import ViLDDatasetMapper
+from ..evaluation import COCOOpenVocabularyEvaluator
 
 __all__ = ["Trainer", "setup"]
 
@@ -60,7 +61,29 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=ViLDDatasetMapper(cfg, is_train=True))
+        """detectron2's loader with :class:`ViLDDatasetMapper`; with MODEL.VILD.DISTILL.STORES,
+        each training dataset's dicts are tagged with their store and checked against it."""
+        from detectron2.data import get_detection_dataset_dicts
+
+        mapper = ViLDDatasetMapper(cfg, is_train=True)
+        if mapper.distill_targets is None:
+            return build_detection_train_loader(cfg, mapper=mapper)
+        proposal_files = cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None
+        per_dataset = [
+            get_detection_dataset_dicts(
+                [name],
+                filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                min_keypoints=(
+                    cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+                    if cfg.MODEL.KEYPOINT_ON
+                    else 0
+                ),
+                proposal_files=[proposal_files[i]] if proposal_files else None,
+            )
+            for i, name in enumerate(cfg.DATASETS.TRAIN)
+        ]
+        dataset = mapper.distill_targets.attach(cfg.DATASETS.TRAIN, per_dataset)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -108,11 +131,16 @@ class Trainer(DefaultTrainer):
             return COCOEvaluator(
                 dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
             )
+        if evaluator_type == "coco_ovd":
+            # Box AP50 on novel / base / all classes (COCO 48/17), besides COCO's metrics.
+            return COCOOpenVocabularyEvaluator(
+                dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
+            )
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
         raise NotImplementedError(
             f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; vild_d2 evaluates "
-            "'lvis', 'coco' and 'pascal_voc' datasets"
+            "'lvis', 'coco', 'coco_ovd' and 'pascal_voc' datasets"
         )
 
 
@@ -136,8 +164,11 @@ def _check_training_vocabulary(cfg, model):
 
 
 def _use_dataset_vocabulary(cfg, model, dataset_name):
-    """Make ``model`` detect ``dataset_name``'s thing_classes, in order, before evaluating it."""
-    classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
+    """Make ``model`` detect ``dataset_name``'s classes, in order, before evaluating it: their
+    text names are the metadata's ``vocabulary_names`` if set (e.g. VOC's readable names), else
+    its ``thing_classes``."""
+    meta = MetadataCatalog.get(dataset_name)
+    classes = meta.get("vocabulary_names", None) or meta.get("thing_classes", None)
     names = model.vocabulary.names
     if classes is None or names == list(classes):
         return

@@ -164,13 +164,25 @@ def vocabulary_from_names(
 def vocabulary_from_dataset(
     dataset_name: str, encoder: TextEncoder, use_synonyms: bool = False
 ) -> Vocabulary:
-    """Encode a registered dataset's ``thing_classes``; novel classes from its metadata
-    ``novel_classes`` (names) if set, synonyms from ``class_synonyms`` if ``use_synonyms``."""
+    """Encode a registered dataset's class names: its metadata ``vocabulary_names`` if set (text
+    names of the ``thing_classes``, e.g. VOC's readable ones), else its ``thing_classes``; novel
+    classes from ``novel_classes`` (thing_classes names) if set, synonyms from ``class_synonyms``
+    if ``use_synonyms``."""
     meta = MetadataCatalog.get(dataset_name)
     names = meta.get("thing_classes", None)
     if not names:
         raise ValueError(f"dataset {dataset_name!r} has no thing_classes in its metadata")
     novel_names = meta.get("novel_classes", None)
+    text_names = meta.get("vocabulary_names", None)
+    if text_names:
+        if len(text_names) != len(names):
+            raise ValueError(
+                f"dataset {dataset_name!r}: {len(text_names)} vocabulary_names for "
+                f"{len(names)} thing_classes"
+            )
+        if novel_names is not None:
+            novel_names = novel_mask(names, novel_names)
+        names = list(text_names)
     synonyms = None
     if use_synonyms:
         synonyms = meta.get("class_synonyms", None)

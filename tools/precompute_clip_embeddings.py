@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Precompute ViLD's CLIP targets: for each proposal of a proposals store, the CLIP image
+embeddings of its 1x and 1.5x crops, summed and L2-normalised, into a sharded, resumable store.
+
+Usage:
+  python tools/precompute_clip_embeddings.py --proposals PROPOSALS --dataset NAME \\
+      --clip ViT-B/32 --output TARGETS [--shard I --num-shards N] [--device cuda]
+Re-running the same command completes an interrupted run; N shards write one store.
+"""
+
+import argparse
+import logging
+
+import torch
+
+import vild_d2  # noqa: F401  (first: compatibility bridges)
+from detectron2.data import DatasetCatalog
+from detectron2.utils.logger import setup_logger
+from vild_d2.distill.precompute import (
+    check_dataset_dicts,
+    embeddings_header,
+    iter_embeddings,
+    run_precompute,
+)
+from vild_d2.distill.store import DistillStore, StoreError, StoreWriter
+from vild_d2.distill.teacher import CLIPTeacher
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--proposals", required=True, help="store of tools/precompute_proposals.py")
+    p.add_argument("--dataset", required=True, help="registered dataset name")
+    p.add_argument("--clip", required=True, help="CLIP model name or local checkpoint")
+    p.add_argument("--output", required=True, help="store directory")
+    p.add_argument("--max-proposals", type=int, default=300, help="top-M proposals per image")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5], help="crop scales")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="crops per CLIP forward; 0 = all crops of an image at once",
+    )
+    p.add_argument("--chunk-size", type=int, default=64, help="images per store chunk")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-workers", type=int, default=2, help="image-decoding processes")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logger(name="vild_d2")
+    logger = setup_logger(name="precompute_clip_embeddings")
+    proposals = DistillStore(args.proposals)
+    if proposals.header["kind"] != "proposals":
+        raise StoreError(f"{args.proposals} is a {proposals.header['kind']!r} store, not proposals")
+    if proposals.header["dataset"] != args.dataset:
+        raise StoreError(
+            f"{args.proposals} holds proposals of {proposals.header['dataset']!r}, "
+            f"not of --dataset {args.dataset!r}"
+        )
+    dicts = DatasetCatalog.get(args.dataset)
+    check_dataset_dicts(dicts, args.dataset)
+    teacher = CLIPTeacher(
+        args.clip, scales=args.scales, device=args.device, batch_size=args.batch_size or None
+    )
+    header = embeddings_header(
+        args.dataset,
+        len(dicts),
+        chunk_size=args.chunk_size,
+        max_proposals=args.max_proposals,
+        teacher_settings=teacher.settings(),
+        proposals=proposals,
+    )
+    writer = StoreWriter(args.output, header)
+    logger.info(
+        "CLIP targets of %s (%d images, CLIP %s on %s) into %s",
+        args.dataset,
+        len(dicts),
+        teacher.identity,
+        args.device,
+        args.output,
+    )
+    stats = run_precompute(
+        writer,
+        dicts,
+        lambda chunks: iter_embeddings(
+            teacher, chunks, proposals, max_boxes=args.max_proposals, num_workers=args.num_workers
+        ),
+        shard=args.shard,
+        num_shards=args.num_shards,
+        desc=f"CLIP targets {args.shard}/{args.num_shards}",
+    )
+    store = DistillStore(args.output)
+    logger.info(
+        "%s: %d of %d images done%s",
+        args.output,
+        len(store),
+        len(dicts),
+        "" if store.is_complete else f"; chunks {store.missing_chunks()[:10]} missing",
+    )
+    return stats
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Precompute class-agnostic RPN proposals (top M after NMS, original image coordinates, with
+objectness logits) of a dataset into a sharded, resumable store.
+
+Usage:
+  python tools/precompute_proposals.py --config-file CFG --dataset NAME --output STORE \\
+      [--shard I --num-shards N] [--num-proposals 300] MODEL.WEIGHTS base_rpn.pth
+Re-running the same command completes an interrupted run; N shards write one store.
+"""
+
+import argparse
+import logging
+import os
+
+import vild_d2  # noqa: F401  (first: compatibility bridges)
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+from vild_d2 import add_vild_config
+from vild_d2.distill.precompute import (
+    check_dataset_dicts,
+    export_detectron2_proposals,
+    iter_proposals,
+    proposals_header,
+    run_precompute,
+)
+from vild_d2.distill.store import DistillStore, StoreWriter
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config-file", required=True, help="a config with an RPN (base classes)")
+    p.add_argument("--dataset", required=True, help="registered dataset name")
+    p.add_argument("--output", required=True, help="store directory")
+    p.add_argument("--num-proposals", type=int, default=300, help="M, kept per image")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward")
+    p.add_argument("--chunk-size", type=int, default=64, help="images per store chunk")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--device", default="", help="overrides MODEL.DEVICE")
+    p.add_argument("--num-workers", type=int, default=2, help="image-loading processes")
+    p.add_argument("--no-fp16", action="store_true", help="no fp16 autocast on GPU")
+    p.add_argument(
+        "--export-detectron2",
+        default="",
+        help="also write detectron2's proposal pickle (once the store is complete)",
+    )
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logger(name="vild_d2")
+    logger = setup_logger(name="precompute_proposals")
+    cfg = get_cfg()
+    add_vild_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    # The RPN's test-time output, after its NMS, is exactly the top-M proposals.
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = args.num_proposals
+    if args.device:
+        cfg.MODEL.DEVICE = args.device
+    cfg.freeze()
+
+    dicts = DatasetCatalog.get(args.dataset)
+    check_dataset_dicts(dicts, args.dataset)
+    weights = cfg.MODEL.WEIGHTS
+    model_info = {
+        "config": os.path.abspath(args.config_file),
+        "weights": weights,
+        "weights_bytes": os.path.getsize(weights) if os.path.isfile(weights) else None,
+        "opts": args.opts,
+        "batch_size": args.batch_size,
+    }
+    header = proposals_header(
+        args.dataset,
+        len(dicts),
+        chunk_size=args.chunk_size,
+        max_proposals=args.num_proposals,
+        model=model_info,
+    )
+    writer = StoreWriter(args.output, header)
+
+    model = build_model(cfg)
+    if getattr(model, "proposal_generator", None) is None:
+        raise ValueError(f"{cfg.MODEL.META_ARCHITECTURE} has no proposal_generator (an RPN)")
+    DetectionCheckpointer(model).load(weights)
+    model.eval()
+    logger.info("Proposals of %s (%d images) into %s", args.dataset, len(dicts), args.output)
+    stats = run_precompute(
+        writer,
+        dicts,
+        lambda chunks: iter_proposals(
+            model,
+            chunks,
+            DatasetMapper(cfg, is_train=False),
+            max_proposals=args.num_proposals,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            fp16=not args.no_fp16,
+        ),
+        shard=args.shard,
+        num_shards=args.num_shards,
+        desc=f"proposals {args.shard}/{args.num_shards}",
+    )
+    store = DistillStore(args.output)
+    logger.info(
+        "%s: %d of %d images done%s",
+        args.output,
+        len(store),
+        len(dicts),
+        "" if store.is_complete else f"; chunks {store.missing_chunks()[:10]} missing",
+    )
+    if args.export_detectron2:
+        export_detectron2_proposals(store, dicts, args.export_detectron2)
+    return stats
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

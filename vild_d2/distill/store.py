@@ -1,0 +1,400 @@
+"""A compact, resumable, sharded on-disk store of per-image arrays (proposals, CLIP targets).
+
+Layout of a store directory::
+
+    header.json            what the store holds and how it was made (written once)
+    chunk-000000.vds ...   chunk c = dataset images [c * K, (c + 1) * K), K = header chunk_size
+
+A chunk file is written whole, to a temporary name, fsync'ed and renamed, so a crash never
+leaves a file that looks complete. Chunks depend only on the dataset order and K: the shard
+``i`` of ``N`` writes the chunks ``c % N == i``, a re-run skips the chunks already there, and N
+shards together make the very same files as one unsharded run; there is no merge step.
+
+Chunk file: ``MAGIC | u32 index length | u32 index crc32 | index (json) | pad | payload``.
+The index names the store (header digest) and, per image, its id, box count, payload offset
+and crc32; a record is each field's (M, width) array in header order, contiguous. Opening a
+store reads only the indices (truncation is caught there by the file length); records are
+read through a memory map on demand and checked against their crc32, so a dataloader worker
+holds no copy of the data and a corrupted record is never returned.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import mmap
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["DistillStore", "StoreWriter", "StoreError", "chunks_of_shard"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "vild_d2.distill_store"
+VERSION = 1
+MAGIC = b"VILDCHK1"
+_PREFIX = struct.Struct("<8sII")  # magic, index length, index crc32
+_ALIGN = 64
+HEADER_FILE = "header.json"
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked: wrong header, truncated or corrupted chunk."""
+
+
+def chunk_name(chunk: int) -> str:
+    return f"chunk-{chunk:06d}.vds"
+
+
+def chunks_of_shard(num_images: int, chunk_size: int, shard: int, num_shards: int) -> List[int]:
+    """Chunk ids written by shard ``shard`` of ``num_shards`` (chunk c goes to shard c % N)."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+    num_chunks = -(-num_images // chunk_size)
+    return list(range(shard, num_chunks, num_shards))
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def header_digest(header: Mapping) -> str:
+    return hashlib.sha256(_canonical(header)).hexdigest()[:32]
+
+
+def _field_specs(header: Mapping) -> List[Tuple[str, np.dtype, int]]:
+    """[(name, dtype, width)]; width 0 = one value per box (shape (M,))."""
+    return [(name, np.dtype(dt), int(w)) for name, (dt, w) in header["fields"].items()]
+
+
+def _record_nbytes(specs, m: int) -> int:
+    return sum(m * max(w, 1) * dt.itemsize for _, dt, w in specs)
+
+
+def _diff(a: Mapping, b: Mapping, prefix="") -> List[str]:
+    """Keys (dotted) where two nested dicts differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _get(d: Mapping, dotted: str):
+    for k in dotted.split("."):
+        d = d.get(k, "<absent>") if isinstance(d, Mapping) else "<absent>"
+    return d
+
+
+def _fsync_dir(path: Path):
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsync'ed
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, parts: Iterable[bytes]):
+    """Write ``parts`` to ``path`` via ``.<name>.tmp`` + fsync + rename."""
+    tmp = path.parent / f".{path.name}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            for p in parts:
+                f.write(p)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read_header(root: Path) -> dict:
+    path = root / HEADER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{root} is not a distillation store (no {HEADER_FILE}); make one with "
+            "tools/precompute_proposals.py or tools/precompute_clip_embeddings.py"
+        )
+    header = json.loads(path.read_text())
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise StoreError(
+            f"{path}: format {header.get('format')!r} version {header.get('version')!r}, "
+            f"expected {FORMAT!r} version {VERSION}"
+        )
+    return header
+
+
+def _read_index(path: Path, digest: str, specs) -> dict:
+    """The index of chunk file ``path``, checked against the store and the file's length."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(_PREFIX.size)
+        if len(prefix) < _PREFIX.size:
+            raise StoreError(f"truncated chunk {path}: {size} bytes, shorter than its prefix")
+        magic, index_len, index_crc = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise StoreError(f"{path} is not a store chunk (magic {magic!r})")
+        raw = f.read(index_len)
+    if len(raw) < index_len:
+        raise StoreError(f"truncated chunk {path}: {size} bytes, its index alone needs more")
+    if zlib.crc32(raw) != index_crc:
+        raise StoreError(f"corrupted chunk {path}: index checksum mismatch")
+    index = json.loads(raw)
+    if index["header_digest"] != digest:
+        raise StoreError(
+            f"chunk {path} belongs to another store (header digest {index['header_digest']} "
+            f"!= {digest}): the directory mixes runs with different settings"
+        )
+    start = _payload_start(index_len)
+    expected = start + index["payload_bytes"]
+    if size != expected:
+        raise StoreError(
+            f"{'truncated' if size < expected else 'corrupted'} chunk {path}: {size} bytes, "
+            f"its index says {expected}"
+        )
+    for image_id, m, offset, _ in index["records"]:
+        if offset + _record_nbytes(specs, m) > index["payload_bytes"]:
+            raise StoreError(f"corrupted chunk {path}: record of image {image_id} out of range")
+    index["payload_start"] = start
+    return index
+
+
+def _payload_start(index_len: int) -> int:
+    n = _PREFIX.size + index_len
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class DistillStore:
+    """
+    Read access to a store: ``store[image_id]`` -> {field: ndarray (M, width) or (M,)}.
+
+    Only the chunk indices are held in memory (~50 bytes per image); records are read lazily
+    through per-process memory maps (safe to fork into dataloader workers, picklable).
+    """
+
+    def __init__(self, root: str):
+        self.root = Path(os.path.expanduser(root))
+        self.header = _read_header(self.root)
+        self.digest = header_digest(self.header)
+        self.specs = _field_specs(self.header)
+        self._files: List[Path] = []
+        self._starts: List[int] = []
+        # image id -> (file index, offset in file, M, crc32)
+        self._where: Dict = {}
+        self._chunks = set()
+        for path in sorted(self.root.glob("chunk-*.vds")):
+            index = _read_index(path, self.digest, self.specs)
+            k = len(self._files)
+            self._files.append(path)
+            self._chunks.add(index["chunk"])
+            start = index["payload_start"]
+            for image_id, m, offset, crc in index["records"]:
+                if image_id in self._where:
+                    raise StoreError(f"{path}: image {image_id} is also in another chunk")
+                self._where[image_id] = (k, start + offset, m, crc)
+        self._maps: Dict[int, mmap.mmap] = {}
+        self._pid = os.getpid()
+
+    # --- contents ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, image_id) -> bool:
+        return image_id in self._where
+
+    def image_ids(self) -> List:
+        return list(self._where)
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.header["num_images"] // self.header["chunk_size"])
+
+    def missing_chunks(self) -> List[int]:
+        """Chunks not written yet (a shard still running or never run)."""
+        return sorted(set(range(self.num_chunks)) - self._chunks)
+
+    @property
+    def is_complete(self) -> bool:
+        return not self.missing_chunks()
+
+    def __getitem__(self, image_id) -> Dict[str, np.ndarray]:
+        if image_id not in self._where:
+            raise KeyError(
+                f"image {image_id!r} is not in store {self.root} ({len(self)} images"
+                + (
+                    f"; chunks {self.missing_chunks()[:10]} not written yet)"
+                    if not self.is_complete
+                    else ")"
+                )
+            )
+        k, offset, m, crc = self._where[image_id]
+        nbytes = _record_nbytes(self.specs, m)
+        raw = self._map(k)[offset : offset + nbytes]
+        if len(raw) != nbytes:
+            raise StoreError(f"truncated chunk {self._files[k]}: record of image {image_id}")
+        if zlib.crc32(raw) != crc:
+            raise StoreError(
+                f"corrupted chunk {self._files[k]}: record of image {image_id!r} fails its "
+                "checksum (re-create the chunk: delete it and re-run the precompute command)"
+            )
+        out, pos = {}, 0
+        for name, dt, w in self.specs:
+            n = m * max(w, 1) * dt.itemsize
+            arr = np.frombuffer(raw, dtype=dt, count=m * max(w, 1), offset=pos)
+            out[name] = arr.reshape(m, w) if w else arr
+            pos += n
+        return out
+
+    def verify(self) -> int:
+        """Check every record's checksum; returns the number of records checked."""
+        for image_id in self._where:
+            self[image_id]
+        return len(self._where)
+
+    def _map(self, k: int) -> mmap.mmap:
+        if os.getpid() != self._pid:  # forked: maps are per process
+            self._maps, self._pid = {}, os.getpid()
+        if k not in self._maps:
+            with open(self._files[k], "rb") as f:
+                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[k]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def check(self, expected: Mapping, what: str = "the config") -> None:
+        """
+        Raise :class:`StoreError` naming both values for every key of ``expected`` (dotted
+        names allowed, e.g. "crops.scales") whose value differs from the header's.
+        """
+        problems = []
+        for key, want in expected.items():
+            have = _get(self.header, key)
+            if _normalise(have) != _normalise(want):
+                problems.append(f"{key}: store has {have!r}, {what} asks for {want!r}")
+        if problems:
+            raise StoreError(f"store {self.root} does not match {what}: " + "; ".join(problems))
+
+
+def _normalise(v):
+    if isinstance(v, (list, tuple)):
+        return [_normalise(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+class StoreWriter:
+    """
+    Writes chunks of a store; creating the store writes its header, re-opening an existing
+    store requires the very same header (same dataset, model, settings).
+    """
+
+    def __init__(self, root: str, header: Mapping):
+        """
+        Args:
+            root: the store directory (created).
+            header: must hold "kind", "num_images", "chunk_size" and "fields"
+                ({name: [dtype, width]}); anything else (models, settings) is recorded too.
+        """
+        self.root = Path(os.path.expanduser(root))
+        header = {"format": FORMAT, "version": VERSION, **header}
+        header = json.loads(_canonical(header))  # tuples -> lists, as read back
+        for key in ("kind", "num_images", "chunk_size", "fields"):
+            if key not in header:
+                raise ValueError(f"store header needs {key!r}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / HEADER_FILE
+        if path.is_file():
+            existing = _read_header(self.root)
+            diff = _diff(existing, header)
+            if diff:
+                raise StoreError(
+                    f"{self.root} was made with other settings; refusing to mix them. "
+                    + "; ".join(
+                        f"{k}: store has {_get(existing, k)!r}, this run {_get(header, k)!r}"
+                        for k in diff
+                    )
+                    + ". Use another --output, or delete the store to start over."
+                )
+        else:
+            _atomic_write(path, [json.dumps(header, indent=1, sort_keys=True).encode("utf-8")])
+        self.header = header
+        self.digest = header_digest(header)
+        self.specs = _field_specs(header)
+
+    def chunk_images(self, chunk: int, items: Sequence) -> Sequence:
+        """The part of the dataset-ordered ``items`` that chunk ``chunk`` holds."""
+        k = self.header["chunk_size"]
+        return items[chunk * k : (chunk + 1) * k]
+
+    def is_done(self, chunk: int) -> bool:
+        """Whether a valid file of ``chunk`` exists (an invalid one is reported and redone)."""
+        path = self.root / chunk_name(chunk)
+        if not path.is_file():
+            return False
+        try:
+            index = _read_index(path, self.digest, self.specs)
+        except StoreError as e:
+            logger.warning("Redoing chunk %d: %s", chunk, e)
+            return False
+        return index["chunk"] == chunk
+
+    def write_chunk(self, chunk: int, records: Sequence[Tuple[object, Mapping[str, np.ndarray]]]):
+        """
+        Args:
+            chunk: chunk id.
+            records: (image_id, {field: array (M, width) or (M,)}) per image, in dataset order.
+        """
+        entries, blobs, offset = [], [], 0
+        for image_id, fields in records:
+            parts, m = [], None
+            for name, dt, w in self.specs:
+                arr = np.ascontiguousarray(np.asarray(fields[name]), dtype=dt)
+                shape = (arr.shape[0], w) if w else (arr.shape[0],)
+                m = arr.shape[0] if m is None else m
+                if arr.shape != shape or arr.shape[0] != m:
+                    raise ValueError(
+                        f"image {image_id}: field {name!r} has shape {arr.shape}, expected "
+                        + (f"({m}, {w})" if w else f"({m},)")
+                    )
+                parts.append(arr.tobytes())
+            blob = b"".join(parts)
+            entries.append([_json_id(image_id), m, offset, zlib.crc32(blob)])
+            blobs.append(blob)
+            offset += len(blob)
+        index = _canonical(
+            {
+                "chunk": chunk,
+                "header_digest": self.digest,
+                "payload_bytes": offset,
+                "records": entries,
+            }
+        )
+        pad = _payload_start(len(index)) - _PREFIX.size - len(index)
+        prefix = _PREFIX.pack(MAGIC, len(index), zlib.crc32(index))
+        _atomic_write(self.root / chunk_name(chunk), [prefix, index, b"\0" * pad, *blobs])
+
+
+def _json_id(image_id):
+    """Image ids as json keeps them (numpy ints -> int)."""
+    if isinstance(image_id, np.integer):
+        return int(image_id)
+    return image_id
