@@ -80,21 +80,25 @@ def write_lvis_json(path, split_folder, images):
                 "not_exhaustive_category_ids": list(not_exhaustive),
             }
         )
-        for cat_id, box in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": cat_id,
-                    "bbox": list(box),
-                    "area": box[2] * box[3],
-                    "segmentation": xywh_polygon(box),
-                }
-            )
+        annotations += [
+            annotation(len(annotations) + i, image_id, *o) for i, o in enumerate(objects)
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"images": image_entries, "annotations": annotations}
     data.update(categories=lvis_categories_json(), licenses=[], info={})
     path.write_text(json.dumps(data))
+
+
+def annotation(index, image_id, category_id, box):
+    """A json annotation (id = index + 1) of an xywh box, with its rectangle as polygon."""
+    return {
+        "id": index + 1,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": list(box),
+        "area": box[2] * box[3],
+        "segmentation": xywh_polygon(box),
+    }
 
 
 def coco_picks():
@@ -123,18 +127,10 @@ def write_coco_json(path, images, categories=None):
         image_entries.append(
             {"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": 100, "width": 100}
         )
-        for cat_id, box in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": cat_id,
-                    "bbox": list(box),
-                    "area": box[2] * box[3],
-                    "segmentation": xywh_polygon(box),
-                    "iscrowd": 0,
-                }
-            )
+        annotations += [
+            dict(annotation(len(annotations) + i, image_id, *o), iscrowd=0)
+            for i, o in enumerate(objects)
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"images": image_entries, "annotations": annotations, "categories": categories}
     path.write_text(json.dumps(data))

@@ -18,6 +18,7 @@ are medians. Weights are random (nothing can be downloaded here): speed does not
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -367,9 +368,12 @@ def bench_crops(images, quick, skip_vit, clip_path, repeats, device):
     rgb = np.ascontiguousarray(images[0][:, :, ::-1])
     h, w = rgb.shape[:2]
     g = torch.Generator().manual_seed(0)
-    m = 8 if quick else 32
-    xy = torch.rand(m, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
-    boxes = torch.cat([xy, xy + 12 + torch.rand(m, 2, generator=g) * torch.tensor([w, h]) * 0.3], 1)
+    m = 8 if quick else 300  # 300 = ViLD's proposals per image
+    # Proposal-like boxes: log-uniform width and height from 16 px to 80% of the image.
+    lo, hi = math.log(16), math.log(0.8 * min(w, h))
+    wh = torch.exp(lo + (hi - lo) * torch.rand(m, 2, generator=g))
+    xy = torch.rand(m, 2, generator=g) * (torch.tensor([w, h]) - wh)
+    boxes = torch.cat([xy, xy + wh], 1)
     if quick or skip_vit:
         model, _ = clip.load(clip_path, device=device, jit=False)
         model, label = model.float().eval(), "tiny random CLIP"
@@ -386,10 +390,15 @@ def bench_crops(images, quick, skip_vit, clip_path, repeats, device):
     }
     medians = round_robin(fns, repeats, device)
     out = {"crops_per_s": {n: 2 * m / t for n, t in medians.items()}}
-    fast = encode_crops(model, fast_crops(image_chw, boxes, size=size), num_scales=2)
-    ref = encode_crops(model, reference_crops(pil, boxes, size=size).to(device), num_scales=2)
+    # ViT-B/32 on a CPU encodes ~7 crops/s: the agreement is measured on the first 32 boxes.
+    sub = boxes[:32]
+    fast = encode_crops(model, fast_crops(image_chw, sub, size=size), num_scales=2)
+    ref = encode_crops(model, reference_crops(pil, sub, size=size).to(device), num_scales=2)
     out["min_cosine_fast_vs_reference"] = float((fast * ref).sum(dim=1).min())
-    out["crops_note"] = f"{m} boxes x 2 scales at {size}x{size}, image {w}x{h}; cosine: {label}"
+    out["crops_note"] = (
+        f"{m} proposal-like boxes x 2 scales at {size}x{size}, image {w}x{h}; cosine on "
+        f"{len(sub)} of them: {label}"
+    )
     return out
 
 

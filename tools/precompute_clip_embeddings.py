@@ -17,9 +17,11 @@ import vild_d2  # noqa: F401  (first: compatibility bridges)
 from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 from vild_d2.distill.precompute import (
+    add_store_arguments,
     check_dataset_dicts,
     embeddings_header,
     iter_embeddings,
+    log_store_summary,
     run_precompute,
 )
 from vild_d2.distill.store import DistillStore, StoreError, StoreWriter
@@ -40,11 +42,8 @@ def parse_args(argv=None):
         default=0,
         help="crops per CLIP forward; 0 = all crops of an image at once",
     )
-    p.add_argument("--chunk-size", type=int, default=64, help="images per store chunk")
-    p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--num-workers", type=int, default=2, help="image-decoding processes")
+    add_store_arguments(p, workers_help="image-decoding processes")
     return p.parse_args(argv)
 
 
@@ -92,14 +91,7 @@ def main(argv=None):
         num_shards=args.num_shards,
         desc=f"CLIP targets {args.shard}/{args.num_shards}",
     )
-    store = DistillStore(args.output)
-    logger.info(
-        "%s: %d of %d images done%s",
-        args.output,
-        len(store),
-        len(dicts),
-        "" if store.is_complete else f"; chunks {store.missing_chunks()[:10]} missing",
-    )
+    log_store_summary(logger, args.output, len(dicts))
     return stats
 
 

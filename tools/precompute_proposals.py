@@ -20,13 +20,15 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from vild_d2 import add_vild_config
 from vild_d2.distill.precompute import (
+    add_store_arguments,
     check_dataset_dicts,
     export_detectron2_proposals,
     iter_proposals,
+    log_store_summary,
     proposals_header,
     run_precompute,
 )
-from vild_d2.distill.store import DistillStore, StoreWriter
+from vild_d2.distill.store import StoreWriter
 
 
 def parse_args(argv=None):
@@ -36,11 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="store directory")
     p.add_argument("--num-proposals", type=int, default=300, help="M, kept per image")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward")
-    p.add_argument("--chunk-size", type=int, default=64, help="images per store chunk")
-    p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--device", default="", help="overrides MODEL.DEVICE")
-    p.add_argument("--num-workers", type=int, default=2, help="image-loading processes")
     p.add_argument("--no-fp16", action="store_true", help="no fp16 autocast on GPU")
     p.add_argument(
         "--export-detectron2",
@@ -48,6 +46,7 @@ def parse_args(argv=None):
         help="also write detectron2's proposal pickle (once the store is complete)",
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
+    add_store_arguments(p, workers_help="image-loading processes")
     return p.parse_args(argv)
 
 
@@ -106,14 +105,7 @@ def main(argv=None):
         num_shards=args.num_shards,
         desc=f"proposals {args.shard}/{args.num_shards}",
     )
-    store = DistillStore(args.output)
-    logger.info(
-        "%s: %d of %d images done%s",
-        args.output,
-        len(store),
-        len(dicts),
-        "" if store.is_complete else f"; chunks {store.missing_chunks()[:10]} missing",
-    )
+    store = log_store_summary(logger, args.output, len(dicts))
     if args.export_detectron2:
         export_detectron2_proposals(store, dicts, args.export_detectron2)
     return stats

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from .store import DistillStore, StoreWriter, chunks_of_shard
 
 __all__ = [
+    "add_store_arguments",
+    "log_store_summary",
     "proposals_header",
     "embeddings_header",
     "run_precompute",
@@ -30,6 +32,27 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Record = Tuple[object, Dict[str, np.ndarray]]
+
+
+def add_store_arguments(parser, workers_help: str) -> None:
+    """The precompute tools' common options: chunking, sharding, loader processes."""
+    parser.add_argument("--chunk-size", type=int, default=64, help="images per store chunk")
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--num-workers", type=int, default=2, help=workers_help)
+
+
+def log_store_summary(log: logging.Logger, path: str, num_images: int) -> DistillStore:
+    """Log how much of the store at ``path`` is done (and which chunks are missing)."""
+    store = DistillStore(path)
+    log.info(
+        "%s: %d of %d images done%s",
+        path,
+        len(store),
+        num_images,
+        "" if store.is_complete else f"; chunks {store.missing_chunks()[:10]} missing",
+    )
+    return store
 
 
 def proposals_header(
