@@ -1,0 +1,52 @@
+"""Registration helpers: where dataset files are expected, what a missing one says, where
+derived files go."""
+
+import os
+from pathlib import Path
+from typing import Callable, Dict, Sequence
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+__all__ = ["dataset_cache_dir", "register_dataset", "require_files"]
+
+
+def dataset_cache_dir() -> Path:
+    """Folder for files derived from datasets (e.g. the COCO 48/17 ground-truth jsons):
+    ``$VILD_D2_CACHE/datasets``, default ``~/.cache/vild_d2/datasets``. Never the dataset root:
+    the originals are left untouched."""
+    return Path(os.path.expanduser(os.getenv("VILD_D2_CACHE", "~/.cache/vild_d2"))) / "datasets"
+
+
+def require_files(
+    dataset_name: str, paths: Sequence[str], root: str, layout: str, source: str
+) -> None:
+    """
+    Raise FileNotFoundError naming the missing path(s), the expected layout under the datasets
+    root and where the dataset comes from. Called when a dataset is loaded, not registered.
+
+    Args:
+        paths: files or folders that must exist.
+        root: the datasets root the layout is relative to ($DETECTRON2_DATASETS).
+        layout: the expected tree under ``root``, one entry per line.
+        source: where to get the dataset (nothing is downloaded automatically).
+    """
+    missing = [str(p) for p in paths if not os.path.exists(p)]
+    if not missing:
+        return
+    tree = "\n".join(f"    {line}" for line in layout.strip().splitlines())
+    raise FileNotFoundError(
+        f"dataset {dataset_name!r}: {', '.join(missing)} not found.\n"
+        f"  Expected layout under the datasets root {os.path.abspath(root)} "
+        f"($DETECTRON2_DATASETS):\n{tree}\n"
+        f"  {source} Nothing is downloaded automatically."
+    )
+
+
+def register_dataset(name: str, loader: Callable[[], list], metadata: Dict) -> None:
+    """Register ``name`` afresh (replacing an existing entry, e.g. detectron2's own registration
+    of the same files, whose metadata we extend)."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)
