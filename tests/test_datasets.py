@@ -307,6 +307,27 @@ def test_coco_val_split_and_derived_json(coco_ovd):
     assert sorted(os.listdir(root / "coco" / "annotations")) == originals
 
 
+def test_coco_derived_json_follows_a_replaced_original(coco_ovd):
+    root, cache = coco_ovd
+    p = coco_picks()
+    source = root / "coco" / "annotations" / "instances_val2017.json"
+    before = source.read_bytes()
+    try:
+        path = Path(prepare_coco_ovd_json("t_coco_ov_val"))
+        written = path.stat().st_mtime_ns
+        assert Path(prepare_coco_ovd_json("t_coco_ov_val")).stat().st_mtime_ns == written  # hit
+        # Another version of the original with an OLDER mtime (a copy restored with cp -p or
+        # tar): the derived ground truth must follow it, not stay stale.
+        old = source.stat().st_mtime - 3600
+        write_coco_json(source, [(11, [(p["N1"], (10, 10, 30, 30))])])
+        os.utime(source, (old, old))
+        derived = json.loads(Path(prepare_coco_ovd_json("t_coco_ov_val")).read_text())
+        assert [a["category_id"] for a in derived["annotations"]] == [p["N1"]]
+        assert sorted(os.listdir(source.parent)) == ["instances_train2017.json", source.name]
+    finally:
+        source.write_bytes(before)
+
+
 # --- transfer targets -----------------------------------------------------------------------
 
 

@@ -229,3 +229,93 @@ def test_bad_record_shape(tmp_path):
 def test_not_a_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a distillation store"):
         DistillStore(str(tmp_path))
+
+
+def test_open_maps_are_bounded(tmp_path):
+    # Each memory map holds a file descriptor: a store of more chunks than the open-file limit
+    # (LVIS: ~1600 chunks of 64 vs the usual 1024) must still be readable from end to end.
+    recs = records(list(range(10)))
+    write_all(tmp_path / "s", recs, header(num_images=10, chunk_size=1))
+    store = DistillStore(str(tmp_path / "s"))
+    store.max_open_maps = 3
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        for image_id, fields in recs:
+            assert np.array_equal(store[image_id]["embeddings"], fields["embeddings"])
+            assert len(store._maps) <= 3
+    assert len(os.listdir("/proc/self/fd")) - fds_before <= 3
+    assert store.verify() == 10
+
+
+def _make_writer(root, hdr, barrier, queue):
+    barrier.wait()
+    try:
+        StoreWriter(root, hdr)
+        queue.put("ok")
+    except BaseException as e:  # reported to the parent
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def test_shards_starting_together_share_one_header(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    # A large header widens the window in which the writers overlap.
+    hdr = dict(header(), note="x" * 200_000)
+    results = []
+    for trial in range(4):
+        root = str(tmp_path / f"s{trial}")
+        n = 6
+        barrier, queue = ctx.Barrier(n), ctx.Queue()
+        procs = [
+            ctx.Process(target=_make_writer, args=(root, hdr, barrier, queue)) for _ in range(n)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        results += [queue.get(timeout=5) for _ in range(n)]
+        assert sorted(os.listdir(root)) == ["header.json"]  # no temporary file left
+        assert DistillStore(root).header["note"] == hdr["note"]
+    assert results == ["ok"] * len(results), [r for r in results if r != "ok"][:3]
+
+
+def test_first_header_wins_and_others_are_checked(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    path = root / "header.json"
+    path.write_text("{}")
+    assert not store_module._atomic_write(path, [b"other"], exclusive=True)
+    assert path.read_text() == "{}" and os.listdir(root) == ["header.json"]
+    # A writer that lost the race to a shard with other settings refuses, naming both.
+    StoreWriter(tmp_path / "t", header())
+    with pytest.raises(StoreError, match="clip: store has 'ViT-B/32', this run 'RN50'"):
+        StoreWriter(tmp_path / "t", header(clip="RN50"))
+
+
+def test_bad_chunk_size_and_corrupted_header_are_named(tmp_path):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        StoreWriter(tmp_path / "a", header(chunk_size=0))
+    StoreWriter(tmp_path / "s", header())
+    (tmp_path / "s" / "header.json").write_text('{"format": ')
+    with pytest.raises(StoreError, match=r"corrupted store header .*s/header\.json"):
+        DistillStore(str(tmp_path / "s"))
+
+
+def test_damaged_index_length_is_named(tmp_path):
+    write_all(tmp_path / "s", records([1, 2, 3, 4, 5]), header())
+    path = tmp_path / "s" / "chunk-000001.vds"
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = (0xFFFFFFF0).to_bytes(4, "little")  # the index length field of the prefix
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"truncated chunk .*chunk-000001\.vds"):
+        DistillStore(str(tmp_path / "s"))
+
+
+def test_resume_redoes_a_chunk_of_other_images(tmp_path):
+    # Same header (dataset name, image count) but the dataset's order changed: a chunk on disk
+    # that holds other images than the dataset's is not trusted.
+    w = StoreWriter(tmp_path / "s", header())
+    w.write_chunk(0, records([1, 2]))
+    assert w.is_done(0) and w.is_done(0, [1, 2]) and w.is_done(0, [np.int64(1), 2])
+    assert not w.is_done(0, [2, 1]) and not w.is_done(0, [1, 3])

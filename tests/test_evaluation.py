@@ -249,6 +249,10 @@ def test_objects365_coco_ap(tmp_path):
     json_file = tmp_path / "objects365" / "annotations" / "zhiyuan_objv2_val.json"
     cats = [{"id": i, "name": f"o365 class {i}"} for i in range(1, 366)]
     write_coco_json(json_file, [(5, [(1, (10, 10, 30, 30)), (365, (50, 50, 40, 40))])], cats)
+    data = json.loads(json_file.read_text())
+    for a in data["annotations"]:
+        del a["segmentation"]  # Objects365 annotates boxes only
+    json_file.write_text(json.dumps(data))
     name = register_objects365_v2_val(str(tmp_path), name="e_objects365_v2_val")
     evaluator = Trainer.build_evaluator(_cfg(tmp_path), name)
     assert type(evaluator) is COCOEvaluator
@@ -256,7 +260,10 @@ def test_objects365_coco_ap(tmp_path):
     # lower-scored false positive: AP stays 100 (it ranks after every hit).
     found = [(0, (10, 10, 30, 30), 0.9), (364, (50, 50, 40, 40), 0.8)]
     dets = {5: found + [(0, (60, 5, 30, 30), 0.1)]}
-    res = _run(evaluator, name, dets)["bbox"]
+    # A mask model (the ViLD configs' MASK_ON) predicts masks too: only boxes are scored.
+    results = _run(evaluator, name, dets, masks=True)
+    assert set(results) == {"bbox"}
+    res = results["bbox"]
     assert res["AP"] == pytest.approx(100)
     assert res["AP-Person"] == pytest.approx(100)  # names from the package's Objects365 file
 
@@ -350,3 +357,11 @@ def test_trainer_test_evaluates_each_dataset_with_its_vocabulary(
     # One results table per dataset.
     titles = [r.getMessage() for r in records if "in csv format" in r.getMessage()]
     assert titles == [f"Evaluation results for {n} in csv format:" for n in (coco, voc)]
+
+
+def test_trainer_test_wants_one_evaluator_per_dataset(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.DATASETS.TEST = ("e_a", "e_b")
+    evaluator = DatasetEvaluators([])
+    with pytest.raises(ValueError, match="1 evaluators for 2 test datasets"):
+        Trainer.test(cfg, object(), evaluator)

@@ -187,6 +187,10 @@ def test_tools_end_to_end(world, tmp_path):
     p, t = DistillStore(str(props)), DistillStore(str(targets))
     assert p.is_complete and t.is_complete and len(p) == len(t) == NUM_TRAIN
     assert t.header["embed_dim"] == 32 and t.header["crops"]["scales"] == [1.0, 1.5]
+    assert p.header["model"]["fp16"] is False  # no autocast on the CPU
+    # Another CLIP batch size changes the targets' last bits: recorded, so a resume with
+    # another one is refused (StoreWriter's header check).
+    assert t.header["fp16"] is False and t.header["batch_size"] == 0
     # detectron2's proposal-file format, in dataset order.
     with open(pkl, "rb") as f:
         exported = pickle.load(f)
@@ -221,6 +225,32 @@ def test_proposals_are_top_m_in_original_coordinates(world, stores):
     logits = got["objectness_logits"]
     assert (np.diff(logits) <= 0).all()  # sorted by objectness
     np.testing.assert_allclose(logits, out.objectness_logits.numpy()[keep][:M], atol=1e-5)
+
+
+def test_proposals_of_a_resized_image_are_in_original_coordinates(world):
+    # The toy's test-time resize is the identity (64 x 80): test a real one, 1.5x.
+    cfg = proposal_cfg(world["weights"])
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 200
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(world["weights"])
+    model.eval()
+    d = DatasetCatalog.get(DATASET)[0]
+    x = DatasetMapper(cfg, is_train=False)(d)
+    h, w = x["image"].shape[1:]
+    assert (h, w) == (96, 120) and (d["height"], d["width"]) == (64, 80)
+    with torch.no_grad():
+        out = model([{"image": x["image"], "height": h, "width": w}])[0]["proposals"]
+    boxes = out.proposal_boxes.tensor.numpy() / 1.5
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, d["width"])
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, d["height"])
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    ((image_id, got),) = iter_proposals(
+        model, [[d]], DatasetMapper(cfg, is_train=False), max_proposals=M
+    )
+    assert image_id == d["image_id"] and len(got["boxes"]) == M
+    np.testing.assert_allclose(got["boxes"], boxes[keep][:M], atol=1e-4)
+    assert got["boxes"][:, 2].max() <= d["width"] and got["boxes"][:, 3].max() <= d["height"]
 
 
 # --- resume, shards ---------------------------------------------------------------------------

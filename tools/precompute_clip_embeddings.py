@@ -69,7 +69,13 @@ def main(argv=None):
         len(dicts),
         chunk_size=args.chunk_size,
         max_proposals=args.max_proposals,
-        teacher_settings=teacher.settings(),
+        # The crops per forward and fp16 autocast (on GPU) change the float16 targets in their
+        # last bits: recorded, so that a resumed run cannot mix them into one store.
+        teacher_settings={
+            **teacher.settings(),
+            "batch_size": args.batch_size,
+            "fp16": teacher.device.type == "cuda",
+        },
         proposals=proposals,
     )
     writer = StoreWriter(args.output, header)

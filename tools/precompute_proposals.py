@@ -73,6 +73,9 @@ def main(argv=None):
         "weights_bytes": os.path.getsize(weights) if os.path.isfile(weights) else None,
         "opts": args.opts,
         "batch_size": args.batch_size,
+        # Like the batch size (padding), fp16 autocast on GPU changes the proposals a little:
+        # a re-run must not mix both in one store.
+        "fp16": not args.no_fp16 and cfg.MODEL.DEVICE.startswith("cuda"),
     }
     header = proposals_header(
         args.dataset,

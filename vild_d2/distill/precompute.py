@@ -90,7 +90,7 @@ def embeddings_header(
             "embeddings": ["float16", teacher_settings["embed_dim"]],
         },
         "max_proposals": max_proposals,
-        **teacher_settings,  # clip, crops, embed_dim
+        **teacher_settings,  # clip, crops, embed_dim (+ the tool's batch_size, fp16)
         "proposals": proposals.digest,  # the store they come from
     }
 
@@ -132,15 +132,15 @@ def run_precompute(
     """
     if len(dataset_dicts) != writer.header["num_images"]:
         raise ValueError(
-            f"the dataset has {len(dataset_dicts)} images, the store's header says "
-            f"{writer.header['num_images']}"
+            f"the dataset has {len(dataset_dicts)} images, the header of store {writer.root} "
+            f"says {writer.header['num_images']}"
         )
     chunk_ids = chunks_of_shard(len(dataset_dicts), writer.header["chunk_size"], shard, num_shards)
     todo, done_before, shard_images = [], 0, 0
     for c in chunk_ids:
         dicts = writer.chunk_images(c, dataset_dicts)
         shard_images += len(dicts)
-        if writer.is_done(c):
+        if writer.is_done(c, [d["image_id"] for d in dicts]):
             done_before += len(dicts)
         else:
             todo.append((c, list(dicts)))
@@ -246,6 +246,11 @@ class _Mapped(Dataset):
         return self.fn(self.items[i])
 
 
+def _as_list(batch):
+    """The loader's collate_fn (a module-level function: picklable by spawned workers)."""
+    return batch
+
+
 def _per_chunk_batches(chunks: List[List[dict]], batch_size: int) -> List[List[int]]:
     batches, pos = [], 0
     for dicts in chunks:
@@ -292,7 +297,7 @@ def iter_proposals(
     loader = DataLoader(
         _Mapped(items, mapper),
         batch_sampler=_per_chunk_batches(chunks, batch_size),
-        collate_fn=lambda batch: batch,
+        collate_fn=_as_list,
         num_workers=num_workers,
     )
     device = model.pixel_mean.device

@@ -18,6 +18,7 @@ read through a memory map on demand and checked against their crc32, so a datalo
 holds no copy of the data and a corrupted record is never returned.
 """
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -27,7 +28,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,21 +104,40 @@ def _fsync_dir(path: Path):
             os.close(fd)
 
 
-def _atomic_write(path: Path, parts: Iterable[bytes]):
-    """Write ``parts`` to ``path`` via ``.<name>.tmp`` + fsync + rename."""
-    tmp = path.parent / f".{path.name}.tmp"
+def _atomic_write(path: Path, parts: Iterable[bytes], exclusive: bool = False) -> bool:
+    """
+    Write ``parts`` to ``path`` via ``.<name>.<pid>.tmp`` + fsync + rename. The temporary name
+    is per process: shards that start together (all writing header.json) never share one.
+
+    Args:
+        exclusive: never replace an existing ``path`` (the first writer wins).
+
+    Returns:
+        False if ``exclusive`` and ``path`` already existed (nothing written), else True.
+    """
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
             for p in parts:
                 f.write(p)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if exclusive:
+            try:
+                os.link(tmp, path)  # atomic, and fails if path exists
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
     _fsync_dir(path.parent)
+    return True
 
 
 def _read_header(root: Path) -> dict:
@@ -127,10 +147,14 @@ def _read_header(root: Path) -> dict:
             f"{root} is not a distillation store (no {HEADER_FILE}); make one with "
             "tools/precompute_proposals.py or tools/precompute_clip_embeddings.py"
         )
-    header = json.loads(path.read_text())
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
+    try:
+        header = json.loads(path.read_text())
+    except ValueError as e:
+        raise StoreError(f"corrupted store header {path}: {e}") from None
+    got = header if isinstance(header, dict) else {}
+    if got.get("format") != FORMAT or got.get("version") != VERSION:
         raise StoreError(
-            f"{path}: format {header.get('format')!r} version {header.get('version')!r}, "
+            f"{path}: format {got.get('format')!r} version {got.get('version')!r}, "
             f"expected {FORMAT!r} version {VERSION}"
         )
     return header
@@ -146,6 +170,8 @@ def _read_index(path: Path, digest: str, specs) -> dict:
         magic, index_len, index_crc = _PREFIX.unpack(prefix)
         if magic != MAGIC:
             raise StoreError(f"{path} is not a store chunk (magic {magic!r})")
+        if index_len > size - _PREFIX.size:  # (not read: a damaged length can be ~4 GB)
+            raise StoreError(f"truncated chunk {path}: {size} bytes, its index alone needs more")
         raw = f.read(index_len)
     if len(raw) < index_len:
         raise StoreError(f"truncated chunk {path}: {size} bytes, its index alone needs more")
@@ -180,9 +206,13 @@ class DistillStore:
     """
     Read access to a store: ``store[image_id]`` -> {field: ndarray (M, width) or (M,)}.
 
-    Only the chunk indices are held in memory (~50 bytes per image); records are read lazily
-    through per-process memory maps (safe to fork into dataloader workers, picklable).
+    Only the chunk indices are held in memory; records are read lazily through per-process
+    memory maps (safe to fork into dataloader workers, picklable). At most ``max_open_maps``
+    chunk files are mapped at a time (each map holds a file descriptor; LVIS has ~1600 chunks,
+    more than the usual limit of 1024 open files), the least recently used is closed first.
     """
+
+    max_open_maps = 64
 
     def __init__(self, root: str):
         self.root = Path(os.path.expanduser(root))
@@ -204,7 +234,7 @@ class DistillStore:
                 if image_id in self._where:
                     raise StoreError(f"{path}: image {image_id} is also in another chunk")
                 self._where[image_id] = (k, start + offset, m, crc)
-        self._maps: Dict[int, mmap.mmap] = {}
+        self._maps: "collections.OrderedDict[int, mmap.mmap]" = collections.OrderedDict()
         self._pid = os.getpid()
 
     # --- contents ---------------------------------------------------------------------------
@@ -266,15 +296,20 @@ class DistillStore:
 
     def _map(self, k: int) -> mmap.mmap:
         if os.getpid() != self._pid:  # forked: maps are per process
-            self._maps, self._pid = {}, os.getpid()
-        if k not in self._maps:
-            with open(self._files[k], "rb") as f:
-                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps, self._pid = collections.OrderedDict(), os.getpid()
+        if k in self._maps:
+            self._maps.move_to_end(k)
+            return self._maps[k]
+        while len(self._maps) >= max(1, self.max_open_maps):
+            # Safe: records are copied out of the map (slicing an mmap makes bytes).
+            self._maps.popitem(last=False)[1].close()
+        with open(self._files[k], "rb") as f:
+            self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[k]
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_maps"] = {}
+        state["_maps"] = collections.OrderedDict()
         return state
 
     # --- checks -----------------------------------------------------------------------------
@@ -320,22 +355,26 @@ class StoreWriter:
         for key in ("kind", "num_images", "chunk_size", "fields"):
             if key not in header:
                 raise ValueError(f"store header needs {key!r}")
+        if not isinstance(header["chunk_size"], int) or header["chunk_size"] < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {header['chunk_size']!r}")
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / HEADER_FILE
-        if path.is_file():
-            existing = _read_header(self.root)
-            diff = _diff(existing, header)
-            if diff:
-                raise StoreError(
-                    f"{self.root} was made with other settings; refusing to mix them. "
-                    + "; ".join(
-                        f"{k}: store has {_get(existing, k)!r}, this run {_get(header, k)!r}"
-                        for k in diff
-                    )
-                    + ". Use another --output, or delete the store to start over."
+        # The first of several shards started together creates the header; every one (the
+        # first included) then checks that the header on disk is its own.
+        if not path.is_file():
+            text = json.dumps(header, indent=1, sort_keys=True).encode("utf-8")
+            _atomic_write(path, [text], exclusive=True)
+        existing = _read_header(self.root)
+        diff = _diff(existing, header)
+        if diff:
+            raise StoreError(
+                f"{self.root} was made with other settings; refusing to mix them. "
+                + "; ".join(
+                    f"{k}: store has {_get(existing, k)!r}, this run {_get(header, k)!r}"
+                    for k in diff
                 )
-        else:
-            _atomic_write(path, [json.dumps(header, indent=1, sort_keys=True).encode("utf-8")])
+                + ". Use another --output, or delete the store to start over."
+            )
         self.header = header
         self.digest = header_digest(header)
         self.specs = _field_specs(header)
@@ -345,8 +384,9 @@ class StoreWriter:
         k = self.header["chunk_size"]
         return items[chunk * k : (chunk + 1) * k]
 
-    def is_done(self, chunk: int) -> bool:
-        """Whether a valid file of ``chunk`` exists (an invalid one is reported and redone)."""
+    def is_done(self, chunk: int, image_ids: Optional[Sequence] = None) -> bool:
+        """Whether a valid file of ``chunk`` exists (an invalid one is reported and redone);
+        with ``image_ids``, it must hold exactly those images, in that order."""
         path = self.root / chunk_name(chunk)
         if not path.is_file():
             return False
@@ -355,6 +395,18 @@ class StoreWriter:
         except StoreError as e:
             logger.warning("Redoing chunk %d: %s", chunk, e)
             return False
+        if image_ids is not None:
+            held = [r[0] for r in index["records"]]
+            if held != [_json_id(i) for i in image_ids]:
+                logger.warning(
+                    "Redoing chunk %d: %s holds other images than the dataset's (ids %s..., "
+                    "expected %s...): the dataset changed since it was written",
+                    chunk,
+                    path,
+                    held[:3],
+                    [_json_id(i) for i in image_ids][:3],
+                )
+                return False
         return index["chunk"] == chunk
 
     def write_chunk(self, chunk: int, records: Sequence[Tuple[object, Mapping[str, np.ndarray]]]):

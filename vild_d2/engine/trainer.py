@@ -106,6 +106,11 @@ class Trainer(DefaultTrainer):
         vild = model.module if isinstance(model, DistributedDataParallel) else model
         if isinstance(evaluators, DatasetEvaluator):
             evaluators = [evaluators]
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(
+                f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} test datasets "
+                f"{tuple(cfg.DATASETS.TEST)}: give one per dataset"
+            )
         previous = vild.vocabulary
         results = OrderedDict()
         try:
@@ -122,24 +127,30 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """The evaluator named by the dataset's metadata ``evaluator_type``."""
+        """The evaluator named by the dataset's metadata ``evaluator_type``; COCO-style ones
+        score only the metadata's ``evaluation_tasks`` when set (e.g. ("bbox",) for a dataset
+        without mask annotations), else every task the predictions have."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        meta = MetadataCatalog.get(dataset_name)
+        evaluator_type = meta.get("evaluator_type", None)
+        tasks = meta.get("evaluation_tasks", None)
+        tasks = tuple(tasks) if tasks else None
         if evaluator_type == "lvis":
             return LVISEvaluator(
                 dataset_name,
+                tasks,
                 output_dir=output_folder,
                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             )
         if evaluator_type == "coco":
             # The fast COCOeval needs detectron2's compiled ops.
             return COCOEvaluator(
-                dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
+                dataset_name, tasks, output_dir=output_folder, use_fast_impl=has_compiled_ops()
             )
         if evaluator_type == "coco_ovd":
             # Box AP50 on novel / base / all classes (COCO 48/17), besides COCO's metrics.
             return COCOOpenVocabularyEvaluator(
-                dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
+                dataset_name, tasks, output_dir=output_folder, use_fast_impl=has_compiled_ops()
             )
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)

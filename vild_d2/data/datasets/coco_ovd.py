@@ -3,7 +3,7 @@
 Built from the standard ``coco/annotations/instances_{train,val}2017.json``. The validation
 ground truth restricted to the 65 classes, which the evaluator needs as a json, is derived into
 :func:`~.common.dataset_cache_dir` (never next to the originals) the first time it is needed and
-again whenever the original is newer.
+again whenever the original changes.
 """
 
 import functools
@@ -71,16 +71,31 @@ def _derived_json_path(source: str, num_classes: int) -> Path:
 
 def prepare_coco_ovd_json(dataset_name: str) -> str:
     """
-    Write (if missing or older than the original) the ground-truth json of ``dataset_name``
+    Write (if missing, or made from another version of the original: its size, mtime and the
+    class subset are recorded beside it) the ground-truth json of ``dataset_name``
     restricted to its classes: metadata ``json_file`` <- ``source_json_file`` with only the
     categories in ``thing_dataset_id_to_contiguous_id`` and their annotations. Returns its path.
     """
     meta = MetadataCatalog.get(dataset_name)
     source, target = meta.source_json_file, Path(meta.json_file)
     require_files(dataset_name, [source], meta.dataset_root, COCO_LAYOUT, COCO_SOURCE)
-    if target.is_file() and target.stat().st_mtime >= os.stat(source).st_mtime:
-        return str(target)
     keep = set(meta.thing_dataset_id_to_contiguous_id)
+    # What the derived file was made from: any change of the original (newer OR older, e.g. a
+    # copy restored with its old mtime) or of the class subset makes it stale.
+    st = os.stat(source)
+    stamp = {
+        "source": os.path.abspath(source),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "category_ids": sorted(keep),
+    }
+    stamp_file = target.with_name(f"{target.name}.source.json")
+    if target.is_file() and stamp_file.is_file():
+        try:
+            if json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
+                return str(target)
+        except ValueError:
+            pass  # unreadable stamp: derive again
     with open(source, encoding="utf-8") as f:
         data = json.load(f)
     missing = keep - {c["id"] for c in data["categories"]}
@@ -93,6 +108,9 @@ def prepare_coco_ovd_json(dataset_name: str) -> str:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f)
     os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
+    tmp = stamp_file.with_name(f"{stamp_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stamp), encoding="utf-8")
+    os.replace(tmp, stamp_file)
     logger.info(f"{dataset_name}: wrote {len(data['categories'])}-class ground truth {target}")
     return str(target)
 
@@ -139,4 +157,3 @@ def register_coco_ovd(root: str, prefix: str = "coco_2017_ov") -> List[str]:
         register_dataset(name, loader, metadata)
         registered.append(name)
     return registered
-

@@ -102,8 +102,7 @@ def _load_objects365(json_file: str, image_root: str, root: str, name: str) -> L
     ids = np.array([obj["category_id"] for d in dicts for obj in d["annotations"]], dtype=int)
     if len(ids) and (ids.min() < 1 or ids.max() > 365):
         raise ValueError(
-            f"{json_file}: category ids must be Objects365's 1..365, "
-            f"found {ids.min()}..{ids.max()}"
+            f"{json_file}: category ids must be Objects365's 1..365, found {ids.min()}..{ids.max()}"
         )
     for d in dicts:
         for obj in d["annotations"]:
@@ -113,7 +112,9 @@ def _load_objects365(json_file: str, image_root: str, root: str, name: str) -> L
 
 def register_objects365_v2_val(root: str, name: str = "objects365_v2_val") -> str:
     """Objects365 v2 val (COCO-format json, 365 classes with ids 1..365, evaluator "coco");
-    class names from the package's Objects365 names file."""
+    class names from the package's Objects365 names file. Its annotations are boxes only (no
+    "segmentation"): ``evaluation_tasks`` = ("bbox",), so a mask model's masks are not scored
+    against ground truth that has none (pycocotools would fail with KeyError 'segmentation')."""
     root = os.path.expanduser(root)
     json_file = os.path.join(root, "objects365", "annotations", "zhiyuan_objv2_val.json")
     image_root = os.path.join(root, "objects365", "val")
@@ -124,6 +125,7 @@ def register_objects365_v2_val(root: str, name: str = "objects365_v2_val") -> st
         json_file=json_file,
         image_root=image_root,
         evaluator_type="coco",
+        evaluation_tasks=("bbox",),
     )
     register_dataset(
         name, functools.partial(_load_objects365, json_file, image_root, root, name), metadata
