@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vild_d2.distill.store import DistillStore, StoreError, StoreWriter, chunks_of_shard
-from vild_d2.distill import store as store_module
+from vild_d2.fileio import atomic_write
 
 
 def header(num_images=5, chunk_size=2, dim=8, clip="ViT-B/32", scales=(1.0, 1.5)):
@@ -212,7 +212,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
         raise KeyboardInterrupt  # a crash in the middle of the write
 
     with pytest.raises(KeyboardInterrupt):
-        store_module._atomic_write(root / "chunk-000000.vds", parts())
+        atomic_write(root / "chunk-000000.vds", parts())
     assert os.listdir(root) == []
 
 
@@ -285,7 +285,7 @@ def test_first_header_wins_and_others_are_checked(tmp_path):
     root.mkdir()
     path = root / "header.json"
     path.write_text("{}")
-    assert not store_module._atomic_write(path, [b"other"], exclusive=True)
+    assert not atomic_write(path, [b"other"], exclusive=True)
     assert path.read_text() == "{}" and os.listdir(root) == ["header.json"]
     # A writer that lost the race to a shard with other settings refuses, naming both.
     StoreWriter(tmp_path / "t", header())

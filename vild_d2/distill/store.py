@@ -19,7 +19,6 @@ holds no copy of the data and a corrupted record is never returned.
 """
 
 import collections
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,9 +27,11 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..fileio import atomic_write
 
 __all__ = ["DistillStore", "StoreWriter", "StoreError", "chunks_of_shard"]
 
@@ -93,51 +94,6 @@ def _get(d: Mapping, dotted: str):
     for k in dotted.split("."):
         d = d.get(k, "<absent>") if isinstance(d, Mapping) else "<absent>"
     return d
-
-
-def _fsync_dir(path: Path):
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsync'ed
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, parts: Iterable[bytes], exclusive: bool = False) -> bool:
-    """
-    Write ``parts`` to ``path`` via ``.<name>.<pid>.tmp`` + fsync + rename. The temporary name
-    is per process: shards that start together (all writing header.json) never share one.
-
-    Args:
-        exclusive: never replace an existing ``path`` (the first writer wins).
-
-    Returns:
-        False if ``exclusive`` and ``path`` already existed (nothing written), else True.
-    """
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            for p in parts:
-                f.write(p)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)  # atomic, and fails if path exists
-            except FileExistsError:
-                return False
-            except OSError:  # a filesystem without hard links
-                if path.exists():
-                    return False
-                os.replace(tmp, path)
-        else:
-            os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-    return True
 
 
 def _read_header(root: Path) -> dict:
@@ -363,7 +319,7 @@ class StoreWriter:
         # first included) then checks that the header on disk is its own.
         if not path.is_file():
             text = json.dumps(header, indent=1, sort_keys=True).encode("utf-8")
-            _atomic_write(path, [text], exclusive=True)
+            atomic_write(path, [text], exclusive=True)
         existing = _read_header(self.root)
         diff = _diff(existing, header)
         if diff:
@@ -442,7 +398,7 @@ class StoreWriter:
         )
         pad = _payload_start(len(index)) - _PREFIX.size - len(index)
         prefix = _PREFIX.pack(MAGIC, len(index), zlib.crc32(index))
-        _atomic_write(self.root / chunk_name(chunk), [prefix, index, b"\0" * pad, *blobs])
+        atomic_write(self.root / chunk_name(chunk), [prefix, index, b"\0" * pad, *blobs])
 
 
 def _json_id(image_id):

@@ -1,11 +1,9 @@
 """CLIP text encoder for the ViLD-text classifier: prompt ensembles with an on-disk cache."""
 
-import contextlib
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -14,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
+from ..fileio import atomic_write
 from .prompts import fill_prompts, load_templates, process_name
 
 __all__ = ["clip_identity", "load_clip", "TextEncoder", "save_random_clip"]
@@ -204,18 +203,10 @@ def _variants(name: str, synonyms: Sequence[str]) -> List[str]:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """torch.save to ``path`` via a temporary file + os.replace, so readers never see a
-    partial file (e.g. concurrent workers or an interrupted run)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """torch.save to ``path`` atomically (readers never see a partial file)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, [buffer.getvalue()])
 
 
 def save_random_clip(

@@ -18,6 +18,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.datasets.coco import load_coco_json
 
+from ...fileio import atomic_write
 from ..categories import coco_ov_split
 from .common import dataset_cache_dir, register_dataset, require_files
 
@@ -103,14 +104,9 @@ def prepare_coco_ovd_json(dataset_name: str) -> str:
         raise ValueError(f"{source}: categories {sorted(missing)} of {dataset_name!r} not found")
     data["categories"] = [c for c in data["categories"] if c["id"] in keep]
     data["annotations"] = [a for a in data["annotations"] if a["category_id"] in keep]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
-    tmp = stamp_file.with_name(f"{stamp_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(stamp), encoding="utf-8")
-    os.replace(tmp, stamp_file)
+    # The stamp last: a crash in between leaves a derived file without a matching stamp.
+    atomic_write(target, [json.dumps(data).encode("utf-8")])
+    atomic_write(stamp_file, [json.dumps(stamp).encode("utf-8")])
     logger.info(f"{dataset_name}: wrote {len(data['categories'])}-class ground truth {target}")
     return str(target)
 
