@@ -71,6 +71,8 @@ def test_train_and_evaluate(variant, toy_env, tmp_path):
     # The LVIS evaluator ran on the val split (novel classes = APr) for boxes and masks.
     assert "copypaste: Task: bbox" in log and "copypaste: Task: segm" in log, log[-3000:]
     assert "AP,AP50,AP75,APs,APm,APl,APr,APc,APf" in log
+    # setup() configures the project's logger: its messages (here the text classifier's) show.
+    assert "vild_d2.text.encoder]:" in log
 
     checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=False)
     assert checkpoint["iteration"] == ITERS - 1
