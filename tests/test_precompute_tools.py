@@ -32,6 +32,7 @@ from vild_d2.distill.precompute import (
     iter_embeddings,
     iter_proposals,
     proposals_header,
+    read_rgb,
     run_precompute,
 )
 from vild_d2.engine import Trainer
@@ -401,3 +402,19 @@ def test_online_targets_equal_offline(world, stores):
         assert np.array_equal(a["distill_boxes"], b["distill_boxes"])
         assert np.array_equal(a["distill_embeddings"], b["distill_embeddings"])
         assert a["distill_embeddings"].shape == (M, 32)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(good)
+    assert tuple(read_rgb({"file_name": str(good), "height": 6, "width": 8}).shape) == (3, 6, 8)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:40])  # header only: PIL fails without the path
+    with pytest.raises(OSError, match=r"truncated\.png: cannot read image"):
+        read_rgb({"file_name": str(truncated), "height": 6, "width": 8})
+    with pytest.raises(
+        ValueError, match=r"good\.png: image is 6x8 \(HxW\) but the dataset says 7x8"
+    ):
+        read_rgb({"file_name": str(good), "height": 7, "width": 8})

@@ -327,7 +327,10 @@ def read_rgb(dataset_dict: dict) -> torch.Tensor:
     from detectron2.data.detection_utils import read_image
 
     file_name = dataset_dict["file_name"]
-    image = read_image(file_name, format="RGB")
+    try:
+        image = read_image(file_name, format="RGB")
+    except (OSError, ValueError) as e:  # missing, corrupt or truncated (PIL's message may omit it)
+        raise OSError(f"{file_name}: cannot read image ({e})") from e
     h, w = image.shape[:2]
     expected = (dataset_dict.get("height", h), dataset_dict.get("width", w))
     if (h, w) != tuple(expected):
