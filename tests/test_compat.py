@@ -70,3 +70,12 @@ def test_pure_python_parts_work():
         0.5,
     )
     assert keep.tolist() == [0, 2]
+
+
+def test_tracing_adapter_without_caffe2():
+    cls = compat.tracing_adapter_class()
+    from detectron2.export.flatten import TracingAdapter
+
+    assert cls is TracingAdapter
+    if importlib.util.find_spec("caffe2") is None:  # torch 2.x: the bridge was needed
+        assert "detectron2.export" in compat.APPLIED

@@ -13,6 +13,9 @@ runs it before anything imports ``detectron2.layers`` or ``detectron2.data``.
 * ``np.float`` / ``np.int`` / ``np.str`` / ``np.object``: removed in numpy 1.24, used by
   ``lvis.LVISEval.accumulate`` and by detectron2 0.6 (class histogram, VOC loader); they were
   always aliases of the builtins.
+* ``detectron2.export``: its ``__init__`` imports the Caffe2 exporter, which needs ``caffe2``
+  (not in torch 2.x). Applied lazily, by :func:`tracing_adapter_class`: the package is loaded
+  without that ``__init__`` (``TracingAdapter`` and the TorchScript helpers need no Caffe2).
 """
 
 import importlib.machinery
@@ -20,7 +23,13 @@ import importlib.util
 import sys
 import types
 
-__all__ = ["APPLIED", "CompiledOpsUnavailable", "apply_bridges", "has_compiled_ops"]
+__all__ = [
+    "APPLIED",
+    "CompiledOpsUnavailable",
+    "apply_bridges",
+    "has_compiled_ops",
+    "tracing_adapter_class",
+]
 
 APPLIED = {}
 
@@ -137,3 +146,25 @@ def apply_bridges():
     _bridge_pil_linear()
     _bridge_numpy_aliases()
     return APPLIED
+
+
+def tracing_adapter_class():
+    """detectron2's ``TracingAdapter`` class, through the ``detectron2.export`` bridge when
+    ``caffe2`` is missing (see the module docstring)."""
+    try:
+        from detectron2.export import TracingAdapter
+
+        return TracingAdapter
+    except ModuleNotFoundError as e:
+        if "caffe2" not in str(e):
+            raise
+    spec = importlib.util.find_spec("detectron2.export")
+    package = types.ModuleType("detectron2.export")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules["detectron2.export"] = package
+    from detectron2.export.flatten import TracingAdapter
+
+    package.TracingAdapter = TracingAdapter
+    APPLIED["detectron2.export"] = "its __init__ needs caffe2 (not in torch 2.x); loaded without it"
+    return TracingAdapter

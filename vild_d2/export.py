@@ -12,8 +12,6 @@ exports do); :func:`outputs_to_instances` turns them back into Instances.
 import contextlib
 import importlib.util
 import logging
-import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -23,6 +21,8 @@ from torch import nn
 
 from detectron2.modeling import GeneralizedRCNN, detector_postprocess
 from detectron2.structures import Boxes, Instances
+
+from .compat import tracing_adapter_class
 
 __all__ = [
     "OUTPUT_FIELDS",
@@ -36,29 +36,6 @@ logger = logging.getLogger(__name__)
 
 # Order of the flattened outputs: TracingAdapter flattens an Instances' fields sorted by name.
 OUTPUT_FIELDS = ("pred_boxes", "pred_classes", "pred_masks", "scores")
-
-
-def _tracing_adapter_class():
-    """detectron2's ``TracingAdapter``. detectron2 0.6's ``detectron2/export/__init__.py`` imports
-    its Caffe2 exporter, which needs ``caffe2`` (not in torch 2.x builds): then the package is
-    made importable without that ``__init__`` (its TorchScript helpers do not need Caffe2)."""
-    try:
-        from detectron2.export import TracingAdapter
-
-        return TracingAdapter
-    except ModuleNotFoundError as e:
-        if "caffe2" not in str(e):
-            raise
-    spec = importlib.util.find_spec("detectron2.export")
-    package = types.ModuleType("detectron2.export")
-    package.__path__ = list(spec.submodule_search_locations)
-    package.__spec__ = spec
-    sys.modules["detectron2.export"] = package
-    from detectron2.export.flatten import TracingAdapter
-
-    package.TracingAdapter = TracingAdapter
-    logger.info("detectron2.export loaded without its Caffe2 API (caffe2 is not installed)")
-    return TracingAdapter
 
 
 @contextlib.contextmanager
@@ -89,7 +66,7 @@ def tracing_adapter(model: nn.Module, image: torch.Tensor) -> nn.Module:
         raise ValueError("put the model in eval mode (model.eval()) before exporting it")
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image tensor, got {tuple(image.shape)}")
-    adapter_cls = _tracing_adapter_class()
+    adapter_cls = tracing_adapter_class()
     # eval() too: a new Module is in training mode, and exporters that restore the mode they
     # found (torch.onnx.export) would otherwise put the whole model back into training.
     return adapter_cls(model, [{"image": image}], _inference_without_postprocess).eval()
