@@ -53,6 +53,12 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.DISTILL.ONLINE_DEVICE = "cpu"
     # ViLD-ensemble: score = p_t^l * p_i^(1-l) on base classes, p_t^(1-l) * p_i^l on novel ones.
     _C.MODEL.VILD.ENSEMBLE_LAMBDA = 2.0 / 3.0
+    # The "CLIP on cropped regions" baseline (META_ARCHITECTURE "CLIPOnCropsRCNN"): how many
+    # top RPN proposals per image CLIP classifies, and the exponent of sigmoid(objectness) that
+    # multiplies CLIP's class probabilities (0 = CLIP's probabilities alone).
+    _C.MODEL.VILD.CLIP_ON_CROPS = CN()
+    _C.MODEL.VILD.CLIP_ON_CROPS.NUM_PROPOSALS = 300
+    _C.MODEL.VILD.CLIP_ON_CROPS.OBJECTNESS_WEIGHT = 0.5
 
     # Large-scale jitter (official recipe): flip, resize by a random factor of IMAGE_SIZE, then
     # crop/pad to IMAGE_SIZE x IMAGE_SIZE. Replaces INPUT.MIN_SIZE_TRAIN resizing in training.

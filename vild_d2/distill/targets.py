@@ -85,8 +85,12 @@ class DistillTargets:
     @classmethod
     def from_config(cls, cfg) -> Optional["DistillTargets"]:
         """None when ``MODEL.VILD.DISTILL.STORES`` is empty (the dicts carry their own targets,
-        or the variant needs none)."""
+        or the variant needs none) or the model does not distil (ViLD-text, or another
+        meta-architecture, e.g. the supervised baseline sharing a config base with ViLD)."""
         node = cfg.MODEL.VILD.DISTILL
+        distils = cfg.MODEL.META_ARCHITECTURE == "ViLDRCNN" and cfg.MODEL.VILD.VARIANT != "text"
+        if not distils:
+            return None
         if not node.STORES:
             if node.ONLINE:
                 raise ValueError(

@@ -1,5 +1,6 @@
 """The detectron2 Trainer for ViLD, and ``setup(args)`` shared by the tools."""
 
+import json
 import logging
 import os
 import weakref
@@ -27,6 +28,7 @@ from ..compat import has_compiled_ops
 from ..config import add_vild_config
 from ..data import ViLDDatasetMapper
 from ..evaluation import COCOOpenVocabularyEvaluator
+from ..fileio import atomic_write
 
 __all__ = ["Trainer", "setup"]
 
@@ -100,8 +102,10 @@ class Trainer(DefaultTrainer):
     def test(cls, cfg, model, evaluators=None):
         """
         As :meth:`DefaultTrainer.test`, but each test dataset is evaluated with its own classes
-        as the vocabulary (the evaluators read class indices as the dataset's); the model's
-        vocabulary is restored afterwards.
+        as the vocabulary (the evaluators read class indices as the dataset's; models without
+        a vocabulary, e.g. the supervised baseline, are evaluated as they are); the model's
+        vocabulary is restored afterwards. Each dataset's results are also written to
+        ``OUTPUT_DIR/inference/<dataset>/results.json``.
         """
         vild = model.module if isinstance(model, DistributedDataParallel) else model
         if isinstance(evaluators, DatasetEvaluator):
@@ -111,18 +115,24 @@ class Trainer(DefaultTrainer):
                 f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} test datasets "
                 f"{tuple(cfg.DATASETS.TEST)}: give one per dataset"
             )
-        previous = vild.vocabulary
+        switches = hasattr(vild, "set_vocabulary")
+        previous = vild.vocabulary if switches else None
         results = OrderedDict()
         try:
             for i, name in enumerate(cfg.DATASETS.TEST):
-                _use_dataset_vocabulary(cfg, vild, name)
+                if switches:
+                    _use_dataset_vocabulary(cfg, vild, name)
                 one = cfg.clone()
                 one.defrost()
                 one.DATASETS.TEST = (name,)
                 one_evaluator = None if evaluators is None else [evaluators[i]]
                 results[name] = super().test(one, model, one_evaluator)
+                if comm.is_main_process():
+                    path = os.path.join(cfg.OUTPUT_DIR, "inference", name, "results.json")
+                    atomic_write(path, [json.dumps(results[name], indent=1).encode()])
         finally:
-            vild.set_vocabulary(previous)
+            if switches:
+                vild.set_vocabulary(previous)
         return list(results.values())[0] if len(results) == 1 else results
 
     @classmethod
@@ -163,7 +173,11 @@ class Trainer(DefaultTrainer):
 def _check_training_vocabulary(cfg, model):
     """The training classifier's rows are indexed by the datasets' ``gt_classes``: its names
     must be each training dataset's ``thing_classes``, in order."""
-    names = model.roi_heads.box_predictor.train_vocabulary.names
+    vocabulary = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
+    vocabulary = getattr(vocabulary, "train_vocabulary", None)
+    if vocabulary is None:  # not a ViLD model (e.g. the supervised baseline)
+        return
+    names = vocabulary.names
     for dataset in cfg.DATASETS.TRAIN:
         classes = MetadataCatalog.get(dataset).get("thing_classes", None)
         if classes is not None and list(classes) != list(names):

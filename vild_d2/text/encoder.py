@@ -164,7 +164,12 @@ class TextEncoder:
         chunks = []
         with torch.no_grad():
             for start in range(0, len(prompts), self.batch_size):
-                tokens = clip.tokenize(prompts[start : start + self.batch_size], truncate=True)
+                # The model's own context length (77 for OpenAI's CLIPs; small ones may use less).
+                tokens = clip.tokenize(
+                    prompts[start : start + self.batch_size],
+                    context_length=model.context_length,
+                    truncate=True,
+                )
                 out = model.encode_text(tokens.to(self.device))
                 chunks.append(F.normalize(out.float(), dim=-1).cpu())
         per_prompt = torch.cat(chunks)  # (P, D)

@@ -20,7 +20,7 @@ from detectron2.data.datasets.coco import load_coco_json
 
 from ...fileio import atomic_write
 from ..categories import coco_ov_split
-from .common import dataset_cache_dir, register_dataset, require_files
+from .common import dataset_cache_dir, keep_categories, register_dataset, require_files
 
 __all__ = [
     "COCO_LAYOUT",
@@ -53,14 +53,7 @@ def load_coco_subset(
     """
     require_files(dataset_name, [json_file], root, COCO_LAYOUT, COCO_SOURCE)
     # No dataset_name: the metadata (thing_classes, id map) is ours, not the json's full list.
-    dicts = load_coco_json(json_file, image_root)
-    for record in dicts:
-        record["annotations"] = [
-            {**obj, "category_id": id_map[obj["category_id"]]}
-            for obj in record["annotations"]
-            if obj["category_id"] in id_map
-        ]
-    return dicts
+    return keep_categories(load_coco_json(json_file, image_root), id_map)
 
 
 def _derived_json_path(source: str, num_classes: int) -> Path:

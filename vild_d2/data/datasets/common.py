@@ -3,11 +3,11 @@ derived files go."""
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-__all__ = ["dataset_cache_dir", "register_dataset", "require_files"]
+__all__ = ["dataset_cache_dir", "keep_categories", "register_dataset", "require_files"]
 
 
 def dataset_cache_dir() -> Path:
@@ -50,3 +50,16 @@ def register_dataset(name: str, loader: Callable[[], list], metadata: Dict) -> N
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(**metadata)
+
+
+def keep_categories(dicts: List[dict], id_map: Dict[int, int]) -> List[dict]:
+    """Keep only the annotations whose ``category_id`` is in ``id_map`` ({category id in the
+    dicts: contiguous id of the subset}), with their ids mapped; every image is kept (an image
+    whose objects all belong to other classes is still a training image)."""
+    for record in dicts:
+        record["annotations"] = [
+            {**obj, "category_id": id_map[obj["category_id"]]}
+            for obj in record["annotations"]
+            if obj["category_id"] in id_map
+        ]
+    return dicts

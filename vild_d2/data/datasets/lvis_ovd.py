@@ -13,7 +13,7 @@ from typing import List
 from detectron2.data.datasets.lvis import load_lvis_json
 
 from ..categories import lvis_v1_categories
-from .common import register_dataset, require_files
+from .common import keep_categories, register_dataset, require_files
 
 __all__ = ["LVIS_V1_LAYOUT", "lvis_v1_base_categories", "register_lvis_v1_ovd"]
 
@@ -48,14 +48,7 @@ def _load(json_file: str, image_root: str, root: str, name: str, keep=None):
     dicts = load_lvis_json(json_file, image_root)
     if keep is None:
         return dicts
-    contiguous = {lvis_id - 1: k for lvis_id, k in keep.items()}
-    for record in dicts:
-        record["annotations"] = [
-            {**obj, "category_id": contiguous[obj["category_id"]]}
-            for obj in record["annotations"]
-            if obj["category_id"] in contiguous
-        ]
-    return dicts
+    return keep_categories(dicts, {lvis_id - 1: k for lvis_id, k in keep.items()})
 
 
 def register_lvis_v1_ovd(root: str, prefix: str = "lvis_v1") -> List[str]:

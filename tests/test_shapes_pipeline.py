@@ -1,0 +1,126 @@
+"""Smoke run of the whole shapes pipeline (tools/run_shapes.py) at toy size: every stage runs the
+project's tools for real (world, teacher, vocabularies, RPN, proposals, CLIP targets, four
+detectors, CLIP on crops, LVIS evaluation), then a rerun finds every stage cached."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from vild_d2.shapes.pipeline import ShapesOptions, ShapesPipeline
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ["world", "teacher", "vocabulary", "rpn", "proposals", "targets"]
+VARIANTS = ["supervised_base", "clip_on_crops", "vild_text", "vild", "vild_ensemble"]
+NOVEL = ["red circle", "blue star", "green heart"]  # not the default: --novel must reach the world
+TINY = [
+    "--seed", "2", "--novel", *NOVEL,
+    "--num-train", "8", "--num-val", "4", "--teacher-steps", "3", "--teacher-crops", "2",
+    "--iters", "4", "--proposals", "16",
+    "--opts", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def _run(command, tmp_path):
+    env = dict(os.environ, VILD_D2_CACHE=str(tmp_path / "cache"))
+    args = [sys.executable, "tools/run_shapes.py", command, "--output", str(tmp_path / "out"),
+            "--datasets", str(tmp_path / "ds"), *TINY]  # fmt: skip
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("shapes")
+    return tmp_path, _run("ablation", tmp_path)
+
+
+def test_every_stage_writes_its_artefact(ablation):
+    tmp_path, stdout = ablation
+    out, world = tmp_path / "out", tmp_path / "ds" / "shapes"
+    for path in [
+        world / "world.json",
+        world / "annotations" / "val.json",
+        out / "teacher" / "tiny_clip.pt",
+        out / "teacher" / "tiny_clip.json",
+        out / "vocabulary" / "base.pth",
+        out / "vocabulary" / "all.pth",
+        out / "rpn" / "model_final.pth",
+        out / "stores" / "proposals_train" / "header.json",
+        out / "stores" / "clip_train" / "header.json",
+        *[out / v / "model_final.pth" for v in VARIANTS if v != "clip_on_crops"],
+    ]:
+        assert path.is_file(), path
+    for stage in STAGES + VARIANTS:
+        assert f"[{stage}] done" in stdout, stage
+    assert "zero-shot accuracy" in stdout
+    spec = json.loads((world / "world.json").read_text())
+    assert spec["seed"] == 2 and spec["novel"] == NOVEL
+    val = json.loads((world / "annotations" / "val.json").read_text())
+    assert sorted(c["name"] for c in val["categories"] if c["frequency"] == "r") == sorted(NOVEL)
+
+
+def test_the_evaluator_reports_apr_for_every_variant(ablation):
+    tmp_path, stdout = ablation
+    out = tmp_path / "out"
+    table = json.loads((out / "ablation.json").read_text())
+    assert list(table) == VARIANTS
+    for variant in VARIANTS:
+        # The LVIS evaluator's own numbers, as train_net wrote them.
+        raw = json.loads((out / variant / "inference" / "shapes_val" / "results.json").read_text())
+        for task in ("bbox", "segm"):
+            assert set(table[variant][task]) == {"AP", "APr", "APc", "APf"}
+            assert table[variant][task]["APr"] == pytest.approx(raw[task]["APr"], abs=0.01)
+    markdown = (out / "ablation.md").read_text()
+    assert "| vild_ensemble |" in markdown and "tools/run_shapes.py ablation" in markdown
+    assert "--novel 'red circle' 'blue star' 'green heart'" in markdown  # the command, as run
+
+
+def test_picture_and_rerun_is_cached(ablation):
+    tmp_path, _ = ablation
+    picture = tmp_path / "out" / "vild_ensemble_val_detections.png"
+    image = cv2.imread(str(picture))
+    assert image is not None and image.shape[0] > 300 and image.shape[1] > 1000
+    stdout = _run("demo", tmp_path)  # the ablation trained vild_ensemble: nothing to redo
+    for stage in STAGES + ["vild_ensemble"]:
+        assert f"[{stage}] cached" in stdout, stage
+    assert "running" not in stdout
+    assert "novel val objects found by vild_ensemble" in stdout
+
+
+def test_stage_cache_keys(tmp_path):
+    """A stage reruns when its command, a config it reads, an upstream stage or its validity
+    check changes, and its stale outputs are deleted first (the tools resume what they find)."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "base.yaml").write_text("A: 1\n")
+    (tmp_path / "configs" / "x.yaml").write_text('_BASE_: "base.yaml"\n')
+    log = []
+    pipe = ShapesPipeline(ShapesOptions(output=str(tmp_path / "out")), tmp_path, log=log.append)
+    out, stale = tmp_path / "made.txt", tmp_path / "stale"
+
+    def stage(text, after=(), valid=None):
+        stale.mkdir(exist_ok=True)
+        cmd = ["-c", f"open({str(out)!r}, 'a').write({text!r})"]
+        pipe._stage("s", [cmd], [out], after=after, clean=[stale], configs=["configs/x.yaml"],
+                    valid=valid)  # fmt: skip
+        return log[-1]
+
+    assert "done" in stage("1") and not stale.exists()
+    assert "cached" in stage("1") and stale.exists()
+    assert "done" in stage("2") and out.read_text() == "12"  # command changed
+    (tmp_path / "configs" / "base.yaml").write_text("A: 2\n")  # a _BASE_ file changed
+    assert "done" in stage("2")
+    assert "cached" in stage("2")
+    pipe.keys["up"] = "other"
+    assert "done" in stage("2", after=["up"])  # an upstream stage's key changed
+    assert "done" in stage("2", after=["up"], valid=lambda: False)
+    out.unlink()
+    assert "done" in stage("2", after=["up"])  # an output went missing
+    bad = ["-c", "raise SystemExit(3)"]
+    with pytest.raises(RuntimeError, match="stage 'b' failed \\(exit 3\\)"):
+        pipe._stage("b", [bad], [out])

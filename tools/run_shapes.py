@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""ViLD end to end on the shapes world, on a CPU, through the project's own tools.
+
+  python tools/run_shapes.py demo      # `make demo`: world -> teacher -> vocabularies -> base
+                                       # RPN -> proposals -> CLIP targets -> ViLD -> LVIS eval
+                                       # -> picture + results table
+  python tools/run_shapes.py ablation  # `make ablation`: the same stages, then every variant
+                                       # (supervised_base, clip_on_crops, vild_text, vild,
+                                       # vild_ensemble) -> <output>/ablation.{json,md}
+
+Stages are cached under --output (rerunning skips finished ones; changing --seed, --novel or a
+schedule reruns what depends on it). The world goes to $DETECTRON2_DATASETS/shapes.
+"""
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+import vild_d2  # noqa: E402,F401  (first: compatibility bridges)
+from vild_d2.fileio import atomic_write  # noqa: E402
+from vild_d2.shapes.pipeline import (  # noqa: E402
+    VARIANTS,
+    ShapesOptions,
+    ShapesPipeline,
+    results_table,
+)
+from vild_d2.shapes.picture import draw_detections, load_predictions, novel_recall  # noqa: E402
+from vild_d2.shapes.world import DEFAULT_NOVEL, WorldSpec  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["demo", "ablation"])
+    p.add_argument("--output", default="output/shapes")
+    p.add_argument("--datasets", default=None, help="datasets root (default: $DETECTRON2_DATASETS"
+                   " or ./datasets); the world is written to <datasets>/shapes")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="world (and teacher) seed")
+    p.add_argument("--novel", nargs="+", default=list(DEFAULT_NOVEL), help="novel categories")
+    p.add_argument("--variant", default="vild_ensemble", choices=list(VARIANTS)[2:],
+                   help="the ViLD variant `demo` trains")  # fmt: skip
+    p.add_argument("--num-train", type=int, default=WorldSpec.num_train)
+    p.add_argument("--num-val", type=int, default=WorldSpec.num_val)
+    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--teacher-crops", type=int, default=240, help="training crops per category")
+    p.add_argument("--iters", type=int, default=0, help="detector iterations (0 = config's)")
+    p.add_argument("--proposals", type=int, default=100, help="distilled proposals per image")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="config overrides for every detector run (KEY VALUE ...)")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def _print_novel(pipeline: ShapesPipeline, variant: str) -> dict:
+    inference = pipeline.out / variant / "inference" / "shapes_val"
+    recall = novel_recall(pipeline.world / "annotations" / "val.json", load_predictions(inference))
+    found = ", ".join(f"{n} {r['found']}/{r['objects']}" for n, r in recall.items())
+    print(f"novel val objects found by {variant} (score >= 0.3, IoU >= 0.5): {found}")
+    return recall
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    options = ShapesOptions(
+        output=args.output,
+        seed=args.seed,
+        novel=tuple(args.novel),
+        num_train=args.num_train,
+        num_val=args.num_val,
+        teacher_steps=args.teacher_steps,
+        teacher_crops=args.teacher_crops,
+        iters=args.iters,
+        proposals=args.proposals,
+        extra_opts=tuple(args.opts),
+    )
+    if args.datasets:
+        options.datasets = args.datasets
+    try:  # a bad --novel fails here, before any stage runs
+        WorldSpec(novel=options.novel)
+    except ValueError as e:
+        sys.exit(f"run_shapes: --novel: {e}")
+    pipeline = ShapesPipeline(options, REPO)
+    start = time.perf_counter()
+    pipeline.run_common()
+    variants = [args.variant] if args.command == "demo" else list(VARIANTS)
+    if "clip_on_crops" in variants:  # needs the supervised model's RPN and mask head
+        variants.remove("supervised_base")
+        variants.insert(0, "supervised_base")
+    for variant in variants:
+        pipeline.run_variant(variant)
+    rows = {v: pipeline.results(v) for v in variants}
+
+    teacher = pipeline.teacher_summary()
+    if teacher:
+        print(f"teacher zero-shot accuracy on held-out crops: {100 * teacher['accuracy']:.1f}% "
+              f"(novel {100 * teacher['accuracy_novel']:.1f}%)")  # fmt: skip
+    print(f"\nshapes_val ({len(args.novel)} novel categories = APr):\n{results_table(rows)}\n")
+    shown = args.variant if args.command == "demo" else "vild_ensemble"
+    recall = _print_novel(pipeline, shown)
+    picture = draw_detections(
+        pipeline.world / "annotations" / "val.json",
+        pipeline.world / "images",
+        load_predictions(pipeline.out / shown / "inference" / "shapes_val"),
+        pipeline.out / f"{shown}_val_detections.png",
+    )
+    print(
+        f"picture of {shown}'s val detections (score >= 0.4; novel categories magenta, "
+        f"marked *): {picture}"
+    )
+
+    if args.command == "ablation":
+        command = "python tools/run_shapes.py " + shlex.join(argv if argv else sys.argv[1:])
+        doc = {v: rows[v] for v in variants}
+        atomic_write(pipeline.out / "ablation.json", [json.dumps(doc, indent=1).encode()])
+        table = results_table(rows) + f"\n\nMade by `{command}`"
+        if teacher:
+            table += (f"; teacher zero-shot accuracy {100 * teacher['accuracy']:.1f}% "
+                      f"(novel {100 * teacher['accuracy_novel']:.1f}%)")  # fmt: skip
+        atomic_write(pipeline.out / "ablation.md", [(table + ".\n").encode()])
+        print(f"wrote {pipeline.out / 'ablation.json'} and {pipeline.out / 'ablation.md'}")
+    summary = {"results": rows, "novel_found": recall, "stage_seconds": pipeline.timings}
+    atomic_write(
+        pipeline.out / f"run_{args.command}.json", [json.dumps(summary, indent=1).encode()]
+    )
+    print(f"{args.command} finished in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

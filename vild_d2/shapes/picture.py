@@ -1,0 +1,133 @@
+"""What a trained model found on the shapes world's val images: a picture of its detections
+(the LVIS evaluator's saved predictions, so exactly what was scored) and, per novel category,
+how many val objects it found."""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import cv2
+import numpy as np
+
+from detectron2.structures import BoxMode
+from detectron2.utils.visualizer import Visualizer
+
+__all__ = ["load_predictions", "draw_detections", "novel_recall"]
+
+NOVEL_COLOUR = (1.0, 0.1, 0.9)  # magenta: a novel category (never seen with a box)
+BASE_COLOUR = (0.95, 0.95, 0.95)
+
+
+def load_predictions(inference_dir: Path) -> Dict[int, List[dict]]:
+    """image id -> the LVIS evaluator's predictions for it (``lvis_instances_results.json``),
+    highest score first."""
+    path = Path(inference_dir) / "lvis_instances_results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: evaluate the model first")
+    by_image = defaultdict(list)
+    for p in json.loads(path.read_text()):
+        by_image[p["image_id"]].append(p)
+    for preds in by_image.values():
+        preds.sort(key=lambda p: -p["score"])
+    return by_image
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two XYWH boxes."""
+    ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    iw = max(0.0, min(ax1, bx1) - max(a[0], b[0]))
+    ih = max(0.0, min(ay1, by1) - max(a[1], b[1]))
+    inter = iw * ih
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def novel_recall(
+    gt_json: Path, predictions: Dict[int, List[dict]], score_thresh: float = 0.3
+) -> Dict[str, Dict[str, int]]:
+    """Per novel ("r") category: its val objects, and how many of them a prediction of that
+    category with score >= ``score_thresh`` covers at IoU >= 0.5."""
+    gt = json.loads(Path(gt_json).read_text())
+    novel = {c["id"]: c["name"] for c in gt["categories"] if c["frequency"] == "r"}
+    out = {name: {"objects": 0, "found": 0} for name in novel.values()}
+    for ann in gt["annotations"]:
+        if ann["category_id"] not in novel:
+            continue
+        row = out[novel[ann["category_id"]]]
+        row["objects"] += 1
+        row["found"] += any(
+            p["category_id"] == ann["category_id"]
+            and p["score"] >= score_thresh
+            and _iou(p["bbox"], ann["bbox"]) >= 0.5
+            for p in predictions.get(ann["image_id"], [])
+        )
+    return out
+
+
+def _one_per_object(preds: List[dict], iou: float) -> List[dict]:
+    """Greedy class-agnostic suppression (predictions sorted by score): the evaluator keeps a
+    box per class, which would stack several labels on one object in a picture."""
+    kept: List[dict] = []
+    for p in preds:
+        if all(_iou(p["bbox"], k["bbox"]) < iou for k in kept):
+            kept.append(p)
+    return kept
+
+
+def draw_detections(
+    gt_json: Path,
+    image_root: Path,
+    predictions: Dict[int, List[dict]],
+    out_path: Path,
+    *,
+    num_images: int = 8,
+    columns: int = 4,
+    score_thresh: float = 0.4,
+    scale: float = 4.0,
+) -> Path:
+    """
+    A grid of the first ``num_images`` val images with their predictions above
+    ``score_thresh`` (the best one per object), each a box labelled "<name> <score>"; novel
+    categories are drawn in magenta and marked "*", base ones in white. Masks are left out so
+    that the objects' own colours stay visible.
+    """
+    gt = json.loads(Path(gt_json).read_text())
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    novel = {c["id"] for c in gt["categories"] if c["frequency"] == "r"}
+    tiles = []
+    for img in gt["images"][:num_images]:
+        split_folder, file_name = img["coco_url"].split("/")[-2:]
+        bgr = cv2.imread(str(Path(image_root) / split_folder / file_name))
+        if bgr is None:
+            raise FileNotFoundError(f"cannot read val image {Path(image_root) / split_folder}")
+        preds = [p for p in predictions.get(img["id"], []) if p["score"] >= score_thresh]
+        preds = _one_per_object(preds, iou=0.3)
+        vis = Visualizer(bgr[:, :, ::-1], scale=scale)
+        if preds:
+            boxes = np.array([BoxMode.convert(p["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
+                              for p in preds])  # fmt: skip
+            labels = [
+                f"{names[p['category_id']]}{'*' if p['category_id'] in novel else ''} "
+                f"{p['score']:.2f}"
+                for p in preds
+            ]
+            colours = [NOVEL_COLOUR if p["category_id"] in novel else BASE_COLOUR for p in preds]
+            vis.overlay_instances(
+                boxes=boxes,
+                labels=labels,
+                assigned_colors=colours,
+            )
+        tiles.append(vis.output.get_image()[:, :, ::-1])
+    h, w = tiles[0].shape[:2]
+    rows = []
+    for start in range(0, len(tiles), columns):
+        row = tiles[start : start + columns]
+        row += [np.full((h, w, 3), 255, np.uint8)] * (columns - len(row))
+        rows.append(
+            np.hstack([cv2.copyMakeBorder(t, 2, 2, 2, 2, cv2.BORDER_CONSTANT) for t in row])
+        )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_path), np.vstack(rows))
+    return out_path

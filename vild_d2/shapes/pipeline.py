@@ -1,0 +1,302 @@
+"""The shapes-world pipeline behind ``make demo`` and ``make ablation`` (tools/run_shapes.py).
+
+Every stage runs one of the project's own tools in a subprocess, exactly as a user would:
+
+    world       tools/make_shapes_world.py
+    teacher     tools/train_tiny_clip.py
+    vocabulary  tools/build_text_classifier.py (base classes, all classes)
+    rpn         tools/train_net.py --config-file configs/Shapes/rpn.yaml  (base boxes only)
+    proposals   tools/precompute_proposals.py
+    targets     tools/precompute_clip_embeddings.py
+    <variant>   tools/train_net.py --config-file configs/Shapes/<variant>.yaml  (+ LVIS eval)
+
+A stage is cached: ``<output>/stages/<name>.json`` records a key made of its command and the
+keys of the stages it depends on; a stage whose key and outputs are unchanged is skipped, and a
+changed one (another seed, novel list, schedule) reruns with everything after it.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from ..fileio import atomic_write
+from .world import DEFAULT_NOVEL, WorldSpec, load_world_spec
+
+__all__ = ["ShapesOptions", "ShapesPipeline", "VARIANTS", "TRAINED_VARIANTS"]
+
+# The ablation's rows: config name under configs/Shapes -> what it is.
+VARIANTS = {
+    "supervised_base": "Mask R-CNN, base boxes only (linear classifier)",
+    "clip_on_crops": "CLIP on cropped regions (teacher classifies RPN proposals)",
+    "vild_text": "ViLD-text",
+    "vild": "ViLD (text + image, w = 0.5)",
+    "vild_ensemble": "ViLD-ensemble",
+}
+TRAINED_VARIANTS = ("supervised_base", "vild_text", "vild", "vild_ensemble")
+METRICS = ("AP", "APr", "APc", "APf")
+
+
+@dataclass
+class ShapesOptions:
+    """What a run is made of (tools/run_shapes.py's options)."""
+
+    output: str = "output/shapes"
+    datasets: str = field(default_factory=lambda: os.getenv("DETECTRON2_DATASETS", "datasets"))
+    seed: int = 0
+    novel: Sequence[str] = DEFAULT_NOVEL
+    num_train: int = WorldSpec.num_train
+    num_val: int = WorldSpec.num_val
+    teacher_steps: int = 600
+    teacher_crops: int = 240  # training crops per category (held-out: a sixth of that)
+    iters: int = 0  # detector iterations; 0 = the config's SOLVER.MAX_ITER
+    proposals: int = 100  # per training image, for the distillation targets
+    extra_opts: Sequence[str] = ()  # config overrides for every detector run
+
+
+class ShapesPipeline:
+    """Runs the stages for ``options``; ``repo`` is the project checkout (tools/, configs/)."""
+
+    def __init__(self, options: ShapesOptions, repo: Path, log=print):
+        self.o = options
+        self.repo = Path(repo).resolve()
+        self.out = Path(options.output).resolve()
+        self.datasets = Path(options.datasets).resolve()
+        self.world = self.datasets / "shapes"
+        self.teacher = self.out / "teacher" / "tiny_clip.pt"
+        self.vocab = {"base": self.out / "vocabulary" / "base.pth",
+                      "all": self.out / "vocabulary" / "all.pth"}  # fmt: skip
+        self.proposals_store = self.out / "stores" / "proposals_train"
+        self.targets_store = self.out / "stores" / "clip_train"
+        self.log = log
+        self.keys: Dict[str, str] = {}
+        self.timings: Dict[str, float] = {}
+        self.env = dict(os.environ, DETECTRON2_DATASETS=str(self.datasets))
+
+    # ---------------------------------------------------------------------------- stages
+    def _stage(
+        self,
+        name: str,
+        commands: List[List[str]],
+        outputs: List[Path],
+        after: Sequence[str] = (),
+        clean: Sequence[Path] = (),
+        configs: Sequence[str] = (),
+        valid: Optional[Callable[[], bool]] = None,
+    ):
+        """
+        Run ``commands`` unless the stage's marker holds the same key and ``outputs`` exist
+        (and ``valid()``, if given, holds). The key covers the commands, the contents of the
+        ``configs`` they read (with their _BASE_ files) and the keys of the stages ``after``.
+        Before running, ``clean`` paths are deleted: the tools resume what they find, and a
+        store or training folder made for another key must not be resumed.
+        """
+        texts = [(self.repo / c).read_text() for c in _config_chain(self.repo, configs)]
+        key = hashlib.sha256(
+            json.dumps([commands, texts, [self.keys[a] for a in after]]).encode()
+        ).hexdigest()[:16]
+        self.keys[name] = key
+        marker = self.out / "stages" / f"{name}.json"
+        if marker.is_file() and all(p.exists() for p in outputs) and (valid is None or valid()):
+            try:
+                done = json.loads(marker.read_text())
+            except ValueError:
+                done = {}
+            if done.get("key") == key:
+                self.log(f"[{name}] cached ({done.get('seconds', 0):.0f} s when it ran)")
+                self.timings[name] = 0.0
+                return
+        self.log(f"[{name}] running")
+        marker.unlink(missing_ok=True)
+        for path in clean:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        start = time.perf_counter()
+        for cmd in commands:
+            self.log("  + " + " ".join(_quote(c) for c in cmd))
+            result = subprocess.run(
+                [sys.executable, *cmd], cwd=self.repo, env=self.env, check=False
+            )
+            if result.returncode:
+                raise RuntimeError(
+                    f"stage {name!r} failed (exit {result.returncode}) running: {' '.join(cmd)}"
+                )
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise RuntimeError(f"stage {name!r} finished but did not write {missing}")
+        seconds = time.perf_counter() - start
+        self.timings[name] = seconds
+        atomic_write(marker, [json.dumps({"key": key, "seconds": seconds}).encode()])
+        self.log(f"[{name}] done in {seconds:.0f} s")
+
+    def world_spec(self) -> WorldSpec:
+        o = self.o
+        return WorldSpec(seed=o.seed, num_train=o.num_train, num_val=o.num_val, novel=o.novel)
+
+    def run_world(self):
+        cmd = ["tools/make_shapes_world.py", "--root", str(self.world), "--seed",
+               str(self.o.seed), "--num-train", str(self.o.num_train), "--num-val",
+               str(self.o.num_val), "--novel", *self.o.novel]  # fmt: skip
+        # The world folder is shared by every run with this datasets root: trust it only if
+        # it is this run's world.
+        self._stage(
+            "world",
+            [cmd],
+            [self.world / "world.json"],
+            clean=[self.world],
+            valid=lambda: load_world_spec(self.world) == self.world_spec(),
+        )
+
+    def run_teacher(self):
+        cmd = ["tools/train_tiny_clip.py", "--world", str(self.world), "--output",
+               str(self.teacher), "--steps", str(self.o.teacher_steps), "--seed",
+               str(self.o.seed), "--crops-per-class", str(self.o.teacher_crops),
+               "--heldout-per-class", str(max(2, self.o.teacher_crops // 6))]  # fmt: skip
+        self._stage("teacher", [cmd], [self.teacher], after=["world"], clean=[self.teacher])
+
+    def run_vocabulary(self):
+        cmds = [
+            ["tools/build_text_classifier.py", "--clip", str(self.teacher), "--dataset", dataset,
+             "--cache-dir", str(self.out / "cache"), "--output", str(self.vocab[which])]
+            for which, dataset in (("base", "shapes_train_base"), ("all", "shapes_val"))
+        ]  # fmt: skip
+        vocab = list(self.vocab.values())
+        self._stage("vocabulary", cmds, vocab, after=["teacher"], clean=vocab)
+
+    def _train_cmd(self, variant: str, *extra: str) -> List[str]:
+        opts = [
+            "MODEL.VILD.CLIP_MODEL", str(self.teacher),
+            "MODEL.VILD.EMBEDDING_CACHE_DIR", str(self.out / "cache"),
+            "MODEL.VILD.TRAIN_VOCABULARY", str(self.vocab["base"]),
+            "MODEL.VILD.TEST_VOCABULARY", str(self.vocab["all"]),
+            "MODEL.VILD.DISTILL.STORES", f"('{self.targets_store}',)",
+            "OUTPUT_DIR", str(self.out / variant),
+        ]  # fmt: skip
+        if self.o.iters:
+            opts += ["SOLVER.MAX_ITER", str(self.o.iters), "SOLVER.STEPS",
+                     f"({max(1, int(self.o.iters * 0.8))},)", "SOLVER.WARMUP_ITERS",
+                     str(min(100, max(1, self.o.iters // 5)))]  # fmt: skip
+        config = f"configs/Shapes/{variant}.yaml"
+        return ["tools/train_net.py", "--config-file", config, *extra, *opts, *self.o.extra_opts]
+
+    def run_rpn(self):
+        cmd = self._train_cmd("rpn")
+        self._stage(
+            "rpn",
+            [cmd],
+            [self.weights("rpn")],
+            after=["world"],
+            clean=[self.out / "rpn"],
+            configs=["configs/Shapes/rpn.yaml"],
+        )
+
+    def run_targets(self):
+        rpn_weights = str(self.out / "rpn" / "model_final.pth")
+        proposals = ["tools/precompute_proposals.py", "--config-file", "configs/Shapes/rpn.yaml",
+                     "--dataset", "shapes_train_base", "--output", str(self.proposals_store),
+                     "--num-proposals", str(self.o.proposals), "--num-workers", "1",
+                     "MODEL.WEIGHTS", rpn_weights, *self.o.extra_opts]  # fmt: skip
+        self._stage(
+            "proposals",
+            [proposals],
+            [self.proposals_store],
+            after=["rpn"],
+            clean=[self.proposals_store],
+        )
+        targets = ["tools/precompute_clip_embeddings.py", "--proposals",
+                   str(self.proposals_store), "--dataset", "shapes_train_base", "--clip",
+                   str(self.teacher), "--output", str(self.targets_store), "--max-proposals",
+                   str(self.o.proposals), "--num-workers", "1"]  # fmt: skip
+        self._stage(
+            "targets",
+            [targets],
+            [self.targets_store],
+            after=["proposals", "teacher"],
+            clean=[self.targets_store],
+        )
+
+    def run_variant(self, variant: str):
+        """Train (or, for clip_on_crops, only evaluate) ``variant`` and evaluate it on val."""
+        results = self.results_file(variant)
+        if variant == "clip_on_crops":
+            weights = self.weights("supervised_base")
+            cmd = self._train_cmd(variant, "--eval-only", "MODEL.WEIGHTS", str(weights))
+            after = ["supervised_base", "vocabulary"]
+        else:
+            cmd = self._train_cmd(variant)
+            after = ["vocabulary"] + (["targets"] if variant in ("vild", "vild_ensemble") else [])
+        outputs = [results] + ([] if variant == "clip_on_crops" else [self.weights(variant)])
+        self._stage(
+            variant,
+            [cmd],
+            outputs,
+            after=["world", *after],
+            clean=[self.out / variant],
+            configs=[f"configs/Shapes/{variant}.yaml"],
+        )
+
+    def run_common(self):
+        """Everything the detectors need: world, teacher, vocabularies, proposals, targets."""
+        self.run_world()
+        self.run_teacher()
+        self.run_vocabulary()
+        self.run_rpn()
+        self.run_targets()
+
+    # ---------------------------------------------------------------------------- results
+    def weights(self, variant: str) -> Path:
+        return self.out / variant / "model_final.pth"
+
+    def results_file(self, variant: str) -> Path:
+        return self.out / variant / "inference" / "shapes_val" / "results.json"
+
+    def results(self, variant: str) -> Dict[str, Dict[str, float]]:
+        """{"bbox": {AP, APr, APc, APf}, "segm": {...}} of ``variant`` on shapes_val."""
+        raw = json.loads(self.results_file(variant).read_text())
+        return {
+            task: {m: round(float(raw[task][m]), 2) for m in METRICS}
+            for task in ("bbox", "segm")
+            if task in raw
+        }
+
+    def teacher_summary(self) -> Optional[dict]:
+        path = self.teacher.with_suffix(".json")
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _config_chain(repo: Path, configs: Sequence[str]) -> List[str]:
+    """``configs`` and the _BASE_ files they inherit from, repo-relative."""
+    out: List[str] = []
+    todo = list(configs)
+    while todo:
+        path = todo.pop()
+        out.append(path)
+        base = re.search(r'^_BASE_:\s*"?([^"\n]+)"?', (repo / path).read_text(), re.M)
+        if base:
+            todo.append(os.path.normpath(os.path.join(os.path.dirname(path), base.group(1))))
+    return out
+
+
+def _quote(arg: str) -> str:
+    return f"'{arg}'" if (" " in arg or "(" in arg) else arg
+
+
+def results_table(rows: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """A Markdown table of {variant: results}: box and mask AP, APr, APc, APf."""
+    head = "| variant | " + " | ".join(f"box {m}" for m in METRICS)
+    head += " | " + " | ".join(f"mask {m}" for m in METRICS) + " |"
+    lines = [head, "|---" * (1 + 2 * len(METRICS)) + "|"]
+    for variant, res in rows.items():
+        cells = [f"{res.get(t, {}).get(m, float('nan')):.1f}" for t in ("bbox", "segm")
+                 for m in METRICS]  # fmt: skip
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
