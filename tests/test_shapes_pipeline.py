@@ -91,6 +91,10 @@ def test_picture_and_rerun_is_cached(ablation):
         assert f"[{stage}] cached" in stdout, stage
     assert "running" not in stdout
     assert "novel val objects found by vild_ensemble" in stdout
+    summary = json.loads((tmp_path / "out" / "run_demo.json").read_text())
+    for kind in ("base", "novel"):  # the targets' diagnostics, as fractions
+        assert 0.0 <= summary["targets"][kind]["recall"] <= 1.0
+    assert "novel: proposal recall@0.5" in stdout
 
 
 def test_stage_cache_keys(tmp_path):

@@ -30,7 +30,14 @@ from vild_d2.shapes.pipeline import (  # noqa: E402
     ShapesPipeline,
     results_table,
 )
-from vild_d2.shapes.picture import draw_detections, load_predictions, novel_recall  # noqa: E402
+from vild_d2.distill import DistillStore  # noqa: E402
+from vild_d2.shapes.picture import (  # noqa: E402
+    draw_detections,
+    load_predictions,
+    novel_recall,
+    target_quality,
+)
+from vild_d2.text import Vocabulary  # noqa: E402
 from vild_d2.shapes.world import DEFAULT_NOVEL, WorldSpec  # noqa: E402
 
 
@@ -112,6 +119,21 @@ def main(argv=None):
         f"marked *): {picture}"
     )
 
+    quality = target_quality(
+        pipeline.world,
+        DistillStore(str(pipeline.proposals_store)),
+        DistillStore(str(pipeline.targets_store)),
+        Vocabulary.load(str(pipeline.vocab["all"])),
+    )
+    print(
+        "distillation targets on training objects (novel ones unannotated): "
+        + "; ".join(
+            f"{k}: proposal recall@0.5 {100 * q['recall']:.1f}%, teacher top-1 on the best "
+            f"proposal {100 * q['teacher_top1']:.1f}%"
+            for k, q in quality.items()
+        )
+    )
+
     if args.command == "ablation":
         command = "python tools/run_shapes.py " + shlex.join(argv if argv else sys.argv[1:])
         doc = {v: rows[v] for v in variants}
@@ -122,7 +144,12 @@ def main(argv=None):
                       f"(novel {100 * teacher['accuracy_novel']:.1f}%)")  # fmt: skip
         atomic_write(pipeline.out / "ablation.md", [(table + ".\n").encode()])
         print(f"wrote {pipeline.out / 'ablation.json'} and {pipeline.out / 'ablation.md'}")
-    summary = {"results": rows, "novel_found": recall, "stage_seconds": pipeline.timings}
+    summary = {
+        "results": rows,
+        "novel_found": recall,
+        "targets": quality,
+        "stage_seconds": pipeline.timings,
+    }
     atomic_write(
         pipeline.out / f"run_{args.command}.json", [json.dumps(summary, indent=1).encode()]
     )

@@ -1,6 +1,7 @@
 """What a trained model found on the shapes world's val images: a picture of its detections
 (the LVIS evaluator's saved predictions, so exactly what was scored) and, per novel category,
-how many val objects it found."""
+how many val objects it found; and how good the distillation targets are (:func:`target_quality`).
+"""
 
 import json
 from collections import defaultdict
@@ -13,7 +14,7 @@ import numpy as np
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
-__all__ = ["load_predictions", "draw_detections", "novel_recall"]
+__all__ = ["load_predictions", "draw_detections", "novel_recall", "target_quality"]
 
 NOVEL_COLOUR = (1.0, 0.1, 0.9)  # magenta: a novel category (never seen with a box)
 BASE_COLOUR = (0.95, 0.95, 0.95)
@@ -131,3 +132,47 @@ def draw_detections(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out_path), np.vstack(rows))
     return out_path
+
+
+def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str, Dict[str, float]]:
+    """
+    For base and novel objects of the training images (novel ones are drawn but unannotated;
+    their boxes come from re-drawing the deterministic scenes): the fraction covered by a stored
+    proposal at IoU >= 0.5 ("recall"), and the fraction whose best-matching target embedding is
+    closest to its own category's text embedding ("teacher_top1").
+
+    Args:
+        proposals, targets: :class:`vild_d2.distill.DistillStore` of the training images.
+        vocabulary: :class:`vild_d2.text.Vocabulary` of all the world's categories.
+    """
+    from .world import draw_scene, load_world_spec
+
+    spec = load_world_spec(world_root)
+    rng = np.random.default_rng([spec.seed, 100])  # the training split's stream
+    text = vocabulary.embeddings.numpy()
+    counts = {k: {"objects": 0, "covered": 0, "correct": 0} for k in ("base", "novel")}
+    for k in range(spec.num_train):
+        _, objects = draw_scene(rng, spec)
+        boxes = np.asarray(proposals[k + 1]["boxes"])
+        target = targets[k + 1]
+        for name, _, mask in objects:
+            ys, xs = np.nonzero(mask)
+            if len(xs) == 0:
+                continue
+            box = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+            row = counts["novel" if name in spec.novel else "base"]
+            row["objects"] += 1
+            xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]  # noqa: E731
+            if boxes.size == 0 or max(_iou(box, xywh(b)) for b in boxes) < 0.5:
+                continue
+            row["covered"] += 1
+            best = int(np.argmax([_iou(box, xywh(b)) for b in target["boxes"]]))
+            emb = np.asarray(target["embeddings"][best], np.float32)
+            row["correct"] += vocabulary.names[int(np.argmax(text @ emb))] == name
+    return {
+        k: {
+            "recall": r["covered"] / max(1, r["objects"]),
+            "teacher_top1": r["correct"] / max(1, r["covered"]),
+        }
+        for k, r in counts.items()
+    }

@@ -107,7 +107,7 @@ def object_crops(
         rgb = torch.from_numpy(image).permute(2, 0, 1)
         for box, label in zip(boxes, kept):  # one context scale per crop
             scale = float(rng.uniform(1.0, 1.6))
-            crop = fast_crops(rgb, torch.tensor([box], dtype=torch.float32), (scale,), size)
+            crop = fast_crops(rgb, torch.from_numpy(box[None]).float(), (scale,), size)
             crops.append(crop.half())
             labels.append(label)
     return torch.cat(crops), torch.tensor(labels)
