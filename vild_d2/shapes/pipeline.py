@@ -15,6 +15,7 @@ keys of the stages it depends on; a stage whose key and outputs are unchanged is
 changed one (another seed, novel list, schedule) reruns with everything after it.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -64,7 +65,7 @@ class ShapesOptions:
 class ShapesPipeline:
     """Runs the stages for ``options``; ``repo`` is the project checkout (tools/, configs/)."""
 
-    def __init__(self, options: ShapesOptions, repo: Path, log=print):
+    def __init__(self, options: ShapesOptions, repo: Path, log=None):
         self.o = options
         self.repo = Path(repo).resolve()
         self.out = Path(options.output).resolve()
@@ -75,7 +76,8 @@ class ShapesPipeline:
                       "all": self.out / "vocabulary" / "all.pth"}  # fmt: skip
         self.proposals_store = self.out / "stores" / "proposals_train"
         self.targets_store = self.out / "stores" / "clip_train"
-        self.log = log
+        # Flushed: the stage lines must interleave with the tools' own output in a log file.
+        self.log = log or functools.partial(print, flush=True)
         self.keys: Dict[str, str] = {}
         self.timings: Dict[str, float] = {}
         self.env = dict(os.environ, DETECTRON2_DATASETS=str(self.datasets))
