@@ -10,6 +10,8 @@ from typing import Dict, List, Sequence
 
 import cv2
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
@@ -153,22 +155,26 @@ def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str
     counts = {k: {"objects": 0, "covered": 0, "correct": 0} for k in ("base", "novel")}
     for k in range(spec.num_train):
         _, objects = draw_scene(rng, spec)
-        boxes = np.asarray(proposals[k + 1]["boxes"])
+        objects = [(n, np.nonzero(m)) for n, _, m in objects if m.any()]
+        if not objects:
+            continue
+        gt = torch.tensor(
+            [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] for _, (ys, xs) in objects],
+            dtype=torch.float32,
+        )
         target = targets[k + 1]
-        for name, _, mask in objects:
-            ys, xs = np.nonzero(mask)
-            if len(xs) == 0:
-                continue
-            box = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+        # (objects, proposals) IoUs; the targets' boxes are the first proposals, in order.
+        ious = box_iou(gt, torch.as_tensor(np.asarray(proposals[k + 1]["boxes"])))
+        names = [n for n, _ in objects]
+        best_target = box_iou(gt, torch.as_tensor(np.asarray(target["boxes"]))).argmax(1)
+        predicted = (np.asarray(target["embeddings"], np.float32) @ text.T).argmax(1)
+        for i, name in enumerate(names):
             row = counts["novel" if name in spec.novel else "base"]
             row["objects"] += 1
-            xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]  # noqa: E731
-            if boxes.size == 0 or max(_iou(box, xywh(b)) for b in boxes) < 0.5:
+            if ious.shape[1] == 0 or ious[i].max() < 0.5:
                 continue
             row["covered"] += 1
-            best = int(np.argmax([_iou(box, xywh(b)) for b in target["boxes"]]))
-            emb = np.asarray(target["embeddings"][best], np.float32)
-            row["correct"] += vocabulary.names[int(np.argmax(text @ emb))] == name
+            row["correct"] += vocabulary.names[predicted[best_target[i]]] == name
     return {
         k: {
             "recall": r["covered"] / max(1, r["objects"]),
