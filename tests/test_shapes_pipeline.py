@@ -95,6 +95,11 @@ def test_picture_and_rerun_is_cached(ablation):
     for kind in ("base", "novel"):  # the targets' diagnostics, as fractions
         assert 0.0 <= summary["targets"][kind]["recall"] <= 1.0
     assert "novel: proposal recall@0.5" in stdout
+    boxes = summary["distill_boxes"]  # what the distillation boxes lie on: fractions of all
+    assert set(boxes) == {"object", "part", "background"}
+    assert sum(b["fraction"] for b in boxes.values()) == pytest.approx(1.0)
+    detections = summary["novel_detections"]["vild_ensemble"]
+    assert set(detections) == {"correct", "other_class", "part", "background"}
 
 
 def test_stage_cache_keys(tmp_path):

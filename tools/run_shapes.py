@@ -32,8 +32,10 @@ from vild_d2.shapes.pipeline import (  # noqa: E402
 )
 from vild_d2.distill import DistillStore  # noqa: E402
 from vild_d2.shapes.picture import (  # noqa: E402
+    distill_boxes,
     draw_detections,
     load_predictions,
+    novel_detections,
     novel_recall,
     target_quality,
 )
@@ -68,6 +70,21 @@ def _print_novel(pipeline: ShapesPipeline, variant: str) -> dict:
     found = ", ".join(f"{n} {r['found']}/{r['objects']}" for n, r in recall.items())
     print(f"novel val objects found by {variant} (score >= 0.3, IoU >= 0.5): {found}")
     return recall
+
+
+def _print_novel_detections(pipeline: ShapesPipeline, variants) -> dict:
+    """What each model's novel-category detections lie on: where its APr is lost besides the
+    objects it misses."""
+    gt = pipeline.world / "annotations" / "val.json"
+    print("novel-category val detections (score >= 0.3) on: a correct object / an object of "
+          "another category / part of an object / background")  # fmt: skip
+    counts = {}
+    for v in variants:
+        counts[v] = novel_detections(
+            gt, load_predictions(pipeline.out / v / "inference" / "shapes_val")
+        )
+        print(f"  {v}: " + " / ".join(str(n) for n in counts[v].values()))
+    return counts
 
 
 def main(argv=None):
@@ -119,11 +136,11 @@ def main(argv=None):
         f"marked *): {picture}"
     )
 
+    detections = _print_novel_detections(pipeline, variants)
+    targets = DistillStore(str(pipeline.targets_store))
+    vocabulary = Vocabulary.load(str(pipeline.vocab["all"]))
     quality = target_quality(
-        pipeline.world,
-        DistillStore(str(pipeline.proposals_store)),
-        DistillStore(str(pipeline.targets_store)),
-        Vocabulary.load(str(pipeline.vocab["all"])),
+        pipeline.world, DistillStore(str(pipeline.proposals_store)), targets, vocabulary
     )
     print(
         "distillation targets on training objects (novel ones unannotated): "
@@ -131,6 +148,14 @@ def main(argv=None):
             f"{k}: proposal recall@0.5 {100 * q['recall']:.1f}%, teacher top-1 on the best "
             f"proposal {100 * q['teacher_top1']:.1f}%"
             for k, q in quality.items()
+        )
+    )
+    composition = distill_boxes(pipeline.world, targets, vocabulary)
+    print(
+        "distillation boxes on: "
+        + ", ".join(
+            f"{k} {100 * c['fraction']:.1f}% (teacher confidence {c['confidence']:.2f})"
+            for k, c in composition.items()
         )
     )
 
@@ -147,7 +172,9 @@ def main(argv=None):
     summary = {
         "results": rows,
         "novel_found": recall,
+        "novel_detections": detections,
         "targets": quality,
+        "distill_boxes": composition,
         "stage_seconds": pipeline.timings,
     }
     atomic_write(

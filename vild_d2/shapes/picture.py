@@ -1,6 +1,7 @@
 """What a trained model found on the shapes world's val images: a picture of its detections
 (the LVIS evaluator's saved predictions, so exactly what was scored) and, per novel category,
-how many val objects it found; and how good the distillation targets are (:func:`target_quality`).
+how many val objects it found and what its false positives lie on; and how good the distillation
+targets are (:func:`target_quality`, :func:`distill_boxes`).
 """
 
 import json
@@ -11,12 +12,20 @@ from typing import Dict, List, Sequence
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
-__all__ = ["load_predictions", "draw_detections", "novel_recall", "target_quality"]
+__all__ = [
+    "load_predictions",
+    "draw_detections",
+    "novel_recall",
+    "novel_detections",
+    "target_quality",
+    "distill_boxes",
+]
 
 NOVEL_COLOUR = (1.0, 0.1, 0.9)  # magenta: a novel category (never seen with a box)
 BASE_COLOUR = (0.95, 0.95, 0.95)
@@ -136,10 +145,24 @@ def draw_detections(
     return out_path
 
 
+def _training_objects(world_root: Path):
+    """Yield (image id, names, (n, 4) XYXY boxes) of every training image's drawn objects, base
+    and novel (novel ones are unannotated: their boxes come from re-drawing the deterministic
+    scenes); boxes are the visible pixels' extent, as in the annotations."""
+    from .world import draw_scene, load_world_spec
+
+    spec = load_world_spec(world_root)
+    rng = np.random.default_rng([spec.seed, 100])  # the training split's stream
+    for k in range(spec.num_train):
+        _, objects = draw_scene(rng, spec)
+        objects = [(n, np.nonzero(m)) for n, _, m in objects if m.any()]
+        boxes = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] for _, (ys, xs) in objects]
+        yield k + 1, [n for n, _ in objects], torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
+
+
 def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str, Dict[str, float]]:
     """
-    For base and novel objects of the training images (novel ones are drawn but unannotated;
-    their boxes come from re-drawing the deterministic scenes): the fraction covered by a stored
+    For base and novel objects of the training images: the fraction covered by a stored
     proposal at IoU >= 0.5 ("recall"), and the fraction whose best-matching target embedding is
     closest to its own category's text embedding ("teacher_top1").
 
@@ -147,29 +170,21 @@ def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str
         proposals, targets: :class:`vild_d2.distill.DistillStore` of the training images.
         vocabulary: :class:`vild_d2.text.Vocabulary` of all the world's categories.
     """
-    from .world import draw_scene, load_world_spec
+    from .world import load_world_spec
 
-    spec = load_world_spec(world_root)
-    rng = np.random.default_rng([spec.seed, 100])  # the training split's stream
+    novel = set(load_world_spec(world_root).novel)
     text = vocabulary.embeddings.numpy()
     counts = {k: {"objects": 0, "covered": 0, "correct": 0} for k in ("base", "novel")}
-    for k in range(spec.num_train):
-        _, objects = draw_scene(rng, spec)
-        objects = [(n, np.nonzero(m)) for n, _, m in objects if m.any()]
-        if not objects:
+    for image_id, names, gt in _training_objects(world_root):
+        if not names:
             continue
-        gt = torch.tensor(
-            [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] for _, (ys, xs) in objects],
-            dtype=torch.float32,
-        )
-        target = targets[k + 1]
+        target = targets[image_id]
         # (objects, proposals) IoUs; the targets' boxes are the first proposals, in order.
-        ious = box_iou(gt, torch.as_tensor(np.asarray(proposals[k + 1]["boxes"])))
-        names = [n for n, _ in objects]
+        ious = box_iou(gt, torch.as_tensor(np.asarray(proposals[image_id]["boxes"])))
         best_target = box_iou(gt, torch.as_tensor(np.asarray(target["boxes"]))).argmax(1)
         predicted = (np.asarray(target["embeddings"], np.float32) @ text.T).argmax(1)
         for i, name in enumerate(names):
-            row = counts["novel" if name in spec.novel else "base"]
+            row = counts["novel" if name in novel else "base"]
             row["objects"] += 1
             if ious.shape[1] == 0 or ious[i].max() < 0.5:
                 continue
@@ -182,3 +197,73 @@ def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str
         }
         for k, r in counts.items()
     }
+
+
+def _kind(best_iou: float) -> str:
+    """What a box lies on, from its best IoU with any object."""
+    return "object" if best_iou >= 0.5 else "part" if best_iou >= 0.1 else "background"
+
+
+def distill_boxes(world_root: Path, targets, vocabulary, temperature: float = 0.01):
+    """
+    What the distillation boxes of the training images lie on, by their best IoU with any drawn
+    object (base or novel): "object" (>= 0.5), "part" (0.1 to 0.5: a part of an object, or a
+    box spanning several) or "background" (< 0.1); for each kind, its fraction of the boxes and
+    the teacher's mean confidence on them (the largest class probability of the target embedding
+    under the text classifier of all categories, softmax at ``temperature``, no background).
+    ViLD pulls every one of these boxes towards its target; see docs/SHAPES.md.
+
+    Returns:
+        {kind: {"fraction": f, "confidence": c}} for the three kinds.
+    """
+    text = F.normalize(vocabulary.embeddings.float(), dim=1)
+    kinds = ("background", "part", "object")
+    count, confidence_sum = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for image_id, _, gt in _training_objects(world_root):
+        target = targets[image_id]
+        boxes = torch.from_numpy(np.array(target["boxes"], np.float32)).view(-1, 4)
+        if len(boxes) == 0:
+            continue
+        best = box_iou(boxes, gt).max(1).values if len(gt) else torch.zeros(len(boxes))
+        kind = (best >= 0.1).long() + (best >= 0.5).long()  # an index into kinds
+        emb = F.normalize(torch.from_numpy(np.array(target["embeddings"], np.float32)), dim=1)
+        confidence = (emb @ text.T / temperature).softmax(1).max(1).values
+        count += torch.bincount(kind, minlength=3)
+        confidence_sum += torch.bincount(kind, weights=confidence.double(), minlength=3)
+    total = max(1.0, count.sum().item())
+    return {
+        k: {
+            "fraction": count[i].item() / total,
+            "confidence": (confidence_sum[i] / count[i].clamp(min=1)).item(),
+        }
+        for i, k in enumerate(kinds)
+    }
+
+
+def novel_detections(
+    gt_json: Path, predictions: Dict[int, List[dict]], score_thresh: float = 0.3
+) -> Dict[str, int]:
+    """
+    The val predictions of novel ("r") categories with score >= ``score_thresh``, counted by what
+    they lie on: "correct" (an object of that category at IoU >= 0.5), "other_class" (another
+    category's object at IoU >= 0.5), "part" (best IoU with any object 0.1 to 0.5) or
+    "background" (< 0.1). Missed novel objects show in :func:`novel_recall`; these are the false
+    positives that lower APr besides them.
+    """
+    gt = json.loads(Path(gt_json).read_text())
+    novel = {c["id"] for c in gt["categories"] if c["frequency"] == "r"}
+    objects = defaultdict(list)
+    for ann in gt["annotations"]:
+        objects[ann["image_id"]].append(ann)
+    counts = {"correct": 0, "other_class": 0, "part": 0, "background": 0}
+    for image_id, preds in predictions.items():
+        for p in preds:
+            if p["category_id"] not in novel or p["score"] < score_thresh:
+                continue
+            ious = [(_iou(p["bbox"], a["bbox"]), a["category_id"]) for a in objects[image_id]]
+            if any(iou >= 0.5 and c == p["category_id"] for iou, c in ious):
+                counts["correct"] += 1
+                continue
+            kind = _kind(max((iou for iou, _ in ious), default=0.0))
+            counts["other_class" if kind == "object" else kind] += 1
+    return counts
