@@ -180,8 +180,8 @@ def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str
             continue
         target = targets[image_id]
         # (objects, proposals) IoUs; the targets' boxes are the first proposals, in order.
-        ious = box_iou(gt, torch.as_tensor(np.asarray(proposals[image_id]["boxes"])))
-        best_target = box_iou(gt, torch.as_tensor(np.asarray(target["boxes"]))).argmax(1)
+        ious = box_iou(gt, torch.from_numpy(np.array(proposals[image_id]["boxes"], np.float32)))
+        best_target = box_iou(gt, torch.from_numpy(np.array(target["boxes"], np.float32))).argmax(1)
         predicted = (np.asarray(target["embeddings"], np.float32) @ text.T).argmax(1)
         for i, name in enumerate(names):
             row = counts["novel" if name in novel else "base"]
