@@ -149,15 +149,15 @@ def _training_objects(world_root: Path):
     """Yield (image id, names, (n, 4) XYXY boxes) of every training image's drawn objects, base
     and novel (novel ones are unannotated: their boxes come from re-drawing the deterministic
     scenes); boxes are the visible pixels' extent, as in the annotations."""
-    from .world import draw_scene, load_world_spec
+    from .world import draw_scene, load_world_spec, visible_box
 
     spec = load_world_spec(world_root)
     rng = np.random.default_rng([spec.seed, 100])  # the training split's stream
     for k in range(spec.num_train):
         _, objects = draw_scene(rng, spec)
-        objects = [(n, np.nonzero(m)) for n, _, m in objects if m.any()]
-        boxes = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] for _, (ys, xs) in objects]
-        yield k + 1, [n for n, _ in objects], torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
+        objects = [(n, visible_box(m)) for n, _, m in objects if m.any()]
+        boxes = torch.tensor([b for _, b in objects], dtype=torch.float32).view(-1, 4)
+        yield k + 1, [n for n, _ in objects], boxes
 
 
 def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str, Dict[str, float]]:

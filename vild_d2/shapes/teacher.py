@@ -28,7 +28,7 @@ from ..distill.teacher import encode_crops
 from ..fileio import atomic_write
 from ..text import TextEncoder, load_clip
 from ..text.prompts import fill_prompts, load_templates
-from .world import WorldSpec, draw_scene
+from .world import WorldSpec, draw_scene, visible_box
 
 __all__ = ["TeacherSpec", "object_crops", "train_tiny_clip", "zero_shot_accuracy"]
 
@@ -93,10 +93,9 @@ def object_crops(
         image, objects = draw_scene(rng, world, names)
         boxes, kept = [], []
         for name, _, mask in objects:
-            ys, xs = np.nonzero(mask)
-            if len(xs) < 16:
+            if mask.sum() < 16:
                 continue
-            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            x0, y0, x1, y1 = visible_box(mask)
             w, h = x1 - x0, y1 - y0
             jitter = rng.uniform(-0.1, 0.1, size=4) * [w, h, w, h]
             boxes.append(np.array([x0, y0, x1, y1], np.float64) + jitter)

@@ -237,6 +237,13 @@ def _rasterise(polygons: Sequence[np.ndarray], size: int) -> np.ndarray:
     return mask_util.decode(mask_util.merge(rles)).astype(bool)
 
 
+def visible_box(mask: np.ndarray) -> Tuple[int, int, int, int]:
+    """XYXY extent of a non-empty ``mask``'s pixels, in pixel-edge coordinates: an object's box
+    in the annotations, the teacher's crops and the pipeline's diagnostics alike."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
 def _annotation(poly: np.ndarray, mask: np.ndarray) -> Optional[dict]:
     """
     LVIS fields of an object from its shape polygon and visible pixels ``mask``: the polygon
@@ -257,8 +264,7 @@ def _annotation(poly: np.ndarray, mask: np.ndarray) -> Optional[dict]:
         polygons = [p for p in polygons if cv2.contourArea(p.astype(np.float32)) >= 1]
         if not polygons:
             return None
-    ys, xs = np.nonzero(mask)
-    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    x0, y0, x1, y1 = visible_box(mask)
     return {
         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
         "area": float(mask.sum()),
