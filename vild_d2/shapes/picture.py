@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
 
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
@@ -45,14 +45,18 @@ def load_predictions(inference_dir: Path) -> Dict[int, List[dict]]:
     return by_image
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two XYWH boxes."""
-    ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
-    iw = max(0.0, min(ax1, bx1) - max(a[0], b[0]))
-    ih = max(0.0, min(ay1, by1) - max(a[1], b[1]))
-    inter = iw * ih
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
+def _xyxy(xywh: Sequence[Sequence[float]]) -> torch.Tensor:
+    """(N, 4) float64 XYXY boxes from XYWH ones (the LVIS json's and results' format)."""
+    return BoxMode.convert(torch.tensor(xywh, dtype=torch.float64).view(-1, 4),
+                           BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)  # fmt: skip
+
+
+# What a box lies on, from its best IoU with any object: an index into KINDS.
+KINDS = ("background", "part", "object")
+
+
+def _kind(best_iou: torch.Tensor) -> torch.Tensor:
+    return (best_iou >= 0.1).long() + (best_iou >= 0.5).long()
 
 
 def novel_recall(
@@ -63,28 +67,29 @@ def novel_recall(
     gt = json.loads(Path(gt_json).read_text())
     novel = {c["id"]: c["name"] for c in gt["categories"] if c["frequency"] == "r"}
     out = {name: {"objects": 0, "found": 0} for name in novel.values()}
+    anns = defaultdict(list)
     for ann in gt["annotations"]:
-        if ann["category_id"] not in novel:
-            continue
-        row = out[novel[ann["category_id"]]]
-        row["objects"] += 1
-        row["found"] += any(
-            p["category_id"] == ann["category_id"]
-            and p["score"] >= score_thresh
-            and _iou(p["bbox"], ann["bbox"]) >= 0.5
-            for p in predictions.get(ann["image_id"], [])
-        )
+        if ann["category_id"] in novel:
+            anns[ann["image_id"]].append(ann)
+    for image_id, objects in anns.items():
+        preds = [p for p in predictions.get(image_id, []) if p["score"] >= score_thresh]
+        ious = box_iou(_xyxy([a["bbox"] for a in objects]), _xyxy([p["bbox"] for p in preds]))
+        same = torch.tensor([[a["category_id"] == p["category_id"] for p in preds]
+                             for a in objects], dtype=torch.bool).view(ious.shape)  # fmt: skip
+        for ann, found in zip(objects, ((ious >= 0.5) & same).any(1).tolist()):
+            row = out[novel[ann["category_id"]]]
+            row["objects"] += 1
+            row["found"] += found
     return out
 
 
 def _one_per_object(preds: List[dict], iou: float) -> List[dict]:
     """Greedy class-agnostic suppression (predictions sorted by score): the evaluator keeps a
     box per class, which would stack several labels on one object in a picture."""
-    kept: List[dict] = []
-    for p in preds:
-        if all(_iou(p["bbox"], k["bbox"]) < iou for k in kept):
-            kept.append(p)
-    return kept
+    if not preds:
+        return []
+    scores = torch.tensor([p["score"] for p in preds], dtype=torch.float64)
+    return [preds[i] for i in nms(_xyxy([p["bbox"] for p in preds]), scores, iou).tolist()]
 
 
 def draw_detections(
@@ -199,11 +204,6 @@ def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str
     }
 
 
-def _kind(best_iou: float) -> str:
-    """What a box lies on, from its best IoU with any object."""
-    return "object" if best_iou >= 0.5 else "part" if best_iou >= 0.1 else "background"
-
-
 def distill_boxes(world_root: Path, targets, vocabulary, temperature: float = 0.01):
     """
     What the distillation boxes of the training images lie on, by their best IoU with any drawn
@@ -217,7 +217,6 @@ def distill_boxes(world_root: Path, targets, vocabulary, temperature: float = 0.
         {kind: {"fraction": f, "confidence": c}} for the three kinds.
     """
     text = F.normalize(vocabulary.embeddings.float(), dim=1)
-    kinds = ("background", "part", "object")
     count, confidence_sum = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for image_id, _, gt in _training_objects(world_root):
         target = targets[image_id]
@@ -225,7 +224,7 @@ def distill_boxes(world_root: Path, targets, vocabulary, temperature: float = 0.
         if len(boxes) == 0:
             continue
         best = box_iou(boxes, gt).max(1).values if len(gt) else torch.zeros(len(boxes))
-        kind = (best >= 0.1).long() + (best >= 0.5).long()  # an index into kinds
+        kind = _kind(best)
         emb = F.normalize(torch.from_numpy(np.array(target["embeddings"], np.float32)), dim=1)
         confidence = (emb @ text.T / temperature).softmax(1).max(1).values
         count += torch.bincount(kind, minlength=3)
@@ -236,7 +235,7 @@ def distill_boxes(world_root: Path, targets, vocabulary, temperature: float = 0.
             "fraction": count[i].item() / total,
             "confidence": (confidence_sum[i] / count[i].clamp(min=1)).item(),
         }
-        for i, k in enumerate(kinds)
+        for i, k in enumerate(KINDS)
     }
 
 
@@ -255,15 +254,19 @@ def novel_detections(
     objects = defaultdict(list)
     for ann in gt["annotations"]:
         objects[ann["image_id"]].append(ann)
-    counts = {"correct": 0, "other_class": 0, "part": 0, "background": 0}
+    # Indices into ("background", "part", "other_class", "correct").
+    counts = torch.zeros(4, dtype=torch.long)
     for image_id, preds in predictions.items():
-        for p in preds:
-            if p["category_id"] not in novel or p["score"] < score_thresh:
-                continue
-            ious = [(_iou(p["bbox"], a["bbox"]), a["category_id"]) for a in objects[image_id]]
-            if any(iou >= 0.5 and c == p["category_id"] for iou, c in ious):
-                counts["correct"] += 1
-                continue
-            kind = _kind(max((iou for iou, _ in ious), default=0.0))
-            counts["other_class" if kind == "object" else kind] += 1
-    return counts
+        preds = [p for p in preds if p["category_id"] in novel and p["score"] >= score_thresh]
+        if not preds:
+            continue
+        anns = objects[image_id]
+        ious = box_iou(_xyxy([p["bbox"] for p in preds]), _xyxy([a["bbox"] for a in anns]))
+        best = ious.max(1).values if anns else torch.zeros(len(preds), dtype=ious.dtype)
+        same = torch.tensor([[p["category_id"] == a["category_id"] for a in anns]
+                             for p in preds], dtype=torch.bool).view(ious.shape)  # fmt: skip
+        kind = _kind(best)  # "object" = on another category's object, unless ...
+        kind[((ious >= 0.5) & same).any(1)] = 3  # ... one of its own: correct
+        counts += torch.bincount(kind, minlength=4)
+    background, part, other_class, correct = counts.tolist()
+    return {"correct": correct, "other_class": other_class, "part": part, "background": background}
