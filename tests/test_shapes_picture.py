@@ -9,11 +9,11 @@ import torch
 
 from vild_d2.shapes.picture import (
     _one_per_object,
-    _training_objects,
     distill_boxes,
     draw_detections,
     novel_detections,
     novel_recall,
+    training_objects,
 )
 from vild_d2.shapes.world import SHAPES_CLASSES, WorldSpec, generate_shapes_world
 from vild_d2.text import Vocabulary
@@ -97,7 +97,7 @@ def test_distill_boxes_composition_and_teacher_confidence(tmp_path):
     spec = WorldSpec(seed=5, num_train=3, num_val=1, image_size=96)
     root = generate_shapes_world(tmp_path / "shapes", spec)
     train = json.loads((root / "annotations" / "train.json").read_text())
-    objects = list(_training_objects(root))
+    objects = training_objects(root)
     # The re-drawn objects are the written annotations, plus the unannotated novel ones.
     for image_id, names, boxes in objects:
         anns = [a["bbox"] for a in train["annotations"] if a["image_id"] == image_id]
@@ -124,7 +124,7 @@ def test_distill_boxes_composition_and_teacher_confidence(tmp_path):
             kind = "object" if best >= 0.5 else "part" if best >= 0.1 else "background"
             expected[kind].append(1.0 if emb[1] == 0 else 0.5)
     assert all(expected.values())  # the boxes cover the three kinds
-    result = distill_boxes(root, targets, vocab)
+    result = distill_boxes(objects, targets, vocab)
     for kind, confidences in expected.items():
         assert result[kind]["fraction"] == pytest.approx(len(confidences) / 4)
         assert result[kind]["confidence"] == pytest.approx(np.mean(confidences), abs=1e-6)

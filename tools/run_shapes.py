@@ -38,6 +38,7 @@ from vild_d2.shapes.picture import (  # noqa: E402
     novel_detections,
     novel_recall,
     target_quality,
+    training_objects,
 )
 from vild_d2.text import Vocabulary  # noqa: E402
 from vild_d2.shapes.world import DEFAULT_NOVEL, WorldSpec  # noqa: E402
@@ -139,9 +140,9 @@ def main(argv=None):
     detections = _print_novel_detections(pipeline, variants)
     targets = DistillStore(str(pipeline.targets_store))
     vocabulary = Vocabulary.load(str(pipeline.vocab["all"]))
-    quality = target_quality(
-        pipeline.world, DistillStore(str(pipeline.proposals_store)), targets, vocabulary
-    )
+    objects = training_objects(pipeline.world)  # re-drawn once for both diagnostics
+    proposals = DistillStore(str(pipeline.proposals_store))
+    quality = target_quality(objects, options.novel, proposals, targets, vocabulary)
     print(
         "distillation targets on training objects (novel ones unannotated): "
         + "; ".join(
@@ -150,7 +151,7 @@ def main(argv=None):
             for k, q in quality.items()
         )
     )
-    composition = distill_boxes(pipeline.world, targets, vocabulary)
+    composition = distill_boxes(objects, targets, vocabulary)
     print(
         "distillation boxes on: "
         + ", ".join(

@@ -7,7 +7,7 @@ targets are (:func:`target_quality`, :func:`distill_boxes`).
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -23,6 +23,7 @@ __all__ = [
     "draw_detections",
     "novel_recall",
     "novel_detections",
+    "training_objects",
     "target_quality",
     "distill_boxes",
 ]
@@ -150,37 +151,42 @@ def draw_detections(
     return out_path
 
 
-def _training_objects(world_root: Path):
-    """Yield (image id, names, (n, 4) XYXY boxes) of every training image's drawn objects, base
-    and novel (novel ones are unannotated: their boxes come from re-drawing the deterministic
-    scenes); boxes are the visible pixels' extent, as in the annotations."""
+def training_objects(world_root: Path) -> List[Tuple[int, List[str], torch.Tensor]]:
+    """(image id, names, (n, 4) XYXY boxes) of every training image's drawn objects, base and
+    novel (novel ones are unannotated: their boxes come from re-drawing the deterministic
+    scenes); boxes are the visible pixels' extent, as in the annotations. Re-drawing takes a
+    few seconds: compute it once for :func:`target_quality` and :func:`distill_boxes`."""
     from .world import draw_scene, load_world_spec, visible_box
 
     spec = load_world_spec(world_root)
     rng = np.random.default_rng([spec.seed, 100])  # the training split's stream
+    out = []
     for k in range(spec.num_train):
         _, objects = draw_scene(rng, spec)
         objects = [(n, visible_box(m)) for n, _, m in objects if m.any()]
         boxes = torch.tensor([b for _, b in objects], dtype=torch.float32).view(-1, 4)
-        yield k + 1, [n for n, _ in objects], boxes
+        out.append((k + 1, [n for n, _ in objects], boxes))
+    return out
 
 
-def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str, Dict[str, float]]:
+def target_quality(
+    objects, novel: Sequence[str], proposals, targets, vocabulary
+) -> Dict[str, Dict[str, float]]:
     """
     For base and novel objects of the training images: the fraction covered by a stored
     proposal at IoU >= 0.5 ("recall"), and the fraction whose best-matching target embedding is
     closest to its own category's text embedding ("teacher_top1").
 
     Args:
+        objects: :func:`training_objects` of the world.
+        novel: the world's novel categories.
         proposals, targets: :class:`vild_d2.distill.DistillStore` of the training images.
         vocabulary: :class:`vild_d2.text.Vocabulary` of all the world's categories.
     """
-    from .world import load_world_spec
-
-    novel = set(load_world_spec(world_root).novel)
+    novel = set(novel)
     text = vocabulary.embeddings.numpy()
     counts = {k: {"objects": 0, "covered": 0, "correct": 0} for k in ("base", "novel")}
-    for image_id, names, gt in _training_objects(world_root):
+    for image_id, names, gt in objects:
         if not names:
             continue
         target = targets[image_id]
@@ -204,7 +210,7 @@ def target_quality(world_root: Path, proposals, targets, vocabulary) -> Dict[str
     }
 
 
-def distill_boxes(world_root: Path, targets, vocabulary, temperature: float = 0.01):
+def distill_boxes(objects, targets, vocabulary, temperature: float = 0.01):
     """
     What the distillation boxes of the training images lie on, by their best IoU with any drawn
     object (base or novel): "object" (>= 0.5), "part" (0.1 to 0.5: a part of an object, or a
@@ -213,12 +219,17 @@ def distill_boxes(world_root: Path, targets, vocabulary, temperature: float = 0.
     under the text classifier of all categories, softmax at ``temperature``, no background).
     ViLD pulls every one of these boxes towards its target; see docs/SHAPES.md.
 
+    Args:
+        objects: :func:`training_objects` of the world.
+        targets: :class:`vild_d2.distill.DistillStore` of the training images.
+        vocabulary: :class:`vild_d2.text.Vocabulary` of all the world's categories.
+
     Returns:
         {kind: {"fraction": f, "confidence": c}} for the three kinds.
     """
     text = F.normalize(vocabulary.embeddings.float(), dim=1)
     count, confidence_sum = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    for image_id, _, gt in _training_objects(world_root):
+    for image_id, _, gt in objects:
         target = targets[image_id]
         boxes = torch.from_numpy(np.array(target["boxes"], np.float32)).view(-1, 4)
         if len(boxes) == 0:
