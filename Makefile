@@ -21,14 +21,14 @@ $(STAMP): requirements.lock setup.py tools/install_detectron2.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The shapes world end to end (tools/run_shapes.py): world, tiny CLIP teacher, base RPN,
+# The shapes world end to end (demo/run_shapes.py): world, tiny CLIP teacher, base RPN,
 # proposals, CLIP targets, ViLD-ensemble, LVIS evaluation, picture. Stages are cached.
 demo: $(STAMP)
-	$(PY) tools/run_shapes.py demo
+	$(PY) demo/run_shapes.py demo
 
 # The paper's ablation in miniature on the same world: output/shapes/ablation.{json,md}.
 ablation: $(STAMP)
-	$(PY) tools/run_shapes.py ablation
+	$(PY) demo/run_shapes.py ablation
 
 clean:
 	rm -rf $(VENV) output build *.egg-info

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vild_d2.shapes.picture import (
+from shapes_picture import (
     _one_per_object,
     distill_boxes,
     draw_detections,
@@ -15,7 +15,7 @@ from vild_d2.shapes.picture import (
     novel_recall,
     training_objects,
 )
-from vild_d2.shapes.world import SHAPES_CLASSES, WorldSpec, generate_shapes_world
+from vild_d2.data.datasets.shapes import SHAPES_CLASSES, WorldSpec, generate_shapes_world
 from vild_d2.text import Vocabulary
 
 

@@ -1,4 +1,4 @@
-"""Smoke run of the whole shapes pipeline (tools/run_shapes.py) at toy size: every stage runs the
+"""Smoke run of the whole shapes pipeline (demo/run_shapes.py) at toy size: every stage runs the
 project's tools for real (world, teacher, vocabularies, RPN, proposals, CLIP targets, four
 detectors, CLIP on crops, LVIS evaluation), then a rerun finds every stage cached."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from vild_d2.shapes.pipeline import ShapesOptions, ShapesPipeline
+from shapes_pipeline import ShapesOptions, ShapesPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["world", "teacher", "vocabulary", "rpn", "proposals", "targets"]
@@ -27,7 +27,7 @@ TINY = [
 
 def _run(command, tmp_path):
     env = dict(os.environ, VILD_D2_CACHE=str(tmp_path / "cache"))
-    args = [sys.executable, "tools/run_shapes.py", command, "--output", str(tmp_path / "out"),
+    args = [sys.executable, "demo/run_shapes.py", command, "--output", str(tmp_path / "out"),
             "--datasets", str(tmp_path / "ds"), *TINY]  # fmt: skip
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -77,7 +77,7 @@ def test_the_evaluator_reports_apr_for_every_variant(ablation):
             assert set(table[variant][task]) == {"AP", "APr", "APc", "APf"}
             assert table[variant][task]["APr"] == pytest.approx(raw[task]["APr"], abs=0.01)
     markdown = (out / "ablation.md").read_text()
-    assert "| vild_ensemble |" in markdown and "tools/run_shapes.py ablation" in markdown
+    assert "| vild_ensemble |" in markdown and "demo/run_shapes.py ablation" in markdown
     assert "--novel 'red circle' 'blue star' 'green heart'" in markdown  # the command, as run
 
 

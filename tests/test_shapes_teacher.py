@@ -13,8 +13,8 @@ import pytest
 import torch
 from clip.model import CLIP
 
-from vild_d2.shapes.teacher import TeacherSpec, _contrastive_loss, object_crops, train_tiny_clip
-from vild_d2.shapes.world import WorldSpec
+from tiny_clip import TeacherSpec, _contrastive_loss, object_crops, train_tiny_clip
+from vild_d2.data.datasets.shapes import WorldSpec
 from vild_d2.text import Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ def test_text_classifier_tool_reads_the_teacher(teacher, tmp_path):
 
 def test_train_tool_reports_a_missing_world(tmp_path):
     result = subprocess.run(
-        [sys.executable, "tools/train_tiny_clip.py", "--world", str(tmp_path), "--output",
+        [sys.executable, "demo/tiny_clip.py", "--world", str(tmp_path), "--output",
          str(tmp_path / "t.pt")],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from vild_d2.shapes.world import (
+from vild_d2.data.datasets.shapes import (
     DEFAULT_NOVEL,
     SHAPES_CLASSES,
     WorldSpec,

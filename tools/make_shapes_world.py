@@ -11,7 +11,7 @@ import os
 import sys
 
 import vild_d2  # noqa: F401  (first: compatibility bridges)
-from vild_d2.shapes.world import DEFAULT_NOVEL, WorldSpec, generate_shapes_world
+from vild_d2.data.datasets.shapes import DEFAULT_NOVEL, WorldSpec, generate_shapes_world
 
 
 def parse_args(argv=None):

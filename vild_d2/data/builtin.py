@@ -4,14 +4,12 @@
 
 import os
 
-from ..shapes.world import register_shapes_world
 from .datasets import register_all_ovd
-from .toy import register_toy_world
+from .datasets.shapes import register_shapes_world
 
 _root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-register_toy_world(os.path.join(_root, "vild_toy"))
-# The shapes world (vild_d2/shapes): shapes_train_base, shapes_train, shapes_val.
-# Not strict: an unreadable world.json must not stop the tools (e.g. the one that remakes it).
+# The shapes world: shapes_train_base, shapes_train, shapes_val. Not strict: an unreadable
+# world.json must not stop the tools (e.g. the one that remakes it).
 register_shapes_world(_root, strict=False)
 # LVIS v1 / COCO 48-17 open-vocabulary splits and the transfer targets (replacing detectron2's
 # registrations of lvis_v1_{train,val}, coco_2017_val and voc_2007_test: same files, more metadata).

@@ -1,9 +1,9 @@
-"""The shapes-world pipeline behind ``make demo`` and ``make ablation`` (tools/run_shapes.py).
+"""The shapes-world pipeline behind ``make demo`` and ``make ablation`` (demo/run_shapes.py).
 
 Every stage runs one of the project's own tools in a subprocess, exactly as a user would:
 
     world       tools/make_shapes_world.py
-    teacher     tools/train_tiny_clip.py
+    teacher     demo/tiny_clip.py
     vocabulary  tools/build_text_classifier.py (base classes, all classes)
     rpn         tools/train_net.py --config-file configs/Shapes/rpn.yaml  (base boxes only)
     proposals   tools/precompute_proposals.py
@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..fileio import atomic_write
-from .world import DEFAULT_NOVEL, WorldSpec, load_world_spec
+from vild_d2.fileio import atomic_write
+from vild_d2.data.datasets.shapes import DEFAULT_NOVEL, WorldSpec, load_world_spec
 
-__all__ = ["ShapesOptions", "ShapesPipeline", "VARIANTS", "TRAINED_VARIANTS"]
+__all__ = ["REPO", "ShapesOptions", "ShapesPipeline", "VARIANTS", "TRAINED_VARIANTS"]
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout: tools/, configs/, demo/
 
 # The ablation's rows: config name under configs/Shapes -> what it is.
 VARIANTS = {
@@ -159,7 +161,7 @@ class ShapesPipeline:
         )
 
     def run_teacher(self):
-        cmd = ["tools/train_tiny_clip.py", "--world", str(self.world), "--output",
+        cmd = ["demo/tiny_clip.py", "--world", str(self.world), "--output",
                str(self.teacher), "--steps", str(self.o.teacher_steps), "--seed",
                str(self.o.seed), "--crops-per-class", str(self.o.teacher_crops),
                "--heldout-per-class", str(max(2, self.o.teacher_crops // 6))]  # fmt: skip

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """ViLD end to end on the shapes world, on a CPU, through the project's own tools.
 
-  python tools/run_shapes.py demo      # `make demo`: world -> teacher -> vocabularies -> base
+  python demo/run_shapes.py demo      # `make demo`: world -> teacher -> vocabularies -> base
                                        # RPN -> proposals -> CLIP targets -> ViLD -> LVIS eval
                                        # -> picture + results table
-  python tools/run_shapes.py ablation  # `make ablation`: the same stages, then every variant
+  python demo/run_shapes.py ablation  # `make ablation`: the same stages, then every variant
                                        # (supervised_base, clip_on_crops, vild_text, vild,
                                        # vild_ensemble) -> <output>/ablation.{json,md}
 
@@ -19,19 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-import vild_d2  # noqa: E402,F401  (first: compatibility bridges)
-from vild_d2.fileio import atomic_write  # noqa: E402
-from vild_d2.shapes.pipeline import (  # noqa: E402
-    VARIANTS,
-    ShapesOptions,
-    ShapesPipeline,
-    results_table,
-)
-from vild_d2.distill import DistillStore  # noqa: E402
-from vild_d2.shapes.picture import (  # noqa: E402
+import vild_d2  # noqa: F401  (first: compatibility bridges)
+from shapes_picture import (  # demo/ sibling modules (this script's folder is on sys.path)
     distill_boxes,
     draw_detections,
     load_predictions,
@@ -40,8 +29,11 @@ from vild_d2.shapes.picture import (  # noqa: E402
     target_quality,
     training_objects,
 )
-from vild_d2.text import Vocabulary  # noqa: E402
-from vild_d2.shapes.world import DEFAULT_NOVEL, WorldSpec  # noqa: E402
+from shapes_pipeline import REPO, VARIANTS, ShapesOptions, ShapesPipeline, results_table
+from vild_d2.data.datasets.shapes import DEFAULT_NOVEL, WorldSpec
+from vild_d2.distill import DistillStore
+from vild_d2.fileio import atomic_write
+from vild_d2.text import Vocabulary
 
 
 def parse_args(argv=None):
@@ -161,7 +153,7 @@ def main(argv=None):
     )
 
     if args.command == "ablation":
-        command = "python tools/run_shapes.py " + shlex.join(argv if argv else sys.argv[1:])
+        command = "python demo/run_shapes.py " + shlex.join(argv if argv else sys.argv[1:])
         doc = {v: rows[v] for v in variants}
         atomic_write(pipeline.out / "ablation.json", [json.dumps(doc, indent=1).encode()])
         table = results_table(rows) + f"\n\nMade by `{command}`"

@@ -25,8 +25,8 @@ import pycocotools.mask as mask_util
 
 from detectron2.data.datasets.lvis import load_lvis_json
 
-from ..data.datasets.common import keep_categories, register_dataset, require_files
-from ..fileio import atomic_write
+from .common import keep_categories, register_dataset, require_files
+from ...fileio import atomic_write
 
 __all__ = [
     "COLOURS",

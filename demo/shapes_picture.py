@@ -156,7 +156,7 @@ def training_objects(world_root: Path) -> List[Tuple[int, List[str], torch.Tenso
     novel (novel ones are unannotated: their boxes come from re-drawing the deterministic
     scenes); boxes are the visible pixels' extent, as in the annotations. Re-drawing takes a
     few seconds: compute it once for :func:`target_quality` and :func:`distill_boxes`."""
-    from .world import draw_scene, load_world_spec, visible_box
+    from vild_d2.data.datasets.shapes import draw_scene, load_world_spec, visible_box
 
     spec = load_world_spec(world_root)
     rng = np.random.default_rng([spec.seed, 100])  # the training split's stream
