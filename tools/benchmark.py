@@ -40,7 +40,7 @@ from detectron2.utils.events import EventStorage
 
 from vild_d2 import TextEncoder, Vocabulary
 from vild_d2.data.categories import builtin_vocabulary
-from vild_d2.engine.predictor import load_config
+from vild_d2.config import load_config
 from vild_d2.text import load_templates
 from vild_d2.text.encoder import save_random_clip
 from vild_d2.text.prompts import fill_prompts

@@ -2,7 +2,7 @@
 """Build a ViLD-text classifier (a saved :class:`vild_d2.text.Vocabulary`) from class names.
 
 Examples:
-    python tools/build_text_classifier.py --clip ViT-B/32 --dataset lvis_v1_val --output lvis.pth
+    python tools/build_text_classifier.py --clip ViT-B/32 --dataset vild_lvis_v1_val --output lvis.pth
     python tools/build_text_classifier.py --clip clip.pt --names "cat,dog,zebra" --novel zebra \
         --output animals.pth
 """
@@ -11,8 +11,6 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
-from typing import List
-
 import torch
 
 import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2.data loads)
@@ -20,13 +18,10 @@ from vild_d2.text import (
     TextEncoder,
     load_templates,
     novel_mask,
+    parse_names,
     vocabulary_from_dataset,
     vocabulary_from_names,
 )
-
-
-def _split(text: str) -> List[str]:
-    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +49,7 @@ def main(argv=None) -> None:
         cache_dir=args.cache_dir or None,
         device=args.device,
     )
-    novel = _split(args.novel) or None
+    novel = parse_names(args.novel) or None
     if args.dataset:
         vocab = vocabulary_from_dataset(args.dataset, encoder, use_synonyms=args.synonyms)
         if novel is not None:  # explicit --novel overrides the dataset's novel_classes
@@ -64,7 +59,7 @@ def main(argv=None) -> None:
             lines = Path(args.names_file).read_text(encoding="utf-8").splitlines()
             names = [line.strip() for line in lines if line.strip()]
         else:
-            names = _split(args.names)
+            names = parse_names(args.names)
         vocab = vocabulary_from_names(names, encoder, novel=novel)
     vocab.save(args.output)
     num_novel = "unknown" if vocab.novel is None else int(vocab.novel.sum())

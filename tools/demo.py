@@ -27,7 +27,8 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from vild_d2 import ViLDPredictor
-from vild_d2.engine.predictor import load_config, vocabulary_from_cli
+from vild_d2.config import load_config
+from vild_d2.engine.predictor import vocabulary_from_cli
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 logger = logging.getLogger("vild_d2.demo")

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from vild_d2 import ViLDPredictor
-from vild_d2.engine.predictor import load_config, vocabulary_from_cli
+from vild_d2.config import load_config
+from vild_d2.engine.predictor import vocabulary_from_cli
 from vild_d2.export import export_onnx, export_torchscript, outputs_to_instances
 
 

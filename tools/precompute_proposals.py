@@ -14,11 +14,10 @@ import os
 
 import vild_d2  # noqa: F401  (first: compatibility bridges)
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
-from vild_d2 import add_vild_config
+from vild_d2.config import load_config
 from vild_d2.distill.precompute import (
     add_store_arguments,
     check_dataset_dicts,
@@ -54,15 +53,11 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="vild_d2")
     logger = setup_logger(name="precompute_proposals")
-    cfg = get_cfg()
-    add_vild_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
     # The RPN's test-time output, after its NMS, is exactly the top-M proposals.
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = args.num_proposals
+    overrides = ["MODEL.RPN.POST_NMS_TOPK_TEST", str(args.num_proposals)]
     if args.device:
-        cfg.MODEL.DEVICE = args.device
-    cfg.freeze()
+        overrides += ["MODEL.DEVICE", args.device]
+    cfg = load_config(args.config_file, [*args.opts, *overrides])
 
     dicts = DatasetCatalog.get(args.dataset)
     check_dataset_dicts(dicts, args.dataset)

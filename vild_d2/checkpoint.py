@@ -7,6 +7,13 @@ from .text import Vocabulary
 
 __all__ = ["ViLDCheckpointer"]
 
+# Parameters renamed since checkpoints were first written: the text classifier's projection and
+# background embedding moved from the box predictor into its own module (its ``cls_score``).
+_RENAMED = {
+    "box_predictor.projection.": "box_predictor.cls_score.projection.",
+    "box_predictor.background": "box_predictor.cls_score.background",
+}
+
 
 class _VocabularyState:
     """Checkpointable view of a ViLD model's test vocabulary (names, embeddings, novel mask)."""
@@ -34,3 +41,11 @@ class ViLDCheckpointer(DetectionCheckpointer):
         if hasattr(module, "set_vocabulary"):
             checkpointables.setdefault("vocabulary", _VocabularyState(module))
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+
+    def _load_model(self, checkpoint):
+        state = checkpoint["model"]
+        for key in list(state):
+            for old, new in _RENAMED.items():
+                if old in key:
+                    state[key.replace(old, new)] = state.pop(key)
+        return super()._load_model(checkpoint)

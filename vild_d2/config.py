@@ -1,10 +1,30 @@
 """The project's config node, ``cfg.MODEL.VILD``."""
 
-from detectron2.config import CfgNode as CN
+from typing import Sequence
 
-__all__ = ["add_vild_config"]
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_vild_config", "load_config", "needs_distillation"]
 
 VARIANTS = ("text", "vild", "ensemble")
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """A frozen config: detectron2's defaults + the ViLD node + ``config_file`` + ``opts``
+    (``KEY VALUE ...`` overrides). The one way the tools and the predictor build a config."""
+    cfg = get_cfg()
+    add_vild_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg
+
+
+def needs_distillation(cfg) -> bool:
+    """Whether the model of ``cfg`` trains with distillation targets (a ViLD model whose
+    variant is not ViLD-text; not e.g. the supervised baseline sharing a config base)."""
+    return cfg.MODEL.META_ARCHITECTURE == "ViLDRCNN" and cfg.MODEL.VILD.VARIANT != "text"
 
 
 def add_vild_config(cfg):

@@ -1,7 +1,8 @@
-"""Data loading for ViLD: the dataset mapper with distillation boxes and large-scale jitter,
-and the datasets registered on import."""
+"""Data loading for ViLD: the datasets registered on import, the training dicts joined to their
+distillation stores, and the mapper that carries distillation boxes through the augmentations."""
 
 from . import builtin  # noqa: F401  (registers datasets)
+from .build import get_training_dicts
 from .mapper import ViLDDatasetMapper, build_lsj_augmentation
 
-__all__ = ["ViLDDatasetMapper", "build_lsj_augmentation"]
+__all__ = ["ViLDDatasetMapper", "build_lsj_augmentation", "get_training_dicts"]

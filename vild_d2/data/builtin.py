@@ -11,6 +11,7 @@ _root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 # The shapes world: shapes_train_base, shapes_train, shapes_val. Not strict: an unreadable
 # world.json must not stop the tools (e.g. the one that remakes it).
 register_shapes_world(_root, strict=False)
-# LVIS v1 / COCO 48-17 open-vocabulary splits and the transfer targets (replacing detectron2's
-# registrations of lvis_v1_{train,val}, coco_2017_val and voc_2007_test: same files, more metadata).
+# LVIS v1 / COCO 48-17 open-vocabulary splits and the transfer targets, under names of their own
+# ("vild_" + detectron2's name for the same files: ours carry more metadata, e.g. the novel
+# classes), so that detectron2's lvis_v1_val etc. keep their meaning.
 register_all_ovd(_root)

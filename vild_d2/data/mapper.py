@@ -8,8 +8,9 @@ Dataset dict fields added by this project (both optional, but given together):
 * ``"distill_embeddings"``: array-like, shape (M, D), float. The CLIP image embedding of each
   box (row i belongs to box i).
 
-With ``MODEL.VILD.DISTILL.STORES`` the mapper fills both from precomputed stores (see
-:mod:`vild_d2.distill`), joined by ``image_id``, before anything else. In training, the mapper
+With ``MODEL.VILD.DISTILL.STORES`` both are lazy references into precomputed stores, joined
+to the dicts by ``image_id`` when the dataset is loaded (:mod:`vild_d2.distill.targets`); the
+mapper reads them with ``np.asarray``. In training, the mapper
 pops both and returns ``dataset_dict["distill"]``, an
 :class:`Instances` of the output image size with fields ``boxes`` (:class:`Boxes`, (M', 4)
 float32, output-image coordinates) and ``embeddings`` (Tensor (M', D) float32), where M' <= M
@@ -20,12 +21,9 @@ import logging
 import numpy as np
 import torch
 
-from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
-
-from ..distill.targets import DistillTargets
 
 __all__ = ["ViLDDatasetMapper", "build_lsj_augmentation"]
 
@@ -70,22 +68,9 @@ class ViLDDatasetMapper(DatasetMapper):
     happen here.
     """
 
-    @configurable
-    def __init__(self, is_train: bool = True, *, distill_targets=None, **kwargs):
-        """
-        As :class:`DatasetMapper`, plus:
-
-        Args:
-            distill_targets (DistillTargets or None): in training, fills each dict's
-                distillation fields from its store (joined by image id) before the transforms.
-        """
-        super().__init__(is_train, **kwargs)
-        self.distill_targets = distill_targets
-
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
-        ret["distill_targets"] = DistillTargets.from_config(cfg) if is_train else None
         if is_train and cfg.MODEL.VILD.LSJ.ENABLED:
             if cfg.INPUT.CROP.ENABLED:
                 logger.warning("MODEL.VILD.LSJ.ENABLED: INPUT.CROP is ignored (LSJ crops itself).")
@@ -107,9 +92,6 @@ class ViLDDatasetMapper(DatasetMapper):
             dict: as :class:`DatasetMapper`, plus "distill" (:class:`Instances`) in training
                 when the input had distillation fields.
         """
-        if self.is_train and self.distill_targets is not None:
-            dataset_dict = dict(dataset_dict)  # the caller's dict must not change
-            self.distill_targets.fill(dataset_dict)
         has_distill = DISTILL_BOXES in dataset_dict or DISTILL_EMBEDDINGS in dataset_dict
         if not has_distill:
             return super().__call__(dataset_dict)

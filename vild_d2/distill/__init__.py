@@ -1,9 +1,10 @@
-"""ViLD-image data pipeline: proposal crops in CLIP's input format, the CLIP teacher, the
-on-disk store of targets, the precompute jobs and the training-time join."""
+"""ViLD-image's distillation targets: proposal crops in CLIP's input format (``crops``), the
+CLIP teacher (``teacher``), the on-disk store of targets (``store``), the offline jobs that fill
+it (``precompute``) and the load-time join to the training dataset dicts (``targets``)."""
 
 from .crops import fast_crops, reference_crops
 from .store import DistillStore, StoreError, StoreWriter
-from .targets import DistillTargets
+from .targets import load_distill_targets_into_dataset
 from .teacher import CLIPTeacher, encode_crops
 
 __all__ = [
@@ -14,5 +15,5 @@ __all__ = [
     "DistillStore",
     "StoreWriter",
     "StoreError",
-    "DistillTargets",
+    "load_distill_targets_into_dataset",
 ]

@@ -6,7 +6,6 @@ writes each one atomically when it is complete. Batches never span two chunks, s
 result does not depend on the sharding or on where a previous run stopped.
 """
 
-import contextlib
 import logging
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -15,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .store import DistillStore, StoreWriter, chunks_of_shard
+from .store import DistillStore, StoreWriter, chunks_of_shard, proposals_for, read_rgb
+from .teacher import autocast_fp16
 
 __all__ = [
     "add_store_arguments",
@@ -25,7 +25,6 @@ __all__ = [
     "run_precompute",
     "iter_proposals",
     "iter_embeddings",
-    "read_rgb",
     "export_detectron2_proposals",
 ]
 
@@ -260,12 +259,6 @@ def _per_chunk_batches(chunks: List[List[dict]], batch_size: int) -> List[List[i
     return batches
 
 
-def _autocast(device: torch.device, enabled: bool = True):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 def iter_proposals(
     model,
     chunks: List[List[dict]],
@@ -302,7 +295,7 @@ def iter_proposals(
     )
     device = model.pixel_mean.device
     for batch in loader:
-        with torch.no_grad(), _autocast(device, fp16):
+        with torch.no_grad(), autocast_fp16(device, fp16):
             images = [(x["image"].to(device) - model.pixel_mean) / model.pixel_std for x in batch]
             images = ImageList.from_tensors(images, model.backbone.size_divisibility)
             features = model.backbone(images.tensor)
@@ -319,40 +312,6 @@ def iter_proposals(
                     "objectness_logits": p.objectness_logits.float().cpu().numpy(),
                 },
             )
-
-
-def read_rgb(dataset_dict: dict) -> torch.Tensor:
-    """The original image of a dataset dict: (3, H, W) uint8 RGB, checked against its
-    "height"/"width" (the coordinates proposals are given in)."""
-    from detectron2.data.detection_utils import read_image
-
-    file_name = dataset_dict["file_name"]
-    try:
-        image = read_image(file_name, format="RGB")
-    except (OSError, ValueError) as e:  # missing, corrupt or truncated (PIL's message may omit it)
-        raise OSError(f"{file_name}: cannot read image ({e})") from e
-    h, w = image.shape[:2]
-    expected = (dataset_dict.get("height", h), dataset_dict.get("width", w))
-    if (h, w) != tuple(expected):
-        raise ValueError(
-            f"{file_name}: image is {h}x{w} (HxW) but the dataset says {expected[0]}x{expected[1]}"
-        )
-    # read_image can return a read-only view; torch needs a writable array.
-    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
-
-
-def proposals_for(store: DistillStore, image_id, max_boxes: int, file_name: str = "") -> np.ndarray:
-    """The top ``max_boxes`` boxes (M, 4) float32 of an image in a proposals/targets store."""
-    if image_id not in store:
-        raise KeyError(
-            f"image {image_id!r} ({file_name}) has no proposals in {store.root}"
-            + (
-                ""
-                if store.is_complete
-                else f" (store incomplete: chunks {store.missing_chunks()[:10]} missing)"
-            )
-        )
-    return np.array(store[image_id]["boxes"][:max_boxes])
 
 
 class _ImageAndBoxes:

@@ -30,10 +30,18 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ..fileio import atomic_write
 
-__all__ = ["DistillStore", "StoreWriter", "StoreError", "chunks_of_shard"]
+__all__ = [
+    "DistillStore",
+    "StoreWriter",
+    "StoreError",
+    "chunks_of_shard",
+    "proposals_for",
+    "read_rgb",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -406,3 +414,40 @@ def _json_id(image_id):
     if isinstance(image_id, np.integer):
         return int(image_id)
     return image_id
+
+
+# --- what the precompute jobs and the online targets read ----------------------------------
+
+
+def read_rgb(dataset_dict: dict) -> torch.Tensor:
+    """The original image of a dataset dict: (3, H, W) uint8 RGB, checked against its
+    "height"/"width" (the coordinates proposals are given in)."""
+    from detectron2.data.detection_utils import read_image
+
+    file_name = dataset_dict["file_name"]
+    try:
+        image = read_image(file_name, format="RGB")
+    except (OSError, ValueError) as e:  # missing, corrupt or truncated (PIL's message may omit it)
+        raise OSError(f"{file_name}: cannot read image ({e})") from e
+    h, w = image.shape[:2]
+    expected = (dataset_dict.get("height", h), dataset_dict.get("width", w))
+    if (h, w) != tuple(expected):
+        raise ValueError(
+            f"{file_name}: image is {h}x{w} (HxW) but the dataset says {expected[0]}x{expected[1]}"
+        )
+    # read_image can return a read-only view; torch needs a writable array.
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
+
+
+def proposals_for(store: DistillStore, image_id, max_boxes: int, file_name: str = "") -> np.ndarray:
+    """The top ``max_boxes`` boxes (M, 4) float32 of an image in a proposals/targets store."""
+    if image_id not in store:
+        raise KeyError(
+            f"image {image_id!r} ({file_name}) has no proposals in {store.root}"
+            + (
+                ""
+                if store.is_complete
+                else f" (store incomplete: chunks {store.missing_chunks()[:10]} missing)"
+            )
+        )
+    return np.array(store[image_id]["boxes"][:max_boxes])

@@ -1,23 +1,39 @@
-"""Distillation targets for training: joined from stores by image id, or computed online.
+"""Distillation targets joined to the training dataset dicts at load time, as detectron2 joins
+precomputed proposals (``load_proposals_into_dataset``).
+
+Each dict of a training dataset gets the two fields :class:`vild_d2.data.ViLDDatasetMapper`
+transforms with the image: ``distill_boxes`` (M, 4) and ``distill_embeddings`` (M, D). From a
+store they are lazy references (:class:`StoreField`, :class:`OnlineEmbeddings`): a few bytes in
+the dict, read (or, online, computed) only when the mapper asks ``np.asarray`` for them, so a
+dataset of 100k images holds no targets in memory.
 
 Shape shorthand: M = boxes of an image, D = CLIP embedding width.
 """
 
+import functools
 import logging
-from typing import List, Optional, Sequence
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .precompute import proposals_for, read_rgb
-from .store import DistillStore, StoreError
+from ..config import needs_distillation
+from .store import DistillStore, StoreError, proposals_for, read_rgb
 from .teacher import CLIPTeacher, crop_settings
 
-__all__ = ["DistillTargets", "clip_embed_dim"]
+__all__ = [
+    "OnlineEmbeddings",
+    "StoreField",
+    "clip_embed_dim",
+    "distill_stores_from_config",
+    "load_distill_targets_into_dataset",
+    "open_store",
+]
 
 logger = logging.getLogger(__name__)
 
-SOURCE_KEY = "distill_source"  # index of the dict's store, set by attach()
 MISSING_POLICIES = ("error", "skip")
 
 # Embedding widths of the clip.available_models() names (their text_projection widths).
@@ -45,148 +61,149 @@ def clip_embed_dim(spec: str) -> Optional[int]:
         return None
 
 
-class DistillTargets:
-    """
-    Fills a training dataset dict's ``distill_boxes`` (M, 4) and ``distill_embeddings``
-    (M, D), before the mapper's transforms, from the store of its dataset; or, online, from
-    the CLIP teacher on the original image and the store's boxes (same crops and the same
-    float16-rounded numbers as tools/precompute_clip_embeddings.py would store).
-    """
+def open_store(root: str) -> DistillStore:
+    """The store at ``root``, opened once per process and state of its folder (its chunk
+    indices are read on open; a chunk written since changes the folder's mtime)."""
+    return _open_store(root, os.stat(os.path.expanduser(root)).st_mtime_ns)
 
-    def __init__(
-        self,
-        stores: Sequence[DistillStore],
-        *,
-        missing: str = "error",
-        max_boxes: int = 300,
-        teacher: Optional[CLIPTeacher] = None,
-        embed_dim: Optional[int] = None,
-    ):
-        """
-        Args:
-            stores: one per training dataset (``dataset_dict["distill_source"]`` picks one;
-                absent = the first).
-            missing: an image absent from its store is an "error", or is trained without
-                targets ("skip").
-            max_boxes: use the first (highest-objectness) ``max_boxes`` boxes of each image.
-            teacher: online mode: compute the embeddings (the stores then only give boxes).
-            embed_dim: D given to images without targets in "skip" mode.
-        """
-        if missing not in MISSING_POLICIES:
-            raise ValueError(
-                f"MODEL.VILD.DISTILL.MISSING={missing!r}, expected one of {MISSING_POLICIES}"
-            )
-        self.stores = list(stores)
-        self.missing = missing
-        self.max_boxes = max_boxes
-        self.teacher = teacher
-        self.embed_dim = embed_dim
 
-    @classmethod
-    def from_config(cls, cfg) -> Optional["DistillTargets"]:
-        """None when ``MODEL.VILD.DISTILL.STORES`` is empty (the dicts carry their own targets,
-        or the variant needs none) or the model does not distil (ViLD-text, or another
-        meta-architecture, e.g. the supervised baseline sharing a config base with ViLD)."""
-        node = cfg.MODEL.VILD.DISTILL
-        distils = cfg.MODEL.META_ARCHITECTURE == "ViLDRCNN" and cfg.MODEL.VILD.VARIANT != "text"
-        if not distils:
-            return None
-        if not node.STORES:
-            if node.ONLINE:
-                raise ValueError(
-                    "MODEL.VILD.DISTILL.ONLINE needs MODEL.VILD.DISTILL.STORES "
-                    "(proposal stores, one per training dataset)"
-                )
-            return None
-        if len(node.STORES) != len(cfg.DATASETS.TRAIN):
-            raise ValueError(
-                f"MODEL.VILD.DISTILL.STORES has {len(node.STORES)} stores for "
-                f"{len(cfg.DATASETS.TRAIN)} DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}: "
-                "give one per training dataset, in order"
-            )
-        stores = [DistillStore(path) for path in node.STORES]
-        teacher = None
-        if node.ONLINE:
-            teacher = CLIPTeacher(
-                cfg.MODEL.VILD.CLIP_MODEL, scales=node.CROP_SCALES, device=node.ONLINE_DEVICE
-            )
-        embed_dim = clip_embed_dim(cfg.MODEL.VILD.CLIP_MODEL)
-        for store, name in zip(stores, cfg.DATASETS.TRAIN):
-            _check_store(store, name, cfg, embed_dim, online=node.ONLINE)
-        if embed_dim is None and not node.ONLINE:
-            embed_dim = stores[0].header.get("embed_dim")
-        return cls(
-            stores,
-            missing=node.MISSING,
-            max_boxes=node.MAX_BOXES,
-            teacher=teacher,
-            embed_dim=embed_dim,
+@functools.lru_cache(maxsize=16)
+def _open_store(root: str, mtime_ns: int) -> DistillStore:
+    return DistillStore(root)
+
+
+@functools.lru_cache(maxsize=4)
+def _online_teacher(clip_model: str, scales: Tuple[float, ...], device: str) -> CLIPTeacher:
+    return CLIPTeacher(clip_model, scales=scales, device=device)
+
+
+@dataclass(frozen=True)
+class StoreField:
+    """One image's ``field`` ("boxes" or "embeddings") in the store at ``root``, its first
+    ``max_boxes`` rows, read when ``np.asarray`` asks: (M, 4) or (M, D) float32."""
+
+    root: str
+    image_id: Any
+    field: str
+    max_boxes: int
+
+    def __array__(self, dtype=None, copy=None):
+        rows = open_store(self.root)[self.image_id][self.field][: self.max_boxes]
+        return np.asarray(rows, dtype=dtype or np.float32)
+
+
+@dataclass(frozen=True)
+class OnlineEmbeddings:
+    """One image's (M, D) float32 targets computed when ``np.asarray`` asks, by the CLIP teacher
+    on the original image and the store's boxes: the same crops, and the same float16-rounded
+    numbers, as tools/precompute_clip_embeddings.py would store."""
+
+    root: str
+    image_id: Any
+    max_boxes: int
+    file_name: str
+    height: Optional[int]
+    width: Optional[int]
+    clip_model: str
+    scales: Tuple[float, ...]
+    device: str
+
+    def __array__(self, dtype=None, copy=None):
+        boxes = proposals_for(open_store(self.root), self.image_id, self.max_boxes, self.file_name)
+        size = {"height": self.height, "width": self.width}
+        image = read_rgb({"file_name": self.file_name, **{k: v for k, v in size.items() if v}})
+        teacher = _online_teacher(self.clip_model, self.scales, self.device)
+        embeddings = teacher(image, torch.from_numpy(boxes)).half().float().numpy()
+        return np.asarray(embeddings, dtype=dtype or np.float32)
+
+
+def distill_stores_from_config(cfg) -> Optional[List[str]]:
+    """
+    The store of each ``DATASETS.TRAIN`` entry (``MODEL.VILD.DISTILL.STORES``), checked against
+    the config; None when the model does not distil (ViLD-text, another meta-architecture) or
+    names no store (the dataset dicts then carry their own targets).
+    """
+    node = cfg.MODEL.VILD.DISTILL
+    if node.MISSING not in MISSING_POLICIES:
+        raise ValueError(
+            f"MODEL.VILD.DISTILL.MISSING={node.MISSING!r}, expected one of {MISSING_POLICIES}"
         )
+    if not needs_distillation(cfg):
+        return None
+    if not node.STORES:
+        if node.ONLINE:
+            raise ValueError(
+                "MODEL.VILD.DISTILL.ONLINE needs MODEL.VILD.DISTILL.STORES "
+                "(proposal stores, one per training dataset)"
+            )
+        return None
+    if len(node.STORES) != len(cfg.DATASETS.TRAIN):
+        raise ValueError(
+            f"MODEL.VILD.DISTILL.STORES has {len(node.STORES)} stores for "
+            f"{len(cfg.DATASETS.TRAIN)} DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}: "
+            "give one per training dataset, in order"
+        )
+    embed_dim = clip_embed_dim(cfg.MODEL.VILD.CLIP_MODEL)
+    for root, name in zip(node.STORES, cfg.DATASETS.TRAIN):
+        _check_store(open_store(root), name, cfg, embed_dim, online=node.ONLINE)
+    return list(node.STORES)
 
-    def attach(self, dataset_names: Sequence[str], dicts_per_dataset: Sequence[List[dict]]):
-        """
-        Tag every dict with its store and check that the stores cover the datasets: missing
-        images are an error naming the count and a few ids, or (``missing="skip"``) counted
-        and logged.
 
-        Returns:
-            list[dict]: the dicts of all datasets, concatenated (shallow copies).
-        """
-        out = []
-        for k, (name, dicts) in enumerate(zip(dataset_names, dicts_per_dataset)):
-            store = self.stores[k]
-            absent = [d["image_id"] for d in dicts if d["image_id"] not in store]
-            if absent:
-                msg = (
-                    f"{len(absent)} of {len(dicts)} images of training dataset {name!r} are not "
-                    f"in store {store.root} (e.g. image ids {absent[:5]}"
-                    + (
-                        ""
-                        if store.is_complete
-                        else f"; the store lacks chunks {store.missing_chunks()[:10]}, a shard may "
-                        "not have run"
-                    )
-                    + ")"
-                )
-                if self.missing == "error":
-                    raise StoreError(
-                        msg + ". Set MODEL.VILD.DISTILL.MISSING skip to train "
-                        "them without distillation targets."
-                    )
-                logger.warning(msg + "; they train without distillation targets.")
-            else:
-                logger.info(
-                    "Distillation targets of %r: %s (%d images)", name, store.root, len(dicts)
-                )
-            out.extend(dict(d, **{SOURCE_KEY: k}) for d in dicts)
-        return out
+def load_distill_targets_into_dataset(
+    dataset_dicts: List[dict], root: str, cfg, dataset_name: str = ""
+) -> List[dict]:
+    """
+    Add ``distill_boxes`` and ``distill_embeddings`` (lazy references into the store at
+    ``root``) to every dict of one training dataset, in place. Images absent from the store are
+    an error naming the count and a few ids, or (``MODEL.VILD.DISTILL.MISSING skip``) counted,
+    logged, and given no targets (empty arrays).
 
-    def fill(self, dataset_dict: dict) -> None:
-        """Set ``distill_boxes`` (M, 4) float32 and ``distill_embeddings`` (M, D) float32 of
-        ``dataset_dict`` (in place; original image coordinates) and pop its store tag."""
-        store = self.stores[dataset_dict.pop(SOURCE_KEY, 0)]
-        image_id = dataset_dict["image_id"]
-        if image_id not in store:
-            if self.missing == "error":
-                raise StoreError(
-                    f"image {image_id!r} ({dataset_dict.get('file_name')}) is not in "
-                    f"distillation store {store.root}"
-                )
-            dim = self.embed_dim or 0
-            dataset_dict["distill_boxes"] = np.zeros((0, 4), np.float32)
-            dataset_dict["distill_embeddings"] = np.zeros((0, dim), np.float32)
-            return
-        if self.teacher is None:
-            record = store[image_id]
-            boxes = record["boxes"][: self.max_boxes]
-            embeddings = record["embeddings"][: self.max_boxes].astype(np.float32)
+    Returns:
+        ``dataset_dicts``.
+    """
+    node = cfg.MODEL.VILD.DISTILL
+    store = open_store(root)
+    absent = [d["image_id"] for d in dataset_dicts if d["image_id"] not in store]
+    if absent:
+        msg = (
+            f"{len(absent)} of {len(dataset_dicts)} images of training dataset {dataset_name!r} "
+            f"are not in store {store.root} (e.g. image ids {absent[:5]}"
+            + (
+                ""
+                if store.is_complete
+                else f"; the store lacks chunks {store.missing_chunks()[:10]}, a shard may "
+                "not have run"
+            )
+            + ")"
+        )
+        if node.MISSING == "error":
+            raise StoreError(
+                msg + ". Set MODEL.VILD.DISTILL.MISSING skip to train them without "
+                "distillation targets."
+            )
+        logger.warning(msg + "; they train without distillation targets.")
+    else:
+        logger.info(
+            "Distillation targets of %r: %s (%d images)", dataset_name, root, len(dataset_dicts)
+        )
+    dim = store.header.get("embed_dim") or clip_embed_dim(cfg.MODEL.VILD.CLIP_MODEL) or 0
+    scales = tuple(float(s) for s in node.CROP_SCALES)
+    absent = set(absent)
+    for d in dataset_dicts:
+        image_id = d["image_id"]
+        if image_id in absent:
+            d["distill_boxes"] = np.zeros((0, 4), np.float32)
+            d["distill_embeddings"] = np.zeros((0, dim), np.float32)
+            continue
+        d["distill_boxes"] = StoreField(root, image_id, "boxes", node.MAX_BOXES)
+        if node.ONLINE:
+            d["distill_embeddings"] = OnlineEmbeddings(
+                root, image_id, node.MAX_BOXES, d["file_name"], d.get("height"),
+                d.get("width"), cfg.MODEL.VILD.CLIP_MODEL, scales, node.ONLINE_DEVICE,
+            )  # fmt: skip
         else:
-            boxes = proposals_for(store, image_id, self.max_boxes, dataset_dict["file_name"])
-            emb = self.teacher(read_rgb(dataset_dict), torch.from_numpy(boxes))
-            # float16 like the stored targets: online and offline give the same numbers.
-            embeddings = emb.half().float().numpy()
-        dataset_dict["distill_boxes"] = np.array(boxes, dtype=np.float32)
-        dataset_dict["distill_embeddings"] = embeddings
+            d["distill_embeddings"] = StoreField(root, image_id, "embeddings", node.MAX_BOXES)
+    return dataset_dicts
 
 
 def _check_store(store: DistillStore, dataset: str, cfg, embed_dim, online: bool):

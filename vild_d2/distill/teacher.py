@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..text.encoder import Device, clip_identity, load_clip
 from .crops import fast_crops
 
-__all__ = ["encode_crops", "CLIPTeacher", "crop_settings"]
+__all__ = ["encode_crops", "CLIPTeacher", "crop_settings", "autocast_fp16"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,10 @@ def crop_settings(scales: Sequence[float], size: int) -> dict:
     return {"method": CROP_METHOD, "scales": [float(s) for s in scales], "size": int(size)}
 
 
-def _autocast(device: torch.device):
-    # fp16 on GPU: the ViT runs in half precision with fp32 accumulation where it matters.
-    if device.type == "cuda":
+def autocast_fp16(device: torch.device, enabled: bool = True):
+    """fp16 autocast on a GPU (CLIP's ViT and the RPN run in half precision, accumulating in
+    fp32 where it matters); nothing on a CPU."""
+    if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 
@@ -59,7 +60,7 @@ def encode_crops(
         return crops.new_zeros(0, clip_model.text_projection.shape[1], dtype=torch.float32)
     batch_size = batch_size or len(crops)
     chunks = []
-    with _autocast(crops.device):
+    with autocast_fp16(crops.device):
         for start in range(0, len(crops), batch_size):
             out = clip_model.encode_image(crops[start : start + batch_size].to(dtype))
             chunks.append(F.normalize(out.float(), dim=1))

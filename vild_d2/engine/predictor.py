@@ -9,24 +9,17 @@ import numpy as np
 import torch
 
 import detectron2.data.transforms as T
-from detectron2.config import get_cfg
 from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 
 from ..checkpoint import ViLDCheckpointer
-from ..config import add_vild_config
-from ..text import Vocabulary
+from ..text import Vocabulary, parse_names
 
-__all__ = ["ViLDPredictor", "load_config", "parse_names", "vocabulary_from_cli"]
+__all__ = ["ViLDPredictor", "vocabulary_from_cli"]
 
 logger = logging.getLogger(__name__)
 
 VocabularySpec = Union[Vocabulary, str, Sequence[str]]
-
-
-def parse_names(text: str) -> list:
-    """``"red star, blue cross"`` -> ``["red star", "blue cross"]`` (empty items dropped)."""
-    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def vocabulary_from_cli(vocabulary: str = "", custom: str = "") -> Union[str, list, None]:
@@ -48,16 +41,6 @@ def vocabulary_from_cli(vocabulary: str = "", custom: str = "") -> Union[str, li
             f"--custom-vocabulary is only used with --vocabulary custom (got {vocabulary!r})"
         )
     return vocabulary or None
-
-
-def load_config(config_file: str, opts: Sequence[str] = ()):
-    """A frozen config: detectron2's defaults + the ViLD node + ``config_file`` + ``opts``."""
-    cfg = get_cfg()
-    add_vild_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
-    return cfg
 
 
 class ViLDPredictor:

@@ -6,7 +6,6 @@ import os
 import weakref
 from collections import OrderedDict
 
-from detectron2.config import get_cfg
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
@@ -25,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import ViLDCheckpointer
 from ..compat import has_compiled_ops
-from ..config import add_vild_config
-from ..data import ViLDDatasetMapper
+from ..config import load_config
+from ..data import ViLDDatasetMapper, get_training_dicts
 from ..evaluation import COCOOpenVocabularyEvaluator
 from ..fileio import atomic_write
 
@@ -37,11 +36,7 @@ logger = logging.getLogger(__name__)
 
 def setup(args):
     """Config from ``args.config_file`` + ``args.opts`` with the ViLD node; detectron2's setup."""
-    cfg = get_cfg()
-    add_vild_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers; ours report vocabulary
     # switches and distillation stores.
@@ -68,29 +63,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """detectron2's loader with :class:`ViLDDatasetMapper`; with MODEL.VILD.DISTILL.STORES,
-        each training dataset's dicts are tagged with their store and checked against it."""
-        from detectron2.data import get_detection_dataset_dicts
-
+        """detectron2's loader with :class:`ViLDDatasetMapper`, over the training dicts joined
+        to their distillation stores (:func:`vild_d2.data.get_training_dicts`)."""
         mapper = ViLDDatasetMapper(cfg, is_train=True)
-        if mapper.distill_targets is None:
-            return build_detection_train_loader(cfg, mapper=mapper)
-        proposal_files = cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None
-        per_dataset = [
-            get_detection_dataset_dicts(
-                [name],
-                filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-                min_keypoints=(
-                    cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-                    if cfg.MODEL.KEYPOINT_ON
-                    else 0
-                ),
-                proposal_files=[proposal_files[i]] if proposal_files else None,
-            )
-            for i, name in enumerate(cfg.DATASETS.TRAIN)
-        ]
-        dataset = mapper.distill_targets.attach(cfg.DATASETS.TRAIN, per_dataset)
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=get_training_dicts(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -173,8 +149,8 @@ class Trainer(DefaultTrainer):
 def _check_training_vocabulary(cfg, model):
     """The training classifier's rows are indexed by the datasets' ``gt_classes``: its names
     must be each training dataset's ``thing_classes``, in order."""
-    vocabulary = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    vocabulary = getattr(vocabulary, "train_vocabulary", None)
+    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
+    vocabulary = getattr(getattr(predictor, "cls_score", None), "train_vocabulary", None)
     if vocabulary is None:  # not a ViLD model (e.g. the supervised baseline)
         return
     names = vocabulary.names

@@ -25,7 +25,7 @@ class COCOOpenVocabularyEvaluator(COCOEvaluator):
 
     Novel classes are the dataset metadata's ``novel_classes`` (names among ``thing_classes``);
     base = the others. A dataset whose ground-truth json is derived (``source_json_file`` in its
-    metadata, e.g. ``coco_2017_ov_val``) gets that json written first if needed.
+    metadata, e.g. ``vild_coco_2017_ov_val``) gets that json written first if needed.
     """
 
     def __init__(

@@ -8,11 +8,17 @@ from typing import Dict, List, Sequence, Union
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
-from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
 from ..distill.teacher import CLIPTeacher
-from ..text import TextEncoder, Vocabulary, resolve_vocabulary
-from .predictor import build_text_encoder, check_same_width, vocabulary_specs
+from ..text import (
+    TextEncoder,
+    Vocabulary,
+    build_text_encoder,
+    check_same_width,
+    resolve_vocabulary,
+    vocabulary_specs,
+)
+from .vild_fast_rcnn import inference_without_background
 
 __all__ = ["CLIPOnCropsRCNN"]
 
@@ -120,10 +126,9 @@ class CLIPOnCropsRCNN(GeneralizedRCNN):
             emb = self.teacher(rgb.to(torch.uint8), p.proposal_boxes.tensor).to(self.device)
             probs = (emb @ text.t() / self.temperature).softmax(dim=1)  # (M, K)
             probs = probs * torch.sigmoid(p.objectness_logits)[:, None] ** self.objectness_weight
-            # fast_rcnn_inference reads K+1 columns, the last one background (dropped).
-            scores.append(torch.cat([probs, probs.new_zeros(len(probs), 1)], dim=1))
+            scores.append(probs)
             boxes.append(p.proposal_boxes.tensor)
-        instances, _ = fast_rcnn_inference(
+        instances = inference_without_background(
             boxes,
             scores,
             images.image_sizes,

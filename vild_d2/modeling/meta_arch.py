@@ -9,7 +9,6 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
 
 from ..text import TextEncoder, Vocabulary, resolve_vocabulary
-from .predictor import build_text_encoder
 from .roi_heads import ViLDROIHeads
 
 __all__ = ["ViLDRCNN"]
@@ -29,7 +28,8 @@ class ViLDRCNN(GeneralizedRCNN):
     def __init__(self, *, text_encoder: TextEncoder = None, use_synonyms: bool = False, **kwargs):
         """
         Args:
-            text_encoder: encodes class names for :meth:`set_vocabulary` (CLIP loads lazily).
+            text_encoder: encodes class names for :meth:`set_vocabulary` (CLIP loads lazily);
+                from a config, the one that made the box predictor's vocabularies.
             use_synonyms: average dataset synonyms into class embeddings when switching to a
                 dataset's vocabulary.
             kwargs: as :class:`GeneralizedRCNN`; ``roi_heads`` must be a :class:`ViLDROIHeads`.
@@ -45,13 +45,16 @@ class ViLDRCNN(GeneralizedRCNN):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        ret.update(text_encoder=build_text_encoder(cfg), use_synonyms=cfg.MODEL.VILD.USE_SYNONYMS)
+        ret.update(
+            text_encoder=ret["roi_heads"].box_predictor.text_encoder,
+            use_synonyms=cfg.MODEL.VILD.USE_SYNONYMS,
+        )
         return ret
 
     @property
     def vocabulary(self) -> Vocabulary:
         """The test-time vocabulary (names, embeddings, novel mask)."""
-        return self.roi_heads.box_predictor.test_vocabulary
+        return self.roi_heads.box_predictor.cls_score.test_vocabulary
 
     def set_vocabulary(self, vocabulary: Union[Vocabulary, str, Sequence[str]]) -> Vocabulary:
         """
@@ -66,7 +69,7 @@ class ViLDRCNN(GeneralizedRCNN):
         if self.text_encoder is None and not isinstance(vocabulary, Vocabulary):
             raise ValueError("this model has no text encoder: pass a Vocabulary")
         vocab = resolve_vocabulary(vocabulary, self.text_encoder, use_synonyms=self.use_synonyms)
-        self.roi_heads.box_predictor.set_vocabulary(vocab)
+        self.roi_heads.box_predictor.cls_score.set_vocabulary(vocab)
         logger.info(f"Vocabulary set to {len(vocab)} classes: {vocab.names[:5]}...")
         return vocab
 
@@ -83,8 +86,9 @@ class ViLDRCNN(GeneralizedRCNN):
             if missing:
                 raise ValueError(
                     f"MODEL.VILD.VARIANT={self.roi_heads.variant!r} needs distillation boxes, but "
-                    f"these inputs have none: {missing[:5]} (dataset dicts need 'distill_boxes' "
-                    "and 'distill_embeddings', read by ViLDDatasetMapper)"
+                    f"these inputs have none: {missing[:5]} (name a store per training dataset in "
+                    "MODEL.VILD.DISTILL.STORES, or give the dataset dicts 'distill_boxes' and "
+                    "'distill_embeddings'; VARIANT 'text' trains without them)"
                 )
             distill = [x["distill"].to(self.device) for x in batched_inputs]
         features = self.backbone(images.tensor)

@@ -15,11 +15,12 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.box_head import build_box_head
-from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
 
 from ..config import VARIANTS
-from .predictor import ViLDOutputLayers, distillation_loss, ensemble_scores
+from .losses import distillation_loss, ensemble_scores
+from .text_classifier import NORM_EPS
+from .vild_fast_rcnn import ViLDOutputLayers, inference_without_background
 
 __all__ = ["ViLDROIHeads"]
 
@@ -31,7 +32,8 @@ class ViLDROIHeads(StandardROIHeads):
     """
     :class:`StandardROIHeads` with ViLD's text classifier and, in training, the image
     distillation loss on precomputed boxes (``distill``: per image an Instances with ``boxes``
-    and ``embeddings``, see :class:`vild_d2.data.ViLDDatasetMapper`).
+    and ``embeddings``, see :class:`vild_d2.data.ViLDDatasetMapper`; the meta-architecture
+    checks that every input carries one).
 
     * ``"text"``: no distillation.
     * ``"vild"``: distillation boxes are pooled together with the sampled RoIs and go through the
@@ -95,7 +97,7 @@ class ViLDROIHeads(StandardROIHeads):
                 "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK to True"
             )
         # Background index of the sampled RoIs = number of training classes (not NUM_CLASSES).
-        ret["num_classes"] = len(ret["box_predictor"].train_vocabulary)
+        ret["num_classes"] = ret["box_predictor"].num_classes
         return ret
 
     @classmethod
@@ -126,7 +128,7 @@ class ViLDROIHeads(StandardROIHeads):
         if cfg.MODEL.VILD.VARIANT == "ensemble":
             ret["image_box_head"] = build_box_head(cfg, pooled_shape)
             ret["image_projection"] = nn.Linear(
-                box_head.output_shape.channels, box_predictor.embed_dim
+                box_head.output_shape.channels, box_predictor.cls_score.embed_dim
             )
         return ret
 
@@ -139,12 +141,6 @@ class ViLDROIHeads(StandardROIHeads):
         """
         if not self.training:
             return super().forward(images, features, proposals)
-        if self.variant != "text" and distill is None:
-            raise ValueError(
-                f"MODEL.VILD.VARIANT={self.variant!r} trains with distillation boxes, but the "
-                "inputs carry none (dataset dicts need 'distill_boxes' and 'distill_embeddings'); "
-                "use VARIANT 'text' to train without them."
-            )
         proposals = self.label_and_sample_proposals(proposals, targets)
         del targets
         losses = self._forward_box(features, proposals, distill)
@@ -179,21 +175,20 @@ class ViLDROIHeads(StandardROIHeads):
             .repeat_interleave(counts)
             .bool()
         )
-        dim = self.box_predictor.embed_dim
+        dim = self.box_predictor.cls_score.embed_dim
         # Images without boxes may carry (0, 0) embeddings (their width is unknown): skip them.
         targets = [d.embeddings for d in distill if len(d)]
         targets = torch.cat(targets) if targets else pooled.new_zeros(0, dim)
         if targets.shape[1] != dim:
             raise ValueError(
                 f"distillation targets are {targets.shape[1]}-d but the model's region embeddings "
-                f"are {self.box_predictor.embed_dim}-d: the CLIP model that made them differs "
-                f"from MODEL.VILD.CLIP_MODEL"
+                f"are {dim}-d: the CLIP model that made them differs from MODEL.VILD.CLIP_MODEL"
             )
 
         if self.variant == "vild":
             box_features = self.box_head(pooled)
             predictions = self.box_predictor(box_features[~is_distill])
-            region_embeddings = self.box_predictor.embed(box_features[is_distill])
+            region_embeddings = self.box_predictor.cls_score.embed(box_features[is_distill])
         else:  # ensemble: the text branch sees only RoIs, the image branch only distill boxes
             predictions = self.box_predictor(self.box_head(pooled[~is_distill]))
             region_embeddings = self.embed_image_branch(pooled[is_distill])
@@ -220,25 +215,22 @@ class ViLDROIHeads(StandardROIHeads):
         if self.training and pooled.shape[0] < 2:
             return None
         x = self.image_box_head(pooled)
-        return nn.functional.normalize(self.image_projection(x.flatten(1)), dim=1, eps=1e-8)
+        return nn.functional.normalize(self.image_projection(x.flatten(1)), dim=1, eps=NORM_EPS)
 
     def _ensemble_inference(self, pooled, predictions, proposals):
         """Both branches on the same pooled proposals (R, C_in, S, S); boxes from the text one."""
         predictor = self.box_predictor
+        classifier = predictor.cls_score
         text_probs = predictions[0].softmax(-1)[:, :-1]  # background dropped, not renormalised
-        image_probs = predictor.image_probs(self.embed_image_branch(pooled))
+        image_probs = classifier.image_probs(self.embed_image_branch(pooled))
         scores = ensemble_scores(
-            text_probs, image_probs, predictor.test_is_base, self.ensemble_lambda
+            text_probs, image_probs, classifier.test_is_base, self.ensemble_lambda
         )
-        # fast_rcnn_inference expects a trailing background column, which it drops.
-        scores = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
-        num_per_image = [len(p) for p in proposals]
-        instances, _ = fast_rcnn_inference(
+        return inference_without_background(
             predictor.predict_boxes(predictions, proposals),
-            scores.split(num_per_image),
+            scores.split([len(p) for p in proposals]),
             [p.image_size for p in proposals],
             predictor.test_score_thresh,
             predictor.test_nms_thresh,
             predictor.test_topk_per_image,
         )
-        return instances

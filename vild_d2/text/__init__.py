@@ -1,14 +1,17 @@
 """ViLD-text classifier: class names -> CLIP prompt-ensemble embeddings -> :class:`Vocabulary`."""
 
-from .encoder import TextEncoder, clip_identity, load_clip, save_random_clip
+from .encoder import VIT_B_32, TextEncoder, build_clip, build_text_encoder, clip_identity, load_clip
 from .prompts import DEFAULT_TEMPLATES_PATH, article, fill_prompts, load_templates, process_name
 from .vocabulary import (
     Vocabulary,
+    build_vocabularies,
     check_same_width,
     novel_mask,
+    parse_names,
     resolve_vocabulary,
     vocabulary_from_dataset,
     vocabulary_from_names,
+    vocabulary_specs,
 )
 
 __all__ = [
@@ -20,11 +23,16 @@ __all__ = [
     "clip_identity",
     "load_clip",
     "TextEncoder",
-    "save_random_clip",
+    "build_text_encoder",
+    "build_clip",
+    "VIT_B_32",
     "Vocabulary",
     "novel_mask",
+    "parse_names",
     "vocabulary_from_names",
     "vocabulary_from_dataset",
     "resolve_vocabulary",
     "check_same_width",
+    "vocabulary_specs",
+    "build_vocabularies",
 ]

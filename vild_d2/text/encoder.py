@@ -15,7 +15,7 @@ from clip.model import CLIP
 from ..fileio import atomic_write
 from .prompts import fill_prompts, load_templates, process_name
 
-__all__ = ["clip_identity", "load_clip", "TextEncoder", "save_random_clip"]
+__all__ = ["clip_identity", "load_clip", "TextEncoder", "build_text_encoder", "build_clip"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,17 @@ class TextEncoder:
         return emb.float()
 
 
+def build_text_encoder(cfg) -> TextEncoder:
+    """The CLIP text encoder described by ``cfg.MODEL.VILD`` (CLIP itself loads lazily)."""
+    vild = cfg.MODEL.VILD
+    return TextEncoder(
+        vild.CLIP_MODEL,
+        templates=load_templates(vild.PROMPT_TEMPLATES or None),
+        cache_dir=vild.EMBEDDING_CACHE_DIR or None,
+        device=cfg.MODEL.DEVICE,
+    )
+
+
 def _variants(name: str, synonyms: Sequence[str]) -> List[str]:
     """The name and its synonyms, without ones that process to the same text (so no name is
     weighted twice, e.g. LVIS synonym lists usually repeat the name)."""
@@ -214,45 +225,48 @@ def _atomic_save(obj, path: Path) -> None:
     atomic_write(path, [buffer.getvalue()])
 
 
-def save_random_clip(
-    path: str,
-    *,
-    embed_dim: int = 32,
-    image_resolution: int = 32,
-    vision_layers: int = 1,
-    vision_width: int = 64,
-    vision_patch_size: int = 16,
-    transformer_width: int = 64,
-    transformer_heads: int = 1,
-    transformer_layers: int = 1,
-    seed: int = 0,
-) -> str:
-    """Save a tiny random-weight ViT CLIP checkpoint loadable by ``clip.load(path, jit=False)``
-    (for tests and the offline demo; its embeddings are meaningless). Returns ``path``.
+# ViT-B/32's dimensions (what clip.load("ViT-B/32") builds), for random-weight stand-ins.
+VIT_B_32 = dict(
+    embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+    vision_patch_size=32, transformer_width=512, transformer_layers=12,
+)  # fmt: skip
 
-    ``clip.model.build_model`` infers heads as width // 64 for both towers, so widths must be
-    multiples of 64 and ``transformer_heads == transformer_width // 64``.
+
+def build_clip(
+    *,
+    embed_dim: int,
+    image_resolution: int,
+    vision_layers,
+    vision_width: int,
+    vision_patch_size: Optional[int],
+    transformer_width: int,
+    transformer_layers: int,
+    context_length: int = 77,
+) -> CLIP:
     """
-    if transformer_width % 64 or transformer_heads != transformer_width // 64:
+    A random-weight ``clip.model.CLIP`` whose saved state dict ``clip.load(path)`` rebuilds as
+    the same model: a ViT image tower (``vision_layers`` an int, with ``vision_patch_size``) or
+    CLIP's ModifiedResNet (a tuple of per-stage blocks, patch size None). The one place the
+    tests, the benchmark and the shapes demo's teacher make a CLIP.
+
+    ``clip.model.build_model`` infers the attention heads as width // 64, so the text width (and
+    a ViT's width) must be a multiple of 64.
+    """
+    vit = isinstance(vision_layers, int)
+    if transformer_width % 64 or (vit and vision_width % 64):
         raise ValueError(
-            f"transformer_width={transformer_width}, transformer_heads={transformer_heads}: "
-            "clip.load infers heads = width // 64, so width must be 64 * heads"
+            f"transformer_width={transformer_width}, vision_width={vision_width}: clip.load "
+            "infers attention heads as width // 64, so these widths must be multiples of 64"
         )
-    if vision_width % 64:
-        raise ValueError(f"vision_width={vision_width} must be a multiple of 64 for clip.load")
-    torch.manual_seed(seed)
-    model = CLIP(
+    return CLIP(
         embed_dim=embed_dim,
         image_resolution=image_resolution,
-        vision_layers=vision_layers,
+        vision_layers=vision_layers if vit else tuple(vision_layers),
         vision_width=vision_width,
-        vision_patch_size=vision_patch_size,
-        context_length=77,
+        vision_patch_size=vision_patch_size if vit else None,
+        context_length=context_length,
         vocab_size=49408,
         transformer_width=transformer_width,
-        transformer_heads=transformer_heads,
+        transformer_heads=transformer_width // 64,
         transformer_layers=transformer_layers,
     )
-    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), Path(path).expanduser())
-    return str(path)

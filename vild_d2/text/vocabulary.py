@@ -4,7 +4,7 @@ import collections
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -15,10 +15,13 @@ __all__ = [
     "FORMAT",
     "Vocabulary",
     "novel_mask",
+    "parse_names",
     "vocabulary_from_names",
     "vocabulary_from_dataset",
     "resolve_vocabulary",
     "check_same_width",
+    "vocabulary_specs",
+    "build_vocabularies",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,25 +122,17 @@ class Vocabulary:
             ) from e
         return cls.from_state_dict(d, where=str(path))
 
-    def subset(self, keep: torch.Tensor) -> "Vocabulary":
-        """The classes where ``keep`` ((K,) bool) is True, in the same order."""
-        keep = torch.as_tensor(keep, dtype=torch.bool)
-        if keep.shape != (len(self),):
-            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({len(self)},)")
-        idx = keep.nonzero().flatten().tolist()
-        return Vocabulary(
-            [self.names[i] for i in idx],
-            self.embeddings[keep],
-            None if self.novel is None else self.novel[keep],
-            self.clip_model,
-        )
-
     def is_base_for(self, train_names: Sequence[str]) -> torch.Tensor:
         """(K,) bool, True = base class: ``~novel`` if known, else "name is in ``train_names``"."""
         if self.novel is not None:
             return ~self.novel
         train = set(train_names)
         return torch.tensor([n in train for n in self.names], dtype=torch.bool)
+
+
+def parse_names(text: str) -> List[str]:
+    """``"red star, blue cross"`` -> ``["red star", "blue cross"]`` (empty items dropped)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def novel_mask(names: Sequence[str], novel_names: Sequence[str]) -> torch.Tensor:
@@ -235,3 +230,26 @@ def check_same_width(vocab: Vocabulary, dim: int, where: str, clip_model: str = 
             f"(CLIP {vocab.clip_model or 'unknown'}) but the model's region embeddings are "
             f"{dim}-d (CLIP {clip_model or 'unknown'})"
         )
+
+
+def vocabulary_specs(cfg) -> Tuple[str, str]:
+    """(training, test) vocabulary specs of ``cfg`` with their dataset defaults filled in."""
+    vild = cfg.MODEL.VILD
+    train = vild.TRAIN_VOCABULARY or (cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else "")
+    test = vild.TEST_VOCABULARY or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "") or train
+    if not train:
+        raise ValueError(
+            "MODEL.VILD.TRAIN_VOCABULARY is empty and DATASETS.TRAIN names no dataset: "
+            "the model needs a training vocabulary (a saved vocabulary file or a dataset name)."
+        )
+    return train, test
+
+
+def build_vocabularies(cfg, encoder: TextEncoder) -> Tuple[Vocabulary, Vocabulary]:
+    """The config's (training, test) vocabularies, encoding names with CLIP if needed."""
+    use_synonyms = cfg.MODEL.VILD.USE_SYNONYMS
+    train_spec, test_spec = vocabulary_specs(cfg)
+    train = resolve_vocabulary(train_spec, encoder, use_synonyms=use_synonyms)
+    if test_spec == train_spec:
+        return train, train
+    return train, resolve_vocabulary(test_spec, encoder, use_synonyms=use_synonyms)

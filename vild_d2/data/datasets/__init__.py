@@ -2,13 +2,13 @@
 
 :func:`register_all_ovd` (run on ``import vild_d2`` for ``$DETECTRON2_DATASETS``) registers:
 
-- ``lvis_v1_train_base`` (866 classes): LVIS v1 train, rare classes' annotations removed; lvis.
-- ``lvis_v1_train`` (1203): LVIS v1 train, the supervised reference; lvis.
-- ``lvis_v1_val`` (1203): novel = the 337 rare classes; lvis (APr = novel AP).
-- ``coco_2017_ov_train_base`` (48): COCO 2017 train, base classes' annotations only; coco.
-- ``coco_2017_ov_val`` (65): novel = the 17 novel classes; coco_ovd (box AP50 novel/base/all).
-- ``coco_2017_val`` (80), ``voc_2007_test`` (20, readable vocabulary names; pascal_voc),
-  ``objects365_v2_val`` (365): transfer targets; coco unless said.
+- ``vild_lvis_v1_train_base`` (866 classes): LVIS v1 train, rare classes' annotations removed; lvis.
+- ``vild_lvis_v1_train`` (1203): LVIS v1 train, the supervised reference; lvis.
+- ``vild_lvis_v1_val`` (1203): novel = the 337 rare classes; lvis (APr = novel AP).
+- ``vild_coco_2017_ov_train_base`` (48): COCO 2017 train, base classes' annotations only; coco.
+- ``vild_coco_2017_ov_val`` (65): novel = the 17 novel classes; coco_ovd (box AP50 novel/base/all).
+- ``vild_coco_2017_val`` (80), ``vild_voc_2007_test`` (20, readable vocabulary names; pascal_voc),
+  ``vild_objects365_v2_val`` (365): transfer targets; coco unless said.
 
 Registration reads no file; a missing file is reported, with the expected layout, when the
 dataset is loaded.

@@ -104,7 +104,7 @@ def prepare_coco_ovd_json(dataset_name: str) -> str:
     return str(target)
 
 
-def register_coco_ovd(root: str, prefix: str = "coco_2017_ov") -> List[str]:
+def register_coco_ovd(root: str, prefix: str = "vild_coco_2017_ov") -> List[str]:
     """
     Register, for the datasets root ``root`` (reads no file):
 

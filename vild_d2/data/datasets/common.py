@@ -42,14 +42,25 @@ def require_files(
     )
 
 
+# Names this package registered: only these are ever replaced (a world re-registered at another
+# root, say); a name registered by detectron2 or a user keeps its meaning.
+_OURS = set()
+
+
 def register_dataset(name: str, loader: Callable[[], list], metadata: Dict) -> None:
-    """Register ``name`` afresh (replacing an existing entry, e.g. detectron2's own registration
-    of the same files, whose metadata we extend)."""
+    """Register ``name`` (again, if this package registered it before, e.g. a shapes world at
+    another root); a name that detectron2 or a user registered is an error, never replaced."""
     if name in DatasetCatalog.list():
+        if name not in _OURS:
+            raise ValueError(
+                f"dataset {name!r} is already registered by someone else (detectron2 or your "
+                "code); vild_d2 does not change what a registered name means: pick another name"
+            )
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(**metadata)
+    _OURS.add(name)
 
 
 def keep_categories(dicts: List[dict], id_map: Dict[int, int]) -> List[dict]:

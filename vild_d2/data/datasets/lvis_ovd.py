@@ -51,7 +51,7 @@ def _load(json_file: str, image_root: str, root: str, name: str, keep=None):
     return keep_categories(dicts, {lvis_id - 1: k for lvis_id, k in keep.items()})
 
 
-def register_lvis_v1_ovd(root: str, prefix: str = "lvis_v1") -> List[str]:
+def register_lvis_v1_ovd(root: str, prefix: str = "vild_lvis_v1") -> List[str]:
     """
     Register, for the datasets root ``root`` (reads no file):
 

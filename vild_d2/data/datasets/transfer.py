@@ -54,7 +54,7 @@ def _load_coco_val(json_file: str, image_root: str, root: str, name: str) -> Lis
     return load_coco_json(json_file, image_root, name)
 
 
-def register_coco_2017_val(root: str, name: str = "coco_2017_val") -> str:
+def register_coco_2017_val(root: str, name: str = "vild_coco_2017_val") -> str:
     """COCO 2017 val, 80 classes, evaluator "coco": detectron2's registration (same files and
     metadata), plus the missing-file error."""
     root = os.path.expanduser(root)
@@ -79,7 +79,7 @@ def _load_voc(dirname: str, split: str, root: str, name: str) -> List[dict]:
     return load_voc_instances(dirname, split, VOC_CLASS_NAMES)
 
 
-def register_voc_2007_test(root: str, name: str = "voc_2007_test") -> str:
+def register_voc_2007_test(root: str, name: str = "vild_voc_2007_test") -> str:
     """PASCAL VOC 2007 test (20 classes, AP50 with detectron2's PascalVOCDetectionEvaluator);
     ``vocabulary_names`` = readable names ("aeroplane" -> "airplane", ...)."""
     root = os.path.expanduser(root)
@@ -110,7 +110,7 @@ def _load_objects365(json_file: str, image_root: str, root: str, name: str) -> L
     return dicts
 
 
-def register_objects365_v2_val(root: str, name: str = "objects365_v2_val") -> str:
+def register_objects365_v2_val(root: str, name: str = "vild_objects365_v2_val") -> str:
     """Objects365 v2 val (COCO-format json, 365 classes with ids 1..365, evaluator "coco");
     class names from the package's Objects365 names file. Its annotations are boxes only (no
     "segmentation"): ``evaluation_tasks`` = ("bbox",), so a mask model's masks are not scored
@@ -134,7 +134,7 @@ def register_objects365_v2_val(root: str, name: str = "objects365_v2_val") -> st
 
 
 def register_transfer_datasets(root: str) -> List[str]:
-    """``coco_2017_val``, ``voc_2007_test`` and ``objects365_v2_val`` under ``root``."""
+    """``vild_coco_2017_val``, ``vild_voc_2007_test`` and ``vild_objects365_v2_val`` under ``root``."""
     return [
         register_coco_2017_val(root),
         register_voc_2007_test(root),

@@ -1,0 +1,103 @@
+"""ViLD's box predictor: detectron2's Fast R-CNN output layers with the text classifier as
+``cls_score`` and class-agnostic box regression.
+
+Shape shorthand: N = RoIs, C = box-head feature channels, D = CLIP embedding width,
+K = classes of the active vocabulary.
+"""
+
+from typing import List, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
+from detectron2.structures import Instances
+
+from ..text import TextEncoder, Vocabulary, build_text_encoder, build_vocabularies
+from .text_classifier import TextClassifier
+
+__all__ = ["ViLDOutputLayers", "inference_without_background"]
+
+
+class ViLDOutputLayers(FastRCNNOutputLayers):
+    """
+    :class:`FastRCNNOutputLayers` whose ``cls_score`` is a :class:`TextClassifier` (region
+    embedding vs frozen text embeddings + a learned background) and whose box regression is
+    class-agnostic. ``losses`` and ``inference`` are detectron2's: softmax cross-entropy over
+    K+1 and smooth-L1 in training; at test time softmax over K+1 with the background column
+    dropped WITHOUT renormalising, which is exactly ViLD's rule. ``num_classes`` is the training
+    vocabulary's size (the background index of ``gt_classes``).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: ShapeSpec,
+        *,
+        train_vocabulary: Vocabulary,
+        test_vocabulary: Vocabulary = None,
+        temperature: float = 0.01,
+        text_encoder: TextEncoder = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            train_vocabulary, test_vocabulary, temperature: as :class:`TextClassifier`.
+            text_encoder: the encoder that made the vocabularies, kept for the model's
+                run-time vocabulary switches (so CLIP is loaded at most once).
+            kwargs: as :class:`FastRCNNOutputLayers` (``num_classes`` and
+                ``cls_agnostic_bbox_reg`` are set here).
+        """
+        super().__init__(
+            input_shape,
+            num_classes=len(train_vocabulary),
+            cls_agnostic_bbox_reg=True,
+            **kwargs,
+        )
+        # Replaces the parent's learned (K+1)-way Linear.
+        self.cls_score = TextClassifier(
+            self.cls_score.in_features, train_vocabulary, test_vocabulary, temperature
+        )
+        self.text_encoder = text_encoder
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        encoder = build_text_encoder(cfg)
+        train_vocabulary, test_vocabulary = build_vocabularies(cfg, encoder)
+        ret.update(
+            box2box_transform=Box2BoxTransform(weights=cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS),
+            train_vocabulary=train_vocabulary,
+            test_vocabulary=test_vocabulary,
+            temperature=cfg.MODEL.VILD.TEMPERATURE,
+            text_encoder=encoder,
+        )
+        for key in ("num_classes", "cls_agnostic_bbox_reg", "use_fed_loss", "use_sigmoid_ce",
+                    "get_fed_loss_cls_weights", "fed_loss_num_classes"):  # fmt: skip
+            ret.pop(key, None)  # ours, or newer detectron2 options ViLD's softmax CE never uses
+        return ret
+
+
+def inference_without_background(
+    boxes: Sequence[torch.Tensor],
+    scores: Sequence[torch.Tensor],
+    image_shapes: Sequence[Tuple[int, int]],
+    score_thresh: float,
+    nms_thresh: float,
+    topk_per_image: int,
+) -> List[Instances]:
+    """
+    detectron2's ``fast_rcnn_inference`` (per-class NMS, top-k) for scores that have no
+    background column (ViLD-ensemble, CLIP on crops).
+
+    Args:
+        boxes: per image (R_i, 4) class-agnostic boxes.
+        scores: per image (R_i, K) class scores.
+    """
+    # fast_rcnn_inference reads K+1 columns, the last one background, which it drops.
+    scores = [torch.cat([s, s.new_zeros(len(s), 1)], dim=1) for s in scores]
+    instances, _ = fast_rcnn_inference(
+        boxes, scores, image_shapes, score_thresh, nms_thresh, topk_per_image
+    )
+    return instances
