@@ -4,7 +4,7 @@ import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2 i
 
 import pytest
 
-from vild_d2.text import save_random_clip
+from tiny_world import save_random_clip  # tests/ helper
 
 
 @pytest.fixture(scope="session")

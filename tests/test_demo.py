@@ -13,7 +13,7 @@ import pycocotools.mask as mask_util
 import pytest
 from skimage import data as skdata
 
-from vild_toy_model import make_toy_model
+from tiny_world import make_random_model  # tests/ helper
 
 
 def _load_demo():
@@ -26,7 +26,7 @@ def _load_demo():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, tiny_clip_path):
     root = tmp_path_factory.mktemp("toy_demo")
-    config_file, opts = make_toy_model(root, tiny_clip_path)
+    config_file, opts = make_random_model(root, tiny_clip_path)
     photos = root / "photos"
     photos.mkdir()
     cv2.imwrite(str(photos / "astronaut.png"), skdata.astronaut()[:, :, ::-1])

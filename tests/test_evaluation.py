@@ -37,6 +37,7 @@ from vild_d2.data.datasets import (
 )
 from vild_d2.engine import Trainer
 from vild_d2.evaluation import COCOOpenVocabularyEvaluator
+from tiny_world import TINY_OPTS  # tests/ helper
 
 from test_datasets import (  # noqa: I100  (the tiny-dataset writers, tests/test_datasets.py)
     coco_picks,
@@ -317,9 +318,10 @@ def test_trainer_test_evaluates_each_dataset_with_its_vocabulary(
     templates.write_text("a photo of {article} {}.\n")
 
     cfg = _cfg(tmp_path)
-    cfg.merge_from_file("configs/Toy/Base-Toy-R18-FPN.yaml")
+    cfg.merge_from_file("configs/Shapes/Base-Shapes-R18-FPN.yaml")
     cfg.merge_from_list(
-        [
+        TINY_OPTS
+        + [
             "MODEL.VILD.CLIP_MODEL", tiny_clip_path,
             "MODEL.VILD.PROMPT_TEMPLATES", str(templates),
             "MODEL.VILD.EMBEDDING_CACHE_DIR", str(tmp_path / "embeddings"),

@@ -16,7 +16,7 @@ from vild_d2 import ViLDPredictor
 from vild_d2.engine.predictor import load_config
 from vild_d2.export import export_onnx, export_torchscript, outputs_to_instances
 
-from vild_toy_model import make_toy_model
+from tiny_world import make_random_model  # tests/ helper
 
 NAMES = ["person", "flag", "helmet"]
 
@@ -28,7 +28,7 @@ def _bgr(image):
 @pytest.fixture(scope="module", params=["vild", "vild_ensemble"])
 def predictor(request, tmp_path_factory, tiny_clip_path):
     root = tmp_path_factory.mktemp(f"toy_export_{request.param}")
-    config_file, opts = make_toy_model(root, tiny_clip_path, variant=request.param)
+    config_file, opts = make_random_model(root, tiny_clip_path, variant=request.param)
     predictor = ViLDPredictor(load_config(config_file, opts))
     predictor.set_vocabulary(NAMES)
     return predictor
@@ -90,7 +90,7 @@ def test_onnx_without_the_onnx_package_says_what_to_install(predictor, tmp_path,
 
 
 def test_export_tool(tmp_path, tiny_clip_path):
-    config_file, opts = make_toy_model(tmp_path / "toy", tiny_clip_path)
+    config_file, opts = make_random_model(tmp_path / "toy", tiny_clip_path)
     proc = subprocess.run(
         [sys.executable, "tools/export_model.py", "--config-file", config_file,
          "--vocabulary", "custom", "--custom-vocabulary", "cat,dog", "--format", "torchscript",

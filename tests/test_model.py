@@ -17,6 +17,7 @@ from detectron2.utils.events import EventStorage
 
 from vild_d2 import ViLDCheckpointer, ViLDOutputLayers, Vocabulary, add_vild_config
 from vild_d2.modeling import distillation_loss, ensemble_scores
+from tiny_world import TINY_OPTS  # tests/ helper
 
 TRAIN_NAMES = ["red square", "blue circle", "green triangle"]
 TEST_NAMES = ["red square", "blue circle", "green triangle", "yellow star", "purple cross"]
@@ -42,7 +43,8 @@ def vocab_files(tmp_path_factory):
 def tiny_cfg(variant, vocab_files, **overrides):
     cfg = get_cfg()
     add_vild_config(cfg)
-    cfg.merge_from_file("configs/Toy/Base-Toy-R18-FPN.yaml")
+    cfg.merge_from_file("configs/Shapes/Base-Shapes-R18-FPN.yaml")
+    cfg.merge_from_list(TINY_OPTS)
     cfg.MODEL.VILD.VARIANT = variant
     cfg.MODEL.VILD.TRAIN_VOCABULARY = vocab_files["train"]
     cfg.MODEL.VILD.TEST_VOCABULARY = vocab_files["test"]
@@ -98,10 +100,10 @@ def _predictor(**kwargs):
 # ---------------------------------------------------------------------------------------------
 # Math against independent float64 computations
 def _ref_logits(pred, x, class_embeddings, temperature=0.01):
-    x, W, b = x.double(), pred.projection.weight.double(), pred.projection.bias.double()
+    x, W, b = x.double(), pred.cls_score.projection.weight.double(), pred.cls_score.projection.bias.double()
     region = x @ W.t() + b
     region = region / region.norm(dim=1, keepdim=True)
-    cls = torch.cat([class_embeddings.double(), pred.background.double()[None]])
+    cls = torch.cat([class_embeddings.double(), pred.cls_score.background.double()[None]])
     cls = cls / cls.norm(dim=1, keepdim=True)
     return region @ cls.t() / temperature
 
@@ -110,7 +112,7 @@ def test_text_classifier_logits_and_loss_match_float64():
     pred = _predictor().train()
     x = torch.randn(6, 8)
     logits, deltas = pred(x)
-    ref = _ref_logits(pred, x, pred.train_vocabulary.embeddings)
+    ref = _ref_logits(pred, x, pred.cls_score.train_vocabulary.embeddings)
     assert logits.shape == (6, len(TRAIN_NAMES) + 1) and deltas.shape == (6, 4)
     torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-3)
 
@@ -148,14 +150,14 @@ def test_text_classifier_learns_separable_classes():
     x, y = batch()
     accuracy = (pred(x)[0].argmax(1) == y).float().mean().item()
     assert accuracy > 0.95
-    assert pred.train_embeddings.grad is None  # the text classifier stays frozen
+    assert pred.cls_score.train_embeddings.grad is None  # the text classifier stays frozen
 
 
 def test_test_vocabulary_in_eval_and_background_dropped_without_renormalising():
     pred = _predictor().eval()
     x = torch.randn(4, 8)
     logits, _ = pred(x)
-    ref = _ref_logits(pred, x, pred.test_vocabulary.embeddings)
+    ref = _ref_logits(pred, x, pred.cls_score.test_vocabulary.embeddings)
     assert logits.shape == (4, len(TEST_NAMES) + 1)
     torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-3)
 
@@ -225,7 +227,7 @@ def test_variant_train_step_and_inference(variant, vocab_files):
         head = (
             model.roi_heads.image_projection
             if variant == "ensemble"
-            else model.roi_heads.box_predictor.projection
+            else model.roi_heads.box_predictor.cls_score.projection
         )
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     if variant == "ensemble":
@@ -234,8 +236,8 @@ def test_variant_train_step_and_inference(variant, vocab_files):
         with EventStorage():
             model(_inputs())["loss_distill"].backward()
         assert (
-            model.roi_heads.box_predictor.projection.weight.grad is None
-            or model.roi_heads.box_predictor.projection.weight.grad.abs().sum() == 0
+            model.roi_heads.box_predictor.cls_score.projection.weight.grad is None
+            or model.roi_heads.box_predictor.cls_score.projection.weight.grad.abs().sum() == 0
         )
 
     model.eval()
@@ -264,12 +266,12 @@ def test_empty_annotations_and_empty_distillation(vocab_files):
 
 def test_ensemble_base_novel_from_training_vocabulary(vocab_files):
     model = build_model(tiny_cfg("ensemble", vocab_files))
-    is_base = model.roi_heads.box_predictor.test_is_base.tolist()
+    is_base = model.roi_heads.box_predictor.cls_score.test_is_base.tolist()
     assert is_base == [n in TRAIN_NAMES for n in TEST_NAMES]
     # An explicit novel mask in the vocabulary wins.
     novel = torch.tensor([False, True, False, True, True])
     model.set_vocabulary(_vocab(TEST_NAMES, 1, novel=novel))
-    assert model.roi_heads.box_predictor.test_is_base.tolist() == (~novel).tolist()
+    assert model.roi_heads.box_predictor.cls_score.test_is_base.tolist() == (~novel).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def test_vocabulary_switch_without_rebuilding_and_checkpoint(vocab_files, tmp_pa
     predictor = model.roi_heads.box_predictor
     model.set_vocabulary(other)
     assert model.roi_heads.box_predictor is predictor  # same module, no rebuild
-    assert "test_embeddings" in dict(predictor.named_buffers())  # still a registered buffer
+    assert "cls_score.test_embeddings" in dict(predictor.named_buffers())  # still a buffer
     switched = _detect(model)
     assert model.vocabulary.names == ["cat", "dog"]
     assert int(switched.pred_classes.max()) < 2
@@ -400,7 +402,7 @@ def test_distillation_loss_wiring_matches_per_image_reference(variant, vocab_fil
         for i, d in enumerate(distill):
             pooled = rh.box_pooler([f[i : i + 1] for f in feats], [d.boxes])
             if variant == "vild":
-                emb = rh.box_predictor.embed(rh.box_head(pooled))
+                emb = rh.box_predictor.cls_score.embed(rh.box_head(pooled))
             else:
                 emb = rh.embed_image_branch(pooled)
             target = d.embeddings.double() / d.embeddings.double().norm(dim=1, keepdim=True)
@@ -429,7 +431,7 @@ def test_ensemble_inference_matches_float64_reference(vocab_files):
         p_t = logits_t.softmax(1)[:, :-1]
         emb_i = rh.image_projection(rh.image_box_head(pooled).flatten(1)).double()
         emb_i = emb_i / emb_i.norm(dim=1, keepdim=True)
-        cls = pred.test_embeddings.double()
+        cls = pred.cls_score.test_embeddings.double()
         cls = cls / cls.norm(dim=1, keepdim=True)
         p_i = (emb_i @ cls.t() / 0.5).softmax(1)
         lam = 2.0 / 3.0
@@ -458,7 +460,7 @@ def test_images_with_empty_width_unknown_distillation_are_skipped(vocab_files):
 def test_vocabulary_follows_model_dtype_and_class_specific_heads_are_refused(vocab_files):
     model = build_model(tiny_cfg("vild", vocab_files)).half()
     model.set_vocabulary(_vocab(["cat", "dog"], seed=7))
-    assert model.roi_heads.box_predictor.test_embeddings.dtype == torch.float16
+    assert model.roi_heads.box_predictor.cls_score.test_embeddings.dtype == torch.float16
     with pytest.raises(ValueError, match="class-agnostic"):
         build_model(
             tiny_cfg("vild", vocab_files, **{"MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False})
@@ -488,7 +490,7 @@ def test_precomputed_proposals_and_one_box_image_branch(vocab_files):
 
 def test_vocabulary_from_another_clip_of_the_same_width_warns(vocab_files, caplog):
     model = build_model(tiny_cfg("vild", vocab_files))
-    model.roi_heads.box_predictor.train_vocabulary.clip_model = "ViT-B/32"
+    model.roi_heads.box_predictor.cls_score.train_vocabulary.clip_model = "ViT-B/32"
     other = Vocabulary(["cat", "dog"], torch.randn(2, DIM), clip_model="ViT-B/16")
     with caplog.at_level("WARNING"):
         model.set_vocabulary(other)
@@ -496,8 +498,8 @@ def test_vocabulary_from_another_clip_of_the_same_width_warns(vocab_files, caplo
 
 
 def test_predictor_and_model_share_one_text_encoder(vocab_files):
-    from vild_d2.modeling.predictor import build_text_encoder
-
     cfg = tiny_cfg("vild", vocab_files)
     model = build_model(cfg)
-    assert model.text_encoder is build_text_encoder(cfg)  # CLIP loads at most once
+    # The encoder that made the vocabularies serves run-time switches: CLIP loads at most once.
+    assert model.text_encoder is model.roi_heads.box_predictor.text_encoder
+    assert model.text_encoder is not None

@@ -1,4 +1,4 @@
-"""The precompute tools and the training-time join, end to end on the toy world.
+"""The precompute tools and the training-time join, end to end on a tiny shapes world.
 
 Both tools run once as commands; kill-and-resume and sharding run the same jobs in-process
 (a crash is an exception raised after k images) and compare the stores byte for byte.
@@ -18,108 +18,67 @@ import pytest
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from vild_d2 import add_vild_config
-from vild_d2.data import ViLDDatasetMapper
-from vild_d2.data.toy import compute_toy_distillation, generate_toy_world, register_toy_world
-from vild_d2.distill import CLIPTeacher, DistillStore, StoreError, StoreWriter
-from vild_d2.distill.precompute import (
-    embeddings_header,
-    iter_embeddings,
-    iter_proposals,
-    proposals_header,
-    read_rgb,
-    run_precompute,
-)
+from vild_d2.data import ViLDDatasetMapper, get_training_dicts
+from vild_d2.distill import DistillStore, StoreError
+from vild_d2.distill.precompute import iter_proposals
+from vild_d2.distill.store import read_rgb
 from vild_d2.engine import Trainer
-from vild_d2.text import load_clip, save_random_clip
+from tiny_world import (  # tests/ helper
+    M,
+    TINY_OPTS,
+    TINY_SPEC,
+    make_proposals,
+    make_targets,
+    make_world,
+    random_rpn,
+    save_random_clip,
+    tiny_config,
+)
 
-M = 40  # proposals per image
-CHUNK = 2
-NUM_TRAIN = 6
-DATASET = "dtest_toy_train"
+NUM_TRAIN = TINY_SPEC.num_train
+SIZE = TINY_SPEC.image_size
+PREFIX = "dtest_shapes"
 
 
 class Crash(Exception):
     pass
 
 
-def proposal_cfg(weights=""):
-    cfg = get_cfg()
-    add_vild_config(cfg)
-    cfg.merge_from_file("configs/Toy/vild.yaml")
-    # Any meta-architecture with an RPN: ProposalNetwork needs no CLIP.
-    cfg.MODEL.META_ARCHITECTURE = "ProposalNetwork"
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = M
-    cfg.MODEL.WEIGHTS = weights
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_clip_path):
     base = tmp_path_factory.mktemp("distill")
-    root = base / "datasets" / "vild_toy"
-    generate_toy_world(root, num_train=NUM_TRAIN, num_val=2)
-    compute_toy_distillation(root, load_clip(tiny_clip_path)[0])  # the toy's own targets
-    register_toy_world(str(root), prefix="dtest_toy")
-    torch.manual_seed(0)
-    weights = str(base / "rpn.pth")
-    torch.save({"model": build_model(proposal_cfg()).state_dict()}, weights)
-    return {"base": base, "root": root, "weights": weights, "clip": tiny_clip_path}
+    names = make_world(base / "datasets", prefix=PREFIX)
+    # As tools/precompute_proposals.py: the RPN's post-NMS output is exactly the top M.
+    rpn = random_rpn(
+        tiny_clip_path, base / "cache", base / "rpn.pth", "MODEL.RPN.POST_NMS_TOPK_TEST", str(M)
+    )
+    return {"base": base, "clip": tiny_clip_path, "rpn": rpn, "dataset": names["train"]}
 
 
-def make_proposals(world, out, **kwargs):
-    cfg = proposal_cfg(world["weights"])
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(world["weights"])
-    model.eval()
-    dicts = DatasetCatalog.get(DATASET)
-    header = proposals_header(
-        DATASET, len(dicts), chunk_size=CHUNK, max_proposals=M, model={"weights": world["weights"]}
-    )
-    writer = StoreWriter(out, header)
-    return run_precompute(
-        writer,
-        dicts,
-        lambda chunks: iter_proposals(
-            model, chunks, DatasetMapper(cfg, is_train=False), max_proposals=M, batch_size=2
-        ),
-        progress=False,
-        **kwargs,
-    )
+def proposal_cfg(world, *opts):
+    return tiny_config(
+        "configs/Shapes/rpn.yaml", world["clip"], world["base"] / "cache",
+        "MODEL.WEIGHTS", world["rpn"].MODEL.WEIGHTS, *opts,
+    )  # fmt: skip
 
 
-def make_targets(world, proposals, out, scales=(1.0, 1.5), **kwargs):
-    proposals = DistillStore(str(proposals))
-    teacher = CLIPTeacher(world["clip"], scales=scales)
-    dicts = DatasetCatalog.get(DATASET)
-    header = embeddings_header(
-        DATASET,
-        len(dicts),
-        chunk_size=CHUNK,
-        max_proposals=M,
-        teacher_settings=teacher.settings(),
-        proposals=proposals,
-    )
-    writer = StoreWriter(out, header)
-    return run_precompute(
-        writer,
-        dicts,
-        lambda chunks: iter_embeddings(teacher, chunks, proposals, max_boxes=M),
-        progress=False,
-        **kwargs,
-    )
+def proposals_of(world, out, **kwargs):
+    return make_proposals(world["rpn"], world["dataset"], out, **kwargs)
+
+
+def targets_of(world, proposals, out, **kwargs):
+    return make_targets(world["clip"], world["dataset"], proposals, out, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def stores(world):
     base = world["base"]
-    make_proposals(world, base / "proposals")
-    make_targets(world, base / "proposals", base / "targets")
+    proposals_of(world, base / "proposals")
+    targets_of(world, base / "proposals", base / "targets")
     return base / "proposals", base / "targets"
 
 
@@ -145,9 +104,9 @@ def test_tools_end_to_end(world, tmp_path):
     log = run(
         "tools/precompute_proposals.py",
         "--config-file",
-        "configs/Toy/vild.yaml",
+        "configs/Shapes/rpn.yaml",
         "--dataset",
-        "vild_toy_train",
+        "shapes_train_base",  # the world at $DETECTRON2_DATASETS/shapes, registered on import
         "--output",
         str(props),
         "--num-proposals",
@@ -160,10 +119,9 @@ def test_tools_end_to_end(world, tmp_path):
         "0",
         "--export-detectron2",
         str(pkl),
-        "MODEL.META_ARCHITECTURE",
-        "ProposalNetwork",
+        *TINY_OPTS,
         "MODEL.WEIGHTS",
-        world["weights"],
+        world["rpn"].MODEL.WEIGHTS,
     )
     assert "img/s" in log and "6 of 6 images done" in log, log[-2000:]
     log = run(
@@ -171,7 +129,7 @@ def test_tools_end_to_end(world, tmp_path):
         "--proposals",
         str(props),
         "--dataset",
-        "vild_toy_train",
+        "shapes_train_base",
         "--clip",
         world["clip"],
         "--output",
@@ -195,7 +153,7 @@ def test_tools_end_to_end(world, tmp_path):
     # detectron2's proposal-file format, in dataset order.
     with open(pkl, "rb") as f:
         exported = pickle.load(f)
-    ids = [d["image_id"] for d in DatasetCatalog.get(DATASET)]
+    ids = [d["image_id"] for d in DatasetCatalog.get(world["dataset"])]
     assert exported["ids"] == ids
     for i, image_id in enumerate(ids):
         assert np.array_equal(exported["boxes"][i], p[image_id]["boxes"])
@@ -205,14 +163,13 @@ def test_tools_end_to_end(world, tmp_path):
 
 def test_proposals_are_top_m_in_original_coordinates(world, stores):
     store = DistillStore(str(stores[0]))
-    cfg = proposal_cfg(world["weights"])
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+    cfg = proposal_cfg(world, "MODEL.RPN.POST_NMS_TOPK_TEST", "1000")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(world["weights"])
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
-    d = DatasetCatalog.get(DATASET)[0]
+    d = DatasetCatalog.get(world["dataset"])[0]
     x = DatasetMapper(cfg, is_train=False)(d)
-    h, w = x["image"].shape[1:]  # the test-time resized image (64 x 80 -> 64 x 80 here)
+    h, w = x["image"].shape[1:]  # the test-time resized image (64 x 64 -> 64 x 64 here)
     with torch.no_grad():
         out = model([{"image": x["image"], "height": h, "width": w}])[0]["proposals"]
     # By hand: scale to the original size, clip, keep boxes of positive size, top M.
@@ -229,17 +186,18 @@ def test_proposals_are_top_m_in_original_coordinates(world, stores):
 
 
 def test_proposals_of_a_resized_image_are_in_original_coordinates(world):
-    # The toy's test-time resize is the identity (64 x 80): test a real one, 1.5x.
-    cfg = proposal_cfg(world["weights"])
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 200
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+    # The tiny world's test-time resize is the identity (64 x 64): test a real one, 1.5x.
+    cfg = proposal_cfg(
+        world, "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "200",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "1000",
+    )  # fmt: skip
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(world["weights"])
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
-    d = DatasetCatalog.get(DATASET)[0]
+    d = DatasetCatalog.get(world["dataset"])[0]
     x = DatasetMapper(cfg, is_train=False)(d)
     h, w = x["image"].shape[1:]
-    assert (h, w) == (96, 120) and (d["height"], d["width"]) == (64, 80)
+    assert (h, w) == (96, 96) and (d["height"], d["width"]) == (64, 64)
     with torch.no_grad():
         out = model([{"image": x["image"], "height": h, "width": w}])[0]["proposals"]
     boxes = out.proposal_boxes.tensor.numpy() / 1.5
@@ -268,32 +226,32 @@ def test_kill_and_resume_equals_uninterrupted(world, stores, tmp_path):
         return hook
 
     with pytest.raises(Crash):
-        make_targets(world, stores[0], out, on_image=crash_after(3))
+        targets_of(world, stores[0], out, on_image=crash_after(3))
     # Chunk 0 (images 0-1) was written; chunk 1 was half done: nothing of it is on disk.
     assert sorted(os.listdir(out)) == ["chunk-000000.vds", "header.json"]
-    stats = make_targets(world, stores[0], out)
+    stats = targets_of(world, stores[0], out)
     assert (stats["done_before"], stats["computed"]) == (2, 4)
     same_store(out, stores[1])
-    stats = make_targets(world, stores[0], out)  # nothing left to do
+    stats = targets_of(world, stores[0], out)  # nothing left to do
     assert stats["computed"] == 0
 
     # The same for the proposals job, crashing in its first batch's chunk.
     with pytest.raises(Crash):
-        make_proposals(world, tmp_path / "props", on_image=crash_after(1))
+        proposals_of(world, tmp_path / "props", on_image=crash_after(1))
     assert os.listdir(tmp_path / "props") == ["header.json"]
-    make_proposals(world, tmp_path / "props")
+    proposals_of(world, tmp_path / "props")
     same_store(tmp_path / "props", stores[0])
 
 
 def test_shards_equal_unsharded(world, stores, tmp_path):
     out = tmp_path / "targets"
-    make_targets(world, stores[0], out, shard=1, num_shards=2)
+    targets_of(world, stores[0], out, shard=1, num_shards=2)
     partial = DistillStore(str(out))
     assert partial.missing_chunks() == [0, 2] and len(partial) == 2
-    make_targets(world, stores[0], out, shard=0, num_shards=2)
+    targets_of(world, stores[0], out, shard=0, num_shards=2)
     same_store(out, stores[1])
     for i in range(3):
-        make_proposals(world, tmp_path / "props", shard=i, num_shards=3)
+        proposals_of(world, tmp_path / "props", shard=i, num_shards=3)
     same_store(tmp_path / "props", stores[0])
 
 
@@ -301,23 +259,20 @@ def test_rerun_with_other_settings_is_refused(world, stores):
     with pytest.raises(
         StoreError, match=r"crops\.scales: store has \[1\.0, 1\.5\], this run " r"\[1\.0, 2\.0\]"
     ):
-        make_targets(world, stores[0], stores[1], scales=(1.0, 2.0))
+        targets_of(world, stores[0], stores[1], scales=(1.0, 2.0))
 
 
 # --- training ---------------------------------------------------------------------------------
 
 
 def train_cfg(world, store, **distill):
-    cfg = get_cfg()
-    add_vild_config(cfg)
-    cfg.merge_from_file("configs/Toy/vild.yaml")
-    cfg.DATASETS.TRAIN = (DATASET,)
-    cfg.MODEL.VILD.CLIP_MODEL = world["clip"]
-    cfg.MODEL.VILD.EMBEDDING_CACHE_DIR = str(world["base"] / "cache")
-    cfg.MODEL.VILD.DISTILL.STORES = (str(store),)
-    for k, v in distill.items():
-        cfg.MODEL.VILD.DISTILL[k] = v
-    cfg.SOLVER.IMS_PER_BATCH = 2
+    opts = [x for k, v in distill.items() for x in (f"MODEL.VILD.DISTILL.{k}", v)]
+    cfg = tiny_config(
+        "configs/Shapes/vild.yaml", world["clip"], world["base"] / "cache",
+        "DATASETS.TRAIN", f"('{world['dataset']}',)", "DATASETS.TEST", "()",
+        "MODEL.VILD.DISTILL.STORES", f"('{store}',)", *opts,
+    )  # fmt: skip
+    cfg.defrost()
     return cfg
 
 
@@ -326,10 +281,9 @@ def test_training_step_reads_targets_from_store(world, stores):
     store = DistillStore(str(stores[1]))
     batch = next(iter(Trainer.build_train_loader(cfg)))
     for x in batch:
-        assert "distill_source" not in x
         rec = store[x["image_id"]]
         distill = x["distill"]
-        # The store's M boxes (the toy's own dicts carry 8), all inside the image.
+        # The store's M boxes, all inside the image.
         assert len(distill) == M
         assert torch.equal(
             distill.embeddings, torch.from_numpy(rec["embeddings"].astype(np.float32))
@@ -352,19 +306,21 @@ def test_training_step_reads_targets_from_store(world, stores):
 
 def test_missing_images_error_or_skip(world, stores, tmp_path, caplog):
     partial = tmp_path / "partial"
-    make_targets(world, stores[0], partial, shard=0, num_shards=2)  # chunks 0 and 2
+    targets_of(world, stores[0], partial, shard=0, num_shards=2)  # chunks 0 and 2
+    # Training drops images without a base annotation (FILTER_EMPTY_ANNOTATIONS).
+    total = sum(1 for d in DatasetCatalog.get(world["dataset"]) if d["annotations"])
     with pytest.raises(
         StoreError,
-        match=r"2 of 6 images of training dataset "
-        r"'dtest_toy_train' are not in store .*MISSING skip",
+        match=rf"2 of {total} images of training dataset "
+        rf"'{PREFIX}_train_base' are not in store .*MISSING skip",
     ):
         Trainer.build_train_loader(train_cfg(world, partial))
     cfg = train_cfg(world, partial, MISSING="skip")
     with caplog.at_level(logging.WARNING):
         Trainer.build_train_loader(cfg)
-    assert "2 of 6 images" in caplog.text and "without distillation targets" in caplog.text
+    assert f"2 of {total} images" in caplog.text and "without distillation targets" in caplog.text
     mapper = ViLDDatasetMapper(cfg, is_train=True)
-    dicts = mapper.distill_targets.attach([DATASET], [DatasetCatalog.get(DATASET)])
+    dicts = get_training_dicts(cfg)
     absent = [d for d in dicts if d["image_id"] not in DistillStore(str(partial))]
     out = mapper(absent[0])
     assert len(out["distill"]) == 0 and tuple(out["distill"].embeddings.shape) == (0, 32)
@@ -378,30 +334,39 @@ def test_store_made_with_other_clip_or_crops_is_refused(world, stores, tmp_path)
         StoreError,
         match=r"clip: store has '.*tiny_clip\.pt.*', the config .*" r"asks for '.*other_clip\.pt",
     ):
-        ViLDDatasetMapper(cfg, is_train=True)
-    cfg = train_cfg(world, stores[1], CROP_SCALES=(1.0, 2.0))
+        get_training_dicts(cfg)
+    cfg = train_cfg(world, stores[1], CROP_SCALES="(1.0, 2.0)")
     with pytest.raises(
         StoreError, match=r"crops\.scales: store has \[1\.0, 1\.5\].*\[1\.0, 2\.0\]"
     ):
-        ViLDDatasetMapper(cfg, is_train=True)
+        get_training_dicts(cfg)
     cfg = train_cfg(world, stores[0])  # a proposals store where targets are expected
     with pytest.raises(StoreError, match="'proposals' store.*ONLINE"):
-        ViLDDatasetMapper(cfg, is_train=True)
+        get_training_dicts(cfg)
 
 
 def test_online_targets_equal_offline(world, stores):
-    offline = ViLDDatasetMapper(train_cfg(world, stores[1]), is_train=True).distill_targets
-    online = ViLDDatasetMapper(
-        train_cfg(world, stores[0], ONLINE=True), is_train=True
-    ).distill_targets
-    assert online.teacher is not None
-    for d in DatasetCatalog.get(DATASET)[:2]:
-        a, b = dict(d), dict(d)
-        offline.fill(a)
-        online.fill(b)
-        assert np.array_equal(a["distill_boxes"], b["distill_boxes"])
-        assert np.array_equal(a["distill_embeddings"], b["distill_embeddings"])
-        assert a["distill_embeddings"].shape == (M, 32)
+    offline = get_training_dicts(train_cfg(world, stores[1]))
+    online = get_training_dicts(train_cfg(world, stores[0], ONLINE="True"))
+    for a, b in zip(offline[:2], online[:2]):
+        assert a["image_id"] == b["image_id"]
+        boxes_a, boxes_b = np.asarray(a["distill_boxes"]), np.asarray(b["distill_boxes"])
+        emb_a, emb_b = np.asarray(a["distill_embeddings"]), np.asarray(b["distill_embeddings"])
+        assert np.array_equal(boxes_a, boxes_b)
+        assert np.array_equal(emb_a, emb_b)
+        assert emb_a.shape == (M, 32) and emb_a.dtype == np.float32
+
+
+def test_dicts_hold_lazy_references_not_targets(world, stores):
+    """A dataset dict carries a few bytes per image (what the loader pickles to its workers),
+    not the (M, D) targets; they are read when the mapper asks for them."""
+    dicts = get_training_dicts(train_cfg(world, stores[1]))
+    store = DistillStore(str(stores[1]))
+    for d in dicts:
+        assert len(pickle.dumps(d["distill_embeddings"])) < 400
+        rec = store[d["image_id"]]
+        assert np.array_equal(np.asarray(d["distill_embeddings"]), rec["embeddings"][:M])
+        assert np.array_equal(np.asarray(d["distill_boxes"]), rec["boxes"][:M])
 
 
 def test_corrupt_image_is_named(tmp_path):

@@ -15,7 +15,7 @@ from vild_d2.text import load_templates, vocabulary_from_names
 from vild_d2.text.encoder import load_clip
 from vild_d2.text.prompts import fill_prompts
 
-from vild_toy_model import TRAIN_NAMES, make_toy_model  # tests/ helper
+from tiny_world import TRAIN_NAMES, make_random_model  # tests/ helper
 
 NAMES_A = ["person", "flag", "helmet"]
 NAMES_B = ["rocket", "space suit"]
@@ -24,7 +24,7 @@ NAMES_B = ["rocket", "space suit"]
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, tiny_clip_path):
     root = tmp_path_factory.mktemp("toy_predictor")
-    config_file, opts = make_toy_model(root, tiny_clip_path)
+    config_file, opts = make_random_model(root, tiny_clip_path)
     opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
     return root, config_file, opts
 
@@ -56,7 +56,7 @@ def test_vocabulary_switch_changes_names_and_scores(toy, photo, tmp_path):
     assert not torch.allclose(out_a.scores[:5], out_b.scores[:5])
     # The classifier is still a registered buffer, now (2, D).
     buffers = dict(predictor.model.named_buffers())
-    assert buffers["roi_heads.box_predictor.test_embeddings"].shape[0] == len(NAMES_B)
+    assert buffers["roi_heads.box_predictor.cls_score.test_embeddings"].shape[0] == len(NAMES_B)
 
     # Switching at run time == a predictor configured with that vocabulary from the start.
     b_file = tmp_path / "b.pth"
@@ -90,7 +90,7 @@ def test_embeddings_match_an_independent_prompt_ensemble(toy, tiny_clip_path):
             ref.append(F.normalize(F.normalize(emb, dim=1).mean(0), dim=0))
     ref = torch.stack(ref)
     torch.testing.assert_close(vocab.embeddings.double(), ref, rtol=0, atol=1e-5)
-    buffer = predictor.model.roi_heads.box_predictor.test_embeddings
+    buffer = predictor.model.roi_heads.box_predictor.cls_score.test_embeddings
     torch.testing.assert_close(buffer.double(), ref, rtol=0, atol=1e-5)
 
 

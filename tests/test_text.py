@@ -24,9 +24,9 @@ from vild_d2.text import (
     load_templates,
     process_name,
     resolve_vocabulary,
-    save_random_clip,
     vocabulary_from_names,
 )
+from tiny_world import save_random_clip  # tests/ helper
 
 REPO = Path(__file__).resolve().parents[1]
 

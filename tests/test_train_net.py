@@ -1,4 +1,5 @@
-"""tools/train_net.py end to end on the toy world: each variant trains, saves and evaluates."""
+"""tools/train_net.py end to end on a tiny shapes world: each variant trains, saves and
+evaluates."""
 
 import vild_d2  # noqa: F401  (first: compat bridges)
 
@@ -9,30 +10,26 @@ import sys
 import pytest
 import torch
 
-from vild_d2.data.toy import TOY_CLASSES
+from tiny_world import TINY_OPTS, make_stores, make_world  # tests/ helper
 
 ITERS = 10
 
 
 @pytest.fixture(scope="module")
-def toy_env(tmp_path_factory):
+def tiny_env(tmp_path_factory, tiny_clip_path):
+    """A tiny world at <root>/shapes (the subprocesses register it as shapes_* on import, from
+    $DETECTRON2_DATASETS), registered here as ttrain_*, and its distillation store."""
     root = tmp_path_factory.mktemp("datasets")
-    subprocess.run(
-        [
-            sys.executable,
-            "tools/make_toy_world.py",
-            "--root",
-            str(root / "vild_toy"),
-            "--num-train",
-            "4",
-            "--num-val",
-            "2",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    world = make_world(root, prefix="ttrain")
+    stores = make_stores(world, tiny_clip_path, root / "stores")
     env = dict(os.environ, DETECTRON2_DATASETS=str(root), OMP_NUM_THREADS="2")
-    return root, env
+    common = [
+        *TINY_OPTS,
+        "MODEL.VILD.CLIP_MODEL", tiny_clip_path,
+        "MODEL.VILD.EMBEDDING_CACHE_DIR", str(root / "cache"),
+        "MODEL.VILD.DISTILL.STORES", f"('{stores['targets']}',)",
+    ]  # fmt: skip
+    return {"root": root, "env": env, "world": world, "common": common, "clip": tiny_clip_path}
 
 
 def _train_net(env, *args):
@@ -44,13 +41,10 @@ def _train_net(env, *args):
 
 
 @pytest.mark.parametrize("variant", ["vild_text", "vild", "vild_ensemble"])
-def test_train_and_evaluate(variant, toy_env, tmp_path):
-    root, env = toy_env
+def test_train_and_evaluate(variant, tiny_env, tmp_path):
+    env = tiny_env["env"]
     common = [
-        "MODEL.VILD.CLIP_MODEL",
-        str(root / "vild_toy" / "tiny_clip.pt"),
-        "MODEL.VILD.EMBEDDING_CACHE_DIR",
-        str(root / "cache"),
+        *tiny_env["common"],
         # A barely trained model with logits x100 can give its foreground classes
         # probabilities that underflow to 0: keep every box so the evaluator has input.
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
@@ -59,7 +53,7 @@ def test_train_and_evaluate(variant, toy_env, tmp_path):
     log = _train_net(
         env,
         "--config-file",
-        f"configs/Toy/{variant}.yaml",
+        f"configs/Shapes/{variant}.yaml",
         *common,
         "SOLVER.MAX_ITER",
         str(ITERS),
@@ -76,13 +70,14 @@ def test_train_and_evaluate(variant, toy_env, tmp_path):
 
     checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=False)
     assert checkpoint["iteration"] == ITERS - 1
-    assert checkpoint["vocabulary"]["names"] == TOY_CLASSES  # test vocabulary saved with it
+    # The test vocabulary (shapes_val's classes) is saved with it.
+    assert checkpoint["vocabulary"]["names"] == list(tiny_env["world"]["spec"].classes)
 
     if variant == "vild_ensemble":
         log = _train_net(
             env,
             "--config-file",
-            f"configs/Toy/{variant}.yaml",
+            f"configs/Shapes/{variant}.yaml",
             "--eval-only",
             *common,
             "MODEL.WEIGHTS",
@@ -92,40 +87,34 @@ def test_train_and_evaluate(variant, toy_env, tmp_path):
         )
         assert "copypaste: Task: segm" in log
         assert (
-            tmp_path / "eval" / "inference" / "vild_toy_val" / "lvis_instances_results.json"
+            tmp_path / "eval" / "inference" / "shapes_val" / "lvis_instances_results.json"
         ).is_file()
 
 
-def test_training_vocabulary_must_match_training_classes(tmp_path):
-    from detectron2.config import get_cfg
-
-    from vild_d2 import Vocabulary, add_vild_config
-    from vild_d2.data.toy import TOY_NOVEL
+def test_training_vocabulary_must_match_training_classes(tiny_env, tmp_path):
+    from vild_d2 import Vocabulary
     from vild_d2.engine import Trainer
+    from vild_d2.config import load_config
 
-    base = [c for c in TOY_CLASSES if c not in TOY_NOVEL]
+    base = list(tiny_env["world"]["spec"].base)
     shuffled = str(tmp_path / "shuffled.pth")
     Vocabulary(base[::-1], torch.randn(len(base), 8)).save(shuffled)
-    cfg = get_cfg()
-    add_vild_config(cfg)
-    cfg.merge_from_file("configs/Toy/vild.yaml")
-    cfg.MODEL.VILD.TRAIN_VOCABULARY = shuffled
-    cfg.MODEL.VILD.TEST_VOCABULARY = shuffled
-    with pytest.raises(ValueError, match="vild_toy_train.*first difference at index 0"):
+    train = tiny_env["world"]["train"]
+    opts = [*tiny_env["common"], "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", "()",
+            "MODEL.VILD.TRAIN_VOCABULARY", shuffled, "MODEL.VILD.TEST_VOCABULARY", shuffled]
+    cfg = load_config("configs/Shapes/vild.yaml", opts)
+    with pytest.raises(ValueError, match=f"{train}.*first difference at index 0"):
         Trainer.build_model(cfg)
     Vocabulary(base, torch.randn(len(base), 8)).save(shuffled)
-    assert Trainer.build_model(cfg).roi_heads.box_predictor.train_vocabulary.names == base
+    assert Trainer.build_model(cfg).roi_heads.box_predictor.cls_score.train_vocabulary.names == base
 
 
-def test_resume_continues_from_last_checkpoint(toy_env, tmp_path):
-    root, env = toy_env
+def test_resume_continues_from_last_checkpoint(tiny_env, tmp_path):
+    env = tiny_env["env"]
     common = [
         "--config-file",
-        "configs/Toy/vild.yaml",
-        "MODEL.VILD.CLIP_MODEL",
-        str(root / "vild_toy" / "tiny_clip.pt"),
-        "MODEL.VILD.EMBEDDING_CACHE_DIR",
-        str(root / "cache"),
+        "configs/Shapes/vild.yaml",
+        *tiny_env["common"],
         "DATASETS.TEST",
         "()",
         "OUTPUT_DIR",
@@ -138,25 +127,24 @@ def test_resume_continues_from_last_checkpoint(toy_env, tmp_path):
     assert checkpoint["iteration"] == 3
 
 
-def test_each_test_dataset_is_evaluated_with_its_own_classes(toy_env, tmp_path):
-    from detectron2.config import get_cfg
+def test_each_test_dataset_is_evaluated_with_its_own_classes(tiny_env, tmp_path):
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import DatasetEvaluator
 
-    from vild_d2 import Vocabulary, add_vild_config
-    from vild_d2.data.toy import register_toy_world
+    from vild_d2 import Vocabulary
+    from vild_d2.config import load_config
     from vild_d2.engine import Trainer
 
-    root, _ = toy_env
-    register_toy_world(str(root / "vild_toy"))  # this process registered ./datasets at import
-    cfg = get_cfg()
-    add_vild_config(cfg)
-    cfg.merge_from_file("configs/Toy/vild.yaml")
-    cfg.MODEL.VILD.CLIP_MODEL = str(root / "vild_toy" / "tiny_clip.pt")
-    cfg.MODEL.VILD.EMBEDDING_CACHE_DIR = str(root / "cache")
-    cfg.DATASETS.TEST = ("vild_toy_val", "vild_toy_train")  # 12 and 10 classes
+    world = tiny_env["world"]
+    val, train = world["val"], world["train"]  # 36 and 30 classes
+    cfg = load_config(
+        "configs/Shapes/vild.yaml",
+        [*tiny_env["common"], "DATASETS.TRAIN", f"('{train}',)",
+         "DATASETS.TEST", f"('{val}', '{train}')"],
+    )  # fmt: skip
+    cfg.defrost()
     model = Trainer.build_model(cfg)
-    custom = Vocabulary(["cat", "dog"], torch.randn(2, model.roi_heads.box_predictor.embed_dim))
+    custom = Vocabulary(["cat", "dog"], torch.randn(2, model.roi_heads.box_predictor.cls_score.embed_dim))
     model.set_vocabulary(custom)
 
     class VocabularySeen(DatasetEvaluator):
@@ -175,12 +163,12 @@ def test_each_test_dataset_is_evaluated_with_its_own_classes(toy_env, tmp_path):
     results = Trainer.test(cfg, model, probes)
     for probe, name in zip(probes, cfg.DATASETS.TEST):
         assert probe.names == MetadataCatalog.get(name).thing_classes
-    assert results["vild_toy_val"]["seen"]["classes"] == 12.0
+    assert results[val]["seen"]["classes"] == 36.0
     assert model.vocabulary.names == ["cat", "dog"]  # restored
 
     # An explicit test vocabulary that is not the dataset's classes is refused.
     path = str(tmp_path / "custom.pth")
     custom.save(path)
     cfg.MODEL.VILD.TEST_VOCABULARY = path
-    with pytest.raises(ValueError, match="TEST_VOCABULARY.*vild_toy_val"):
+    with pytest.raises(ValueError, match=f"TEST_VOCABULARY.*{val}"):
         Trainer.test(cfg, model, probes)

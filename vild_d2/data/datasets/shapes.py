@@ -34,6 +34,7 @@ __all__ = [
     "SHAPES_CLASSES",
     "DEFAULT_NOVEL",
     "WorldSpec",
+    "background_texture",
     "draw_scene",
     "generate_shapes_world",
     "load_world_spec",
@@ -164,23 +165,50 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.nda
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """(size, size, 3) uint8: low-saturation noise, a gradient or a stripe/checker texture."""
+    return background_texture(rng, size)[0]
+
+
+def background_texture(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, dict]:
+    """
+    The background :func:`draw_scene` paints first, with what it is made of, for captions.
+
+    Returns:
+        image: (size, size, 3) uint8, exactly ``_background``'s for the same ``rng`` state.
+        texture: {"kind": "plain" | "gradient" | "stripes" | "checker", "base": mean grey
+            level, "amplitude": grey range of the gradient or half the stripe contrast (0 for
+            plain), "period": stripe period as a fraction of the image (0 if none),
+            "noise": pixel noise std}.
+    """
+    # The random draws and their order are the world's: a seed's images must not change.
     kind = rng.integers(3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     base = rng.uniform(60, 190)
+    texture = {"kind": "plain", "base": float(base), "amplitude": 0.0, "period": 0.0}
     if kind == 0:
         grey = np.full((size, size), base, np.float32)
     elif kind == 1:
         theta = rng.uniform(0, 2 * np.pi)
-        grey = base + rng.uniform(20, 60) * (np.cos(theta) * xx + np.sin(theta) * yy - 0.5)
+        amplitude = rng.uniform(20, 60)
+        grey = base + amplitude * (np.cos(theta) * xx + np.sin(theta) * yy - 0.5)
+        texture.update(kind="gradient", amplitude=float(amplitude))
     else:
         period = rng.uniform(0.05, 0.25)
         wave = np.sin(2 * np.pi * xx / period + rng.uniform(0, 6.3))
-        if rng.random() < 0.5:
+        checker = rng.random() < 0.5
+        if checker:
             wave = wave * np.sin(2 * np.pi * yy / period)
-        grey = base + rng.uniform(10, 35) * np.sign(wave)
+        amplitude = rng.uniform(10, 35)
+        grey = base + amplitude * np.sign(wave)
+        texture.update(
+            kind="checker" if checker else "stripes", amplitude=float(amplitude),
+            period=float(period),
+        )  # fmt: skip
     tint = rng.uniform(-12, 12, size=3).astype(np.float32)
-    noise = rng.normal(0, rng.uniform(4, 22), size=(size, size, 3)).astype(np.float32)
-    return np.clip(grey[..., None] + tint + noise, 0, 255).astype(np.uint8)
+    sigma = rng.uniform(4, 22)
+    texture["noise"] = float(sigma)
+    noise = rng.normal(0, sigma, size=(size, size, 3)).astype(np.float32)
+    image = np.clip(grey[..., None] + tint + noise, 0, 255).astype(np.uint8)
+    return image, texture
 
 
 def draw_scene(
