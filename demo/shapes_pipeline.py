@@ -40,10 +40,12 @@ VARIANTS = {
     "supervised_base": "Mask R-CNN, base boxes only (linear classifier)",
     "clip_on_crops": "CLIP on cropped regions (teacher classifies RPN proposals)",
     "vild_text": "ViLD-text",
+    "vild_image": "ViLD-image (distillation only)",
     "vild": "ViLD (text + image, w = 0.5)",
     "vild_ensemble": "ViLD-ensemble",
 }
-TRAINED_VARIANTS = ("supervised_base", "vild_text", "vild", "vild_ensemble")
+TRAINED_VARIANTS = ("supervised_base", "vild_text", "vild_image", "vild", "vild_ensemble")
+DISTILLED_VARIANTS = ("vild_image", "vild", "vild_ensemble")
 METRICS = ("AP", "APr", "APc", "APf")
 
 
@@ -237,7 +239,7 @@ class ShapesPipeline:
             after = ["supervised_base", "vocabulary"]
         else:
             cmd = self._train_cmd(variant)
-            after = ["vocabulary"] + (["targets"] if variant in ("vild", "vild_ensemble") else [])
+            after = ["vocabulary"] + (["targets"] if variant in DISTILLED_VARIANTS else [])
         outputs = [results] + ([] if variant == "clip_on_crops" else [self.weights(variant)])
         self._stage(
             variant,

@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from vild_d2.distill import CLIPTeacher
-from vild_d2.engine.predictor import load_config
+from vild_d2.config import load_config
 
 
 def _cfg(clip_path, tmp_path, *opts):

@@ -13,7 +13,7 @@ import torch
 from skimage import data as skdata
 
 from vild_d2 import ViLDPredictor
-from vild_d2.engine.predictor import load_config
+from vild_d2.config import load_config
 from vild_d2.export import export_onnx, export_torchscript, outputs_to_instances
 
 from tiny_world import make_random_model  # tests/ helper
@@ -39,12 +39,25 @@ def _eager(predictor, inputs):
         return predictor.model([inputs])[0]["instances"]
 
 
-def _assert_parity(got, ref):
+def _assert_parity(got, ref, exact_masks=True):
     assert len(got) == len(ref) > 0
     torch.testing.assert_close(got.pred_boxes.tensor, ref.pred_boxes.tensor, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(got.scores, ref.scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.pred_classes, ref.pred_classes)
-    torch.testing.assert_close(got.pred_masks.float(), ref.pred_masks.float(), rtol=0, atol=0.01)
+    if exact_masks:
+        assert torch.equal(got.pred_masks, ref.pred_masks)
+        return
+    # ONNX Runtime's float arithmetic differs from torch's in the last bits (boxes ~1e-4 px),
+    # which can flip a pasted pixel whose mask probability is at the 0.5 threshold: allow such
+    # flips only on the reference masks' outlines, and only a few.
+    ref_masks = ref.pred_masks.bool()
+    differ = got.pred_masks.bool() != ref_masks
+    padded = torch.nn.functional.pad(ref_masks.float()[:, None], (1, 1, 1, 1), mode="replicate")
+    eroded = -torch.nn.functional.max_pool2d(-padded, 3, stride=1)[:, 0] > 0.5
+    dilated = torch.nn.functional.max_pool2d(padded, 3, stride=1)[:, 0] > 0.5
+    outline = dilated & ~eroded
+    assert not (differ & ~outline).any(), "mask pixels differ away from the masks' outlines"
+    assert differ.sum() <= 1e-5 * differ.numel(), f"{int(differ.sum())} mask pixels differ"
 
 
 def test_torchscript_matches_eager_with_the_vocabulary_baked_in(predictor, tmp_path):
@@ -78,7 +91,7 @@ def test_onnx_matches_eager(predictor, tmp_path):
     inputs = predictor.preprocess(_bgr(skdata.coffee()))
     outputs = session.run(None, {"image": inputs["image"].numpy()})
     got = outputs_to_instances([torch.from_numpy(o) for o in outputs], (400, 600))
-    _assert_parity(got, _eager(predictor, inputs))
+    _assert_parity(got, _eager(predictor, inputs), exact_masks=False)
 
 
 def test_onnx_without_the_onnx_package_says_what_to_install(predictor, tmp_path, monkeypatch):

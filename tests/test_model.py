@@ -212,13 +212,15 @@ def test_ensemble_scores_hand_worked_and_float64():
 EXPECTED_LOSSES = {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
 
 
-@pytest.mark.parametrize("variant", ["text", "vild", "ensemble"])
+@pytest.mark.parametrize("variant", ["text", "image", "vild", "ensemble"])
 def test_variant_train_step_and_inference(variant, vocab_files):
     torch.manual_seed(0)
     model = build_model(tiny_cfg(variant, vocab_files))
     with EventStorage():
         losses = model(_inputs())
     expected = EXPECTED_LOSSES | ({"loss_distill"} if variant != "text" else set())
+    if variant == "image":
+        expected = expected - {"loss_cls"}
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -248,6 +250,62 @@ def test_variant_train_step_and_inference(variant, vocab_files):
     assert int(inst.pred_classes.max()) < len(TEST_NAMES)
     assert inst.has("pred_masks") and inst.pred_masks.shape[1:] == (64, 80)
     assert float(inst.scores.max()) <= 1.0
+
+
+def test_vild_image_has_no_text_term(vocab_files):
+    """ViLD-image's total loss reaches the text classifier only through the distillation loss:
+    the projection's gradient from the total equals its gradient from w * L_distill alone, and
+    the background embedding (only the text cross-entropy would train it) gets none."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("image", vocab_files))
+    classifier = model.roi_heads.box_predictor.cls_score
+    with EventStorage():
+        losses = model(_inputs())
+    total = sum(losses.values())
+    from_total = torch.autograd.grad(total, classifier.projection.weight, retain_graph=True)[0]
+    from_distill = torch.autograd.grad(
+        losses["loss_distill"], classifier.projection.weight, retain_graph=True
+    )[0]
+    assert from_distill.abs().sum() > 0
+    torch.testing.assert_close(from_total, from_distill, rtol=1e-6, atol=1e-9)
+    (grad_bg,) = torch.autograd.grad(total, classifier.background, allow_unused=True)
+    assert grad_bg is None or grad_bg.abs().sum() == 0
+
+    # The same model as ViLD (text loss on) does give the text classifier a text gradient.
+    torch.manual_seed(0)
+    vild = build_model(tiny_cfg("vild", vocab_files))
+    with EventStorage():
+        vild_losses = vild(_inputs())
+    (grad_bg,) = torch.autograd.grad(
+        sum(vild_losses.values()), vild.roi_heads.box_predictor.cls_score.background
+    )
+    assert grad_bg.abs().sum() > 0
+
+
+def test_vild_image_scores_by_hand(vocab_files):
+    """At test time ViLD-image scores a box by softmax over the test classes (no background) of
+    cos / T, times sigmoid(objectness) ** w: recomputed here in float64 from its own RoIs."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("image", vocab_files, **{"MODEL.VILD.TEMPERATURE": 0.5})
+    model = build_model(cfg).eval()
+    rh = model.roi_heads
+    image = _inputs()[0]["image"]
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        features = model.backbone(images.tensor)
+        proposals, _ = model.proposal_generator(images, features, None)
+        (got,) = rh(images, features, proposals)[0]
+        feats = [features[f] for f in rh.box_in_features]
+        pooled = rh.box_pooler(feats, [p.proposal_boxes for p in proposals])
+        emb = rh.box_predictor.cls_score.embed(rh.box_head(pooled)).double()
+    text = rh.box_predictor.cls_score.test_embeddings.double()
+    text = text / text.norm(dim=1, keepdim=True)
+    probs = (emb @ text.t() / 0.5).softmax(1)
+    ref = probs * proposals[0].objectness_logits.double().sigmoid()[:, None] ** 0.5
+    # Every kept detection's score is its RoI's score for its class (up to float32).
+    best = ref.max().item()
+    assert abs(got.scores.max().item() - best) < 1e-5
+    assert int(got.pred_classes[got.scores.argmax()]) == int(ref.max(0).values.argmax())
 
 
 def test_empty_annotations_and_empty_distillation(vocab_files):
@@ -503,3 +561,26 @@ def test_predictor_and_model_share_one_text_encoder(vocab_files):
     # The encoder that made the vocabularies serves run-time switches: CLIP loads at most once.
     assert model.text_encoder is model.roi_heads.box_predictor.text_encoder
     assert model.text_encoder is not None
+
+
+def test_checkpoint_from_before_the_text_classifier_module_loads(vocab_files, tmp_path):
+    """Checkpoints written when the projection and background sat on the box predictor itself
+    (``box_predictor.projection.*``, ``box_predictor.background``) load into the
+    ``cls_score`` (TextClassifier) and give the same detections."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("vild", vocab_files, **{"MODEL.VILD.TEMPERATURE": 0.5})
+    model = build_model(cfg).eval()
+    old = {}
+    for key, value in model.state_dict().items():
+        old[key.replace("box_predictor.cls_score.projection.", "box_predictor.projection.")
+            .replace("box_predictor.cls_score.background", "box_predictor.background")] = value
+    assert "roi_heads.box_predictor.projection.weight" in old  # the old layout
+    torch.save({"model": old}, tmp_path / "old.pth")
+
+    torch.manual_seed(1)  # other random weights, all of which the checkpoint must replace
+    fresh = build_model(cfg).eval()
+    ViLDCheckpointer(fresh).load(str(tmp_path / "old.pth"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    a, b = _detect(model), _detect(fresh)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)

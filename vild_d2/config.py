@@ -7,7 +7,7 @@ from detectron2.config import get_cfg
 
 __all__ = ["add_vild_config", "load_config", "needs_distillation"]
 
-VARIANTS = ("text", "vild", "ensemble")
+VARIANTS = ("text", "image", "vild", "ensemble")
 
 
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
@@ -31,8 +31,9 @@ def add_vild_config(cfg):
     """Add ``cfg.MODEL.VILD`` (ViLD's options, with their paper/official defaults) to ``cfg``."""
     _C = cfg
     _C.MODEL.VILD = CN()
-    # "text": ViLD-text (text classifier only); "vild": ViLD (text classifier + distillation
-    # boxes through the same head); "ensemble": ViLD-ensemble (separate image-branch head).
+    # "text": ViLD-text (text classifier only); "image": ViLD-image (distillation only, the
+    # paper's ablation); "vild": ViLD (text classifier + distillation boxes through the same
+    # head); "ensemble": ViLD-ensemble (separate image-branch head).
     _C.MODEL.VILD.VARIANT = "vild"
     # CLIP teacher: a name for clip.load ("ViT-B/32", needs internet once) or a local checkpoint.
     _C.MODEL.VILD.CLIP_MODEL = "ViT-B/32"
@@ -73,12 +74,14 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.DISTILL.ONLINE_DEVICE = "cpu"
     # ViLD-ensemble: score = p_t^l * p_i^(1-l) on base classes, p_t^(1-l) * p_i^l on novel ones.
     _C.MODEL.VILD.ENSEMBLE_LAMBDA = 2.0 / 3.0
+    # Classifiers without a trained background (CLIP on crops, ViLD-image) score a box by their
+    # class probabilities times sigmoid(RPN objectness) ** OBJECTNESS_WEIGHT (0 = the class
+    # probabilities alone): only the RPN can tell a whole object from a part or from background.
+    _C.MODEL.VILD.OBJECTNESS_WEIGHT = 0.5
     # The "CLIP on cropped regions" baseline (META_ARCHITECTURE "CLIPOnCropsRCNN"): how many
-    # top RPN proposals per image CLIP classifies, and the exponent of sigmoid(objectness) that
-    # multiplies CLIP's class probabilities (0 = CLIP's probabilities alone).
+    # top RPN proposals per image CLIP classifies.
     _C.MODEL.VILD.CLIP_ON_CROPS = CN()
     _C.MODEL.VILD.CLIP_ON_CROPS.NUM_PROPOSALS = 300
-    _C.MODEL.VILD.CLIP_ON_CROPS.OBJECTNESS_WEIGHT = 0.5
 
     # Large-scale jitter (official recipe): flip, resize by a random factor of IMAGE_SIZE, then
     # crop/pad to IMAGE_SIZE x IMAGE_SIZE. Replaces INPUT.MIN_SIZE_TRAIN resizing in training.

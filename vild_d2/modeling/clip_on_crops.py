@@ -84,7 +84,7 @@ class CLIPOnCropsRCNN(GeneralizedRCNN):
             vocabulary=resolve_vocabulary(test_spec, encoder, use_synonyms=vild.USE_SYNONYMS),
             temperature=vild.TEMPERATURE,
             num_proposals=vild.CLIP_ON_CROPS.NUM_PROPOSALS,
-            objectness_weight=vild.CLIP_ON_CROPS.OBJECTNESS_WEIGHT,
+            objectness_weight=vild.OBJECTNESS_WEIGHT,
             score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
             nms_thresh=cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
             topk_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,

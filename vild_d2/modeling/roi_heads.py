@@ -36,6 +36,10 @@ class ViLDROIHeads(StandardROIHeads):
     checks that every input carries one).
 
     * ``"text"``: no distillation.
+    * ``"image"``: ViLD-image, as "vild" without the text cross-entropy (box regression and
+      masks train as usual). Its background embedding never trains, so at test time a box is
+      scored by its softmax over the test classes times sigmoid(RPN objectness) **
+      ``objectness_weight``, like CLIP on crops.
     * ``"vild"``: distillation boxes are pooled together with the sampled RoIs and go through the
       same box head and projection; their box outputs are discarded.
     * ``"ensemble"``: a separate ``image_box_head`` + ``image_projection`` embeds the distillation
@@ -49,6 +53,7 @@ class ViLDROIHeads(StandardROIHeads):
         variant: str = "vild",
         distill_weight: float = 0.5,
         ensemble_lambda: float = 2.0 / 3.0,
+        objectness_weight: float = 0.5,
         image_box_head: Optional[nn.Module] = None,
         image_projection: Optional[nn.Module] = None,
         **kwargs,
@@ -58,6 +63,7 @@ class ViLDROIHeads(StandardROIHeads):
             variant: one of "text", "vild", "ensemble".
             distill_weight: weight w of the L1 distillation loss.
             ensemble_lambda: lambda of ViLD-ensemble's score.
+            objectness_weight: ViLD-image's exponent of sigmoid(objectness) in its score.
             image_box_head, image_projection: the image branch (ensemble only).
             kwargs: as :class:`StandardROIHeads`; ``box_predictor`` is a :class:`ViLDOutputLayers`.
         """
@@ -76,6 +82,7 @@ class ViLDROIHeads(StandardROIHeads):
         self.variant = variant
         self.distill_weight = distill_weight
         self.ensemble_lambda = ensemble_lambda
+        self.objectness_weight = objectness_weight
         self.image_box_head = image_box_head
         self.image_projection = image_projection
 
@@ -86,6 +93,7 @@ class ViLDROIHeads(StandardROIHeads):
             variant=cfg.MODEL.VILD.VARIANT,
             distill_weight=cfg.MODEL.VILD.DISTILL_WEIGHT,
             ensemble_lambda=cfg.MODEL.VILD.ENSEMBLE_LAMBDA,
+            objectness_weight=cfg.MODEL.VILD.OBJECTNESS_WEIGHT,
         )
         if not (
             cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG
@@ -158,6 +166,8 @@ class ViLDROIHeads(StandardROIHeads):
             return self.box_predictor.losses(predictions, proposals)
         if self.variant == "ensemble":
             return self._ensemble_inference(pooled, predictions, proposals)
+        if self.variant == "image":
+            return self._image_only_inference(predictions, proposals)
         return self.box_predictor.inference(predictions, proposals)[0]
 
     def _forward_box_with_distillation(
@@ -185,7 +195,7 @@ class ViLDROIHeads(StandardROIHeads):
                 f"are {dim}-d: the CLIP model that made them differs from MODEL.VILD.CLIP_MODEL"
             )
 
-        if self.variant == "vild":
+        if self.variant in ("vild", "image"):
             box_features = self.box_head(pooled)
             predictions = self.box_predictor(box_features[~is_distill])
             region_embeddings = self.box_predictor.cls_score.embed(box_features[is_distill])
@@ -193,6 +203,8 @@ class ViLDROIHeads(StandardROIHeads):
             predictions = self.box_predictor(self.box_head(pooled[~is_distill]))
             region_embeddings = self.embed_image_branch(pooled[is_distill])
         losses = self.box_predictor.losses(predictions, proposals)
+        if self.variant == "image":  # distillation only: no text cross-entropy
+            del losses["loss_cls"]
         if region_embeddings is None:
             # Keep every image-branch weight in the graph (DDP expects gradients for all).
             zero = sum(p.sum() for p in self._image_branch_parameters()) * 0.0
@@ -226,6 +238,22 @@ class ViLDROIHeads(StandardROIHeads):
         scores = ensemble_scores(
             text_probs, image_probs, classifier.test_is_base, self.ensemble_lambda
         )
+        return inference_without_background(
+            predictor.predict_boxes(predictions, proposals),
+            scores.split([len(p) for p in proposals]),
+            [p.image_size for p in proposals],
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
+        )
+
+    def _image_only_inference(self, predictions, proposals):
+        """ViLD-image: softmax over the test classes (no background) x sigmoid(objectness)^w."""
+        predictor = self.box_predictor
+        # The logits' last column is the untrained background: drop it before the softmax.
+        probs = predictions[0][:, :-1].softmax(-1)
+        objectness = torch.cat([p.objectness_logits for p in proposals]).sigmoid()
+        scores = probs * objectness[:, None].to(probs.dtype) ** self.objectness_weight
         return inference_without_background(
             predictor.predict_boxes(predictions, proposals),
             scores.split([len(p) for p in proposals]),
