@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): requirements.lock setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==24.3.1"
-	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -r requirements.lock
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
