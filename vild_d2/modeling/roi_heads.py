@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, Instances
 from ..config import VARIANTS
 from .losses import distillation_loss, ensemble_scores
 from .text_classifier import NORM_EPS
-from .vild_fast_rcnn import ViLDOutputLayers, inference_without_background
+from .vild_fast_rcnn import ViLDOutputLayers
 
 __all__ = ["ViLDROIHeads"]
 
@@ -238,14 +238,7 @@ class ViLDROIHeads(StandardROIHeads):
         scores = ensemble_scores(
             text_probs, image_probs, classifier.test_is_base, self.ensemble_lambda
         )
-        return inference_without_background(
-            predictor.predict_boxes(predictions, proposals),
-            scores.split([len(p) for p in proposals]),
-            [p.image_size for p in proposals],
-            predictor.test_score_thresh,
-            predictor.test_nms_thresh,
-            predictor.test_topk_per_image,
-        )
+        return predictor.inference_with_scores(predictions, proposals, scores)
 
     def _image_only_inference(self, predictions, proposals):
         """ViLD-image: softmax over the test classes (no background) x sigmoid(objectness)^w."""
@@ -254,11 +247,4 @@ class ViLDROIHeads(StandardROIHeads):
         probs = predictions[0][:, :-1].softmax(-1)
         objectness = torch.cat([p.objectness_logits for p in proposals]).sigmoid()
         scores = probs * objectness[:, None].to(probs.dtype) ** self.objectness_weight
-        return inference_without_background(
-            predictor.predict_boxes(predictions, proposals),
-            scores.split([len(p) for p in proposals]),
-            [p.image_size for p in proposals],
-            predictor.test_score_thresh,
-            predictor.test_nms_thresh,
-            predictor.test_topk_per_image,
-        )
+        return predictor.inference_with_scores(predictions, proposals, scores)

@@ -61,6 +61,22 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         )
         self.text_encoder = text_encoder
 
+    def inference_with_scores(
+        self, predictions, proposals: List[Instances], scores: torch.Tensor
+    ) -> List[Instances]:
+        """
+        Inference with the box deltas of ``predictions`` and class ``scores`` (R, K) that have
+        no background column (ViLD-ensemble's, ViLD-image's): per-class NMS and top-k.
+        """
+        return inference_without_background(
+            self.predict_boxes(predictions, proposals),
+            scores.split([len(p) for p in proposals]),
+            [p.image_size for p in proposals],
+            self.test_score_thresh,
+            self.test_nms_thresh,
+            self.test_topk_per_image,
+        )
+
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
