@@ -52,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--teacher-crops", type=int, default=240, help="training crops per category")
     p.add_argument("--iters", type=int, default=0, help="detector iterations (0 = config's)")
     p.add_argument("--proposals", type=int, default=100, help="distilled proposals per image")
+    p.add_argument("--check", nargs="+", action="append", default=[],
+                   metavar=("NAME VARIANT", "KEY VALUE"),
+                   help="also train VARIANT with config overrides as row NAME (repeatable), "
+                        "e.g. --check vild_w1 vild MODEL.VILD.DISTILL_WEIGHT 1.0")  # fmt: skip
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="config overrides for every detector run (KEY VALUE ...)")  # fmt: skip
     return p.parse_args(argv)
@@ -109,6 +113,9 @@ def main(argv=None):
         variants.insert(0, "supervised_base")
     for variant in variants:
         pipeline.run_variant(variant)
+    for name, variant, *overrides in args.check:
+        pipeline.run_variant(variant, name=name, overrides=overrides)
+        variants.append(name)
     rows = {v: pipeline.results(v) for v in variants}
 
     teacher = pipeline.teacher_summary()

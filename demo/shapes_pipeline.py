@@ -51,7 +51,7 @@ METRICS = ("AP", "APr", "APc", "APf")
 
 @dataclass
 class ShapesOptions:
-    """What a run is made of (tools/run_shapes.py's options)."""
+    """What a run is made of (demo/run_shapes.py's options)."""
 
     output: str = "output/shapes"
     datasets: str = field(default_factory=lambda: os.getenv("DETECTRON2_DATASETS", "datasets"))
@@ -178,21 +178,24 @@ class ShapesPipeline:
         vocab = list(self.vocab.values())
         self._stage("vocabulary", cmds, vocab, after=["teacher"], clean=vocab)
 
-    def _train_cmd(self, variant: str, *extra: str) -> List[str]:
+    def _train_cmd(
+        self, variant: str, *extra: str, name: str = "", overrides: Sequence[str] = ()
+    ) -> List[str]:
         opts = [
             "MODEL.VILD.CLIP_MODEL", str(self.teacher),
             "MODEL.VILD.EMBEDDING_CACHE_DIR", str(self.out / "cache"),
             "MODEL.VILD.TRAIN_VOCABULARY", str(self.vocab["base"]),
             "MODEL.VILD.TEST_VOCABULARY", str(self.vocab["all"]),
             "MODEL.VILD.DISTILL.STORES", f"('{self.targets_store}',)",
-            "OUTPUT_DIR", str(self.out / variant),
+            "OUTPUT_DIR", str(self.out / (name or variant)),
         ]  # fmt: skip
         if self.o.iters:
             opts += ["SOLVER.MAX_ITER", str(self.o.iters), "SOLVER.STEPS",
                      f"({max(1, int(self.o.iters * 0.8))},)", "SOLVER.WARMUP_ITERS",
                      str(min(100, max(1, self.o.iters // 5)))]  # fmt: skip
         config = f"configs/Shapes/{variant}.yaml"
-        return ["tools/train_net.py", "--config-file", config, *extra, *opts, *self.o.extra_opts]
+        return ["tools/train_net.py", "--config-file", config, *extra, *opts, *self.o.extra_opts,
+                *overrides]  # fmt: skip
 
     def run_rpn(self):
         cmd = self._train_cmd("rpn")
@@ -230,23 +233,29 @@ class ShapesPipeline:
             clean=[self.targets_store],
         )
 
-    def run_variant(self, variant: str):
-        """Train (or, for clip_on_crops, only evaluate) ``variant`` and evaluate it on val."""
-        results = self.results_file(variant)
+    def run_variant(self, variant: str, name: str = "", overrides: Sequence[str] = ()):
+        """
+        Train (or, for clip_on_crops, only evaluate) ``variant`` and evaluate it on val, under
+        ``<output>/<name>`` (default: the variant's name) with config ``overrides`` (a check of
+        one setting beside the ablation, e.g. another distillation weight).
+        """
+        name = name or variant
+        results = self.results_file(name)
         if variant == "clip_on_crops":
             weights = self.weights("supervised_base")
-            cmd = self._train_cmd(variant, "--eval-only", "MODEL.WEIGHTS", str(weights))
+            cmd = self._train_cmd(variant, "--eval-only", "MODEL.WEIGHTS", str(weights),
+                                  name=name, overrides=overrides)  # fmt: skip
             after = ["supervised_base", "vocabulary"]
         else:
-            cmd = self._train_cmd(variant)
+            cmd = self._train_cmd(variant, name=name, overrides=overrides)
             after = ["vocabulary"] + (["targets"] if variant in DISTILLED_VARIANTS else [])
-        outputs = [results] + ([] if variant == "clip_on_crops" else [self.weights(variant)])
+        outputs = [results] + ([] if variant == "clip_on_crops" else [self.weights(name)])
         self._stage(
-            variant,
+            name,
             [cmd],
             outputs,
             after=["world", *after],
-            clean=[self.out / variant],
+            clean=[self.out / name],
             configs=[f"configs/Shapes/{variant}.yaml"],
         )
 

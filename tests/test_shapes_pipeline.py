@@ -15,12 +15,14 @@ from shapes_pipeline import ShapesOptions, ShapesPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["world", "teacher", "vocabulary", "rpn", "proposals", "targets"]
-VARIANTS = ["supervised_base", "clip_on_crops", "vild_text", "vild", "vild_ensemble"]
+VARIANTS = ["supervised_base", "clip_on_crops", "vild_text", "vild_image", "vild", "vild_ensemble"]
+CHECK = ["--check", "vild_w2", "vild", "MODEL.VILD.DISTILL_WEIGHT", "2.0"]
 NOVEL = ["red circle", "blue star", "green heart"]  # not the default: --novel must reach the world
 TINY = [
     "--seed", "2", "--novel", *NOVEL,
     "--num-train", "8", "--num-val", "4", "--teacher-steps", "3", "--teacher-crops", "2",
     "--iters", "4", "--proposals", "16",
+    *CHECK,
     "--opts", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
 ]  # fmt: skip
 
@@ -53,7 +55,7 @@ def test_every_stage_writes_its_artefact(ablation):
         out / "rpn" / "model_final.pth",
         out / "stores" / "proposals_train" / "header.json",
         out / "stores" / "clip_train" / "header.json",
-        *[out / v / "model_final.pth" for v in VARIANTS if v != "clip_on_crops"],
+        *[out / v / "model_final.pth" for v in VARIANTS + ["vild_w2"] if v != "clip_on_crops"],
     ]:
         assert path.is_file(), path
     for stage in STAGES + VARIANTS:
@@ -69,7 +71,10 @@ def test_the_evaluator_reports_apr_for_every_variant(ablation):
     tmp_path, stdout = ablation
     out = tmp_path / "out"
     table = json.loads((out / "ablation.json").read_text())
-    assert list(table) == VARIANTS
+    assert list(table) == VARIANTS + ["vild_w2"]  # the --check row last
+    # The check is the vild config with its override, written to its own folder.
+    config = (out / "vild_w2" / "config.yaml").read_text()
+    assert "DISTILL_WEIGHT: 2.0" in config
     for variant in VARIANTS:
         # The LVIS evaluator's own numbers, as train_net wrote them.
         raw = json.loads((out / variant / "inference" / "shapes_val" / "results.json").read_text())
