@@ -35,6 +35,7 @@ __all__ = [
     "MOST",
     "HALF",
     "Seen",
+    "Mixture",
     "CaptionPairs",
     "visible_in_window",
     "texture_words",
@@ -45,9 +46,10 @@ __all__ = [
 
 # Shares of an object's visible pixels inside a window that make it whole / mostly / half in it.
 WHOLE, MOST, HALF = 0.9, 0.6, 0.35
-# A cut-off object is named only if it shows at least this many pixels and this share of the
-# window: a sliver at the edge is there, but too little of it to say what it is.
-MIN_PIXELS, MIN_SHARE = 8, 0.02
+# A cut-off object is named only if it shows at least this share of the window: a sliver at
+# the edge is there, but too little of it to say what it is (a background caption may say its
+# colour). Nothing under MIN_PIXELS pixels counts.
+MIN_PIXELS, MIN_SHARE = 8, 0.25
 MAX_ITEMS = 4  # more visible objects than this: name the largest 3 and "more shapes"
 
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -62,11 +64,17 @@ _CUT = {
 @dataclass(frozen=True)
 class Seen:
     """An object as a window shows it: ``pixels`` of its visible pixels are in the window, a
-    ``fraction`` of all of them."""
+    ``fraction`` of all of them, a ``share`` of the window."""
 
     name: str
     pixels: int
     fraction: float
+    share: float
+
+    @property
+    def nameable(self) -> bool:
+        """Whole, or enough of it to say what it is."""
+        return self.fraction >= WHOLE or self.share >= MIN_SHARE
 
     @property
     def extent(self) -> str:
@@ -80,28 +88,24 @@ def visible_in_window(
     objects: Sequence[Tuple[str, np.ndarray]], window: Sequence[int]
 ) -> List[Seen]:
     """
-    The objects a window shows enough of to name.
+    What a window shows of each object.
 
     Args:
         objects: (name, visible mask (S, S) bool) per object.
         window: integer XYXY pixel box (x0, y0, x1, y1).
 
     Returns:
-        One :class:`Seen` per nameable object, largest in the window first: whole objects with
-        at least ``MIN_PIXELS`` pixels in it; cut-off ones with at least ``MIN_PIXELS`` and
-        ``MIN_SHARE`` of the window.
+        One :class:`Seen` per object with at least ``MIN_PIXELS`` pixels in the window, largest
+        in it first.
     """
     x0, y0, x1, y1 = (int(v) for v in window)
-    least = max(MIN_PIXELS, MIN_SHARE * (x1 - x0) * (y1 - y0))
+    area = (x1 - x0) * (y1 - y0)
     seen = []
     for name, mask in objects:
         total = int(mask.sum())
         inside = int(mask[y0:y1, x0:x1].sum())
-        if total == 0 or inside < MIN_PIXELS:
-            continue
-        fraction = inside / total
-        if fraction >= WHOLE or inside >= least:
-            seen.append(Seen(name, inside, fraction))
+        if total and inside >= MIN_PIXELS:
+            seen.append(Seen(name, inside, inside / total, inside / area))
     return sorted(seen, key=lambda o: -o.pixels)
 
 
@@ -145,32 +149,41 @@ def caption(
     seen: Sequence[Seen],
     background: Optional[str] = None,
     background_share: float = 0.0,
+    max_items: int = MAX_ITEMS,
 ) -> str:
     """
-    One caption, drawn from the grammar, of a window showing ``seen`` (largest first) on a
-    background described by ``background`` (:func:`texture_words`; None = unknown) that covers
-    ``background_share`` of the window.
+    One caption, drawn from the grammar, of a window showing ``seen`` (largest first; the
+    nameable ones are named) on a background described by ``background``
+    (:func:`texture_words`; None = unknown) that covers ``background_share`` of the window.
 
     Object phrases: "a red star", "two blue circles" (whole ones, counted by category), "half a
     green cross", "most of a yellow heart", "part of / a piece of / the edge of / a corner of an
-    orange square" (cut-off ones); more than ``MAX_ITEMS`` objects: the 3 largest and "more
-    shapes". Sentences: "{list}.", "a photo of {list}.", "a picture of {list}.", "an image
-    showing {list}.", "{list} on a {background} background.", "{n} shapes: {list}." (only whole
-    ones), "a close-up of {object}.", a ViLD prompt for a lone whole object; nothing visible:
+    orange square" (cut-off ones); more than ``max_items`` phrases: the ``max_items - 1`` of the
+    largest objects and "more shapes". Sentences: "{list}.", "a photo of {list}.", "a picture of
+    {list}.", "an image showing {list}.", "{list} on a {background} background.", "{n} shapes:
+    {list}." (only whole ones), "a close-up of {object}.", a ViLD prompt for a lone whole
+    object; nothing nameable:
     "a {background} background.", "a {background} texture.", "an empty {background}
-    background.", "nothing but a {background} background.".
+    background.", "nothing but a {background} background.", or with slivers of objects "a
+    {background} background with a bit of {colour}.".
     """
+    slivers = [o for o in seen if not o.nameable]
+    seen = [o for o in seen if o.nameable]
     if not seen:
-        if background is None:
-            return str(rng.choice(["background only.", "an empty background.", "no objects."]))
-        forms = [
-            "a {} background.",
-            "a {} texture.",
-            "an empty {} background.",
-            "nothing but a {} background.",
-            "a photo of a {} background.",
-        ]
-        return str(rng.choice(forms)).format(background)
+        if slivers:
+            colour = slivers[0].name.split(" ")[0]
+            forms = [f"a {{}} background with a bit of {colour}.",
+                     f"a {{}} background and the edge of something {colour}."]  # fmt: skip
+        else:
+            forms = [
+                "a {} background.",
+                "a {} texture.",
+                "an empty {} background.",
+                "nothing but a {} background.",
+                "a photo of a {} background.",
+            ]
+        # Texture unknown (a picture from elsewhere): no words for it.
+        return " ".join(str(rng.choice(forms)).format(background or "").split())
     whole = {}
     for o in seen:
         if o.extent == "whole":
@@ -187,9 +200,9 @@ def caption(
         else:
             word = str(rng.choice(_CUT[o.extent]))
             phrases.append(f"{word} {article(o.name)} {o.name}")
-    truncated = len(phrases) > MAX_ITEMS
+    truncated = len(phrases) > max_items
     if truncated:
-        phrases = phrases[: MAX_ITEMS - 1]
+        phrases = phrases[: max(1, max_items - 1)]
     if rng.random() < 0.5:  # captions on the web do not list things by size
         phrases = [phrases[i] for i in rng.permutation(len(phrases))]
     listed = _join(phrases + ["more shapes"] if truncated else phrases)
@@ -239,6 +252,29 @@ def scene_with_texture(
     return image, objects, texture
 
 
+_TOKENIZER = None
+
+
+def _fitting(rng, seen, words, share, max_tokens: Optional[int]) -> str:
+    """A :func:`caption` of at most ``max_tokens`` BPE tokens (None = any length)."""
+    global _TOKENIZER
+    text = caption(rng, seen, words, share)
+    if max_tokens is None:
+        return text
+    if _TOKENIZER is None:
+        from clip.simple_tokenizer import SimpleTokenizer
+
+        _TOKENIZER = SimpleTokenizer()
+    tries = 0
+    while len(_TOKENIZER.encode(text)) > max_tokens:
+        tries += 1
+        # A long caption is long because of its many objects: after a few draws, name fewer
+        # of them and say "more shapes" (the largest are kept).
+        items = MAX_ITEMS if tries < 8 else max(2, MAX_ITEMS - (tries - 7))
+        text = caption(rng, seen, words, share, max_items=items)
+    return text
+
+
 @dataclass
 class CaptionPairs:
     """N windows with captions.
@@ -274,21 +310,33 @@ def _random_square(rng: np.random.Generator, lo: float, hi: float, size: int) ->
     return np.array([x0, y0, x0 + side, y0 + side])
 
 
-def _scene_windows(rng, objects, size: int) -> List[Tuple[np.ndarray, str]]:
-    """The windows taken from one scene: one crop per object at a context scale in [1, 2]
-    (jittered box), one window on part of an object, one random window (sometimes the whole
-    scene), and a background-only window when one is found."""
+@dataclass(frozen=True)
+class Mixture:
+    """What :func:`caption_pairs` takes from each scene."""
+
+    # One object-centred crop per object and range: box jittered, context scale drawn in it.
+    object_scales: Tuple[Tuple[float, float], ...] = ((1.0, 1.5), (1.5, 2.0))
+    part: float = 0.5  # chance of a window on part of an object (smaller than it)
+    window: float = 0.5  # chance of a random window (side 15% to 100%; 15% of them the scene)
+    background: float = 1.0  # chance of a background-only window (when one is found)
+    empty: float = 0.08  # share of scenes without objects (3 windows each)
+
+
+def _scene_windows(rng, objects, size: int, mix: Mixture) -> List[Tuple[np.ndarray, str]]:
+    """The windows taken from one scene (see :class:`Mixture`)."""
     windows = []
     masks = [m for _, _, m in objects]
     for mask in masks:
         if mask.sum() < 16:
             continue
-        box = np.array(visible_box(mask), np.float64)
-        w, h = box[2] - box[0], box[3] - box[1]
-        box = box + rng.uniform(-0.1, 0.1, size=4) * [w, h, w, h]
-        windows.append((_square(box, float(rng.uniform(1.0, 2.0)), size), "object"))
+        x0, y0, x1, y1 = visible_box(mask)
+        w, h = x1 - x0, y1 - y0
+        for lo, hi in mix.object_scales:
+            box = np.array([x0, y0, x1, y1], np.float64)
+            box += rng.uniform(-0.1, 0.1, size=4) * [w, h, w, h]
+            windows.append((_square(box, float(rng.uniform(lo, hi)), size), "object"))
     big = [m for m in masks if m.sum() >= 40]
-    if big:  # a window centred on one of an object's pixels, smaller than the object
+    if big and rng.random() < mix.part:  # centred on one of an object's pixels, smaller
         mask = big[rng.integers(len(big))]
         x0, y0, x1, y1 = visible_box(mask)
         side = max(4, int(round(rng.uniform(0.3, 0.7) * max(x1 - x0, y1 - y0))))
@@ -297,16 +345,18 @@ def _scene_windows(rng, objects, size: int) -> List[Tuple[np.ndarray, str]]:
         cx = int(np.clip(xs[k] - side // 2, 0, size - side))
         cy = int(np.clip(ys[k] - side // 2, 0, size - side))
         windows.append((np.array([cx, cy, cx + side, cy + side]), "part"))
-    if rng.random() < 0.15:
-        windows.append((np.array([0, 0, size, size]), "window"))
-    else:
-        windows.append((_random_square(rng, 0.15, 1.0, size), "window"))
-    for _ in range(8):  # background between the objects, if there is room
-        window = _random_square(rng, 0.1, 0.4, size)
-        x0, y0, x1, y1 = window
-        if not any(m[y0:y1, x0:x1].any() for m in masks):
-            windows.append((window, "background"))
-            break
+    if rng.random() < mix.window:
+        if rng.random() < 0.15:
+            windows.append((np.array([0, 0, size, size]), "window"))
+        else:
+            windows.append((_random_square(rng, 0.15, 1.0, size), "window"))
+    if rng.random() < mix.background:
+        for _ in range(8):  # background between the objects, if there is room
+            window = _random_square(rng, 0.1, 0.4, size)
+            x0, y0, x1, y1 = window
+            if not any(m[y0:y1, x0:x1].any() for m in masks):
+                windows.append((window, "background"))
+                break
     return windows
 
 
@@ -316,15 +366,18 @@ def caption_pairs(
     size: int,
     seed: int,
     variants: int = 4,
-    empty_share: float = 0.08,
+    max_tokens: Optional[int] = None,
+    mixture: Mixture = Mixture(),
 ) -> CaptionPairs:
     """
     ``count`` image-caption pairs from the world's distribution (see the module docstring).
 
-    Scenes hold 1 to 6 objects of categories drawn uniformly from all of ``world.classes``; a
-    share ``empty_share`` of the scenes are bare backgrounds (3 windows each, one of them
-    sometimes the whole picture). Each window gets ``variants`` captions drawn independently
-    from the grammar.
+    Scenes hold 1 to 6 objects of categories drawn uniformly from all of ``world.classes``;
+    ``mixture`` says which windows each gives, and how many scenes are bare backgrounds (3
+    windows each, of 10% to 100% of the picture). Each window gets ``variants`` captions drawn
+    independently
+    from the grammar; with ``max_tokens``, captions longer than that many BPE tokens are drawn
+    again (then made of fewer objects), so that none is cut by the text tower's context.
 
     Returns:
         :class:`CaptionPairs` with exactly ``count`` pairs, deterministic in (world, seed).
@@ -335,14 +388,14 @@ def caption_pairs(
     crops, captions, windows, scenes, kinds = [], [], [], [], []
     scene = 0
     while len(kinds) < count:
-        if rng.random() < empty_share:
+        if rng.random() < mixture.empty:
             image, texture = background_texture(rng, s_img)
             objects = []
             chosen = [(_random_square(rng, 0.1, 1.0, s_img), "background") for _ in range(3)]
         else:
             names = [classes[i] for i in rng.integers(len(classes), size=rng.integers(1, 7))]
             image, objects, texture = scene_with_texture(rng, world, names)
-            chosen = _scene_windows(rng, objects, s_img)
+            chosen = _scene_windows(rng, objects, s_img, mixture)
         named = [(n, m) for n, _, m in objects]
         covered = np.zeros((s_img, s_img), bool)
         for _, m in named:
@@ -352,7 +405,9 @@ def caption_pairs(
             seen = visible_in_window(named, window)
             share = 1.0 - covered[y0:y1, x0:x1].mean()
             words = texture_words(texture, (x1 - x0) / s_img)
-            captions.append([caption(rng, seen, words, share) for _ in range(variants)])
+            captions.append(
+                [_fitting(rng, seen, words, share, max_tokens) for _ in range(variants)]
+            )
             windows.append(window)
             scenes.append(scene)
             kinds.append(kind)

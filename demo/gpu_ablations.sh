@@ -3,7 +3,8 @@
 #   d1200: the default world at 1200 iterations, plus three checks of single settings of ViLD
 #          (distillation weight, gradient clipping, learning rate), trained in parallel;
 #   s1200: a second world (seed 1, other novel categories) at 1200 iterations;
-#   d600:  the default world at 600 iterations.
+#   d600:  the default world at 600 iterations;
+#   o1200: the default world at 1200 iterations with the first teacher (object crops only).
 # Each run is `demo/run_shapes.py ablation` exactly as on a CPU, plus MODEL.DEVICE $DEVICE.
 #
 # Usage: OUT=results/ bash demo/gpu_ablations.sh
@@ -84,6 +85,7 @@ run d1200 --iters "$LONG" &
 checks &
 run s1200 --iters "$LONG" "${SECOND[@]}" &
 run d600 --iters "$SHORT" &
+run o1200 --iters "$LONG" --teacher-data crops &
 wait
 # Every results.json written, finished ablations' tables and stage times, in one archive.
 tar czf "$OUT/results.tgz" runs/*/ablation.* runs/*/run_ablation.json runs/*/stages \

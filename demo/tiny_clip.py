@@ -2,20 +2,28 @@
 """A tiny CLIP teacher for the shapes world, trained contrastively on image-caption pairs.
 
     python demo/tiny_clip.py --world datasets/shapes --output tiny_clip.pt [--steps 600]
+        [--data scenes|crops]
 
-saves the teacher where ``clip.load(path)`` reads it (a .json summary beside it) and prints its
-zero-shot accuracy on held-out crops (goal: >= 95%).
+saves the teacher where ``clip.load(path)`` reads it, measures it (:func:`teacher_report`:
+zero-shot accuracy on held-out crops, goal >= 95%, and how it embeds background and parts of
+objects) and writes a .json summary beside it.
 
-It stands in for CLIP's web-scale pre-training: it sees crops of objects of EVERY category, base
-and novel, with captions made from the 63 ViLD prompt templates. The detector never sees a novel
-box; it learns about novel categories only through this teacher (its text embeddings and, for
-ViLD-image, its image embeddings of proposal crops).
+It stands in for CLIP's web-scale pre-training, and sees objects of EVERY category, base and
+novel. The detector never sees a novel box; it learns about novel categories only through this
+teacher (its text embeddings and, for ViLD-image, its image embeddings of proposal crops). Two
+data recipes (``TeacherSpec.data``, docs/TEACHER.md):
+
+* ``"scenes"`` (default), CLIP-like: whole scenes, random windows, windows on parts of objects,
+  background-only windows and object crops at context 1x-2x, with free-form captions of what
+  each shows (``demo/captions.py``);
+* ``"crops"``: only crops of single objects, captioned with the 63 ViLD prompt templates.
 
 The model is the ``clip`` package's own ``CLIP`` class, saved as a state dict that
 ``clip.load(path)`` rebuilds, so the pipeline uses it exactly as it would use ViT-B/32.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -39,7 +47,18 @@ from vild_d2.text import TextEncoder, load_clip
 from vild_d2.text.prompts import fill_prompts, load_templates
 from vild_d2.data.datasets.shapes import WorldSpec, draw_scene, load_world_spec, visible_box
 
-__all__ = ["TeacherSpec", "object_crops", "train_tiny_clip", "zero_shot_accuracy"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo/ is not a package
+from captions import caption_pairs  # noqa: E402
+
+__all__ = [
+    "TeacherSpec",
+    "object_crops",
+    "probe_windows",
+    "unique_captions",
+    "train_tiny_clip",
+    "teacher_report",
+    "zero_shot_accuracy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +75,28 @@ class TeacherSpec:
     vision_patch_size: Optional[int] = None  # ViT only
     transformer_width: int = 128  # clip.load infers heads = width // 64
     transformer_layers: int = 2
-    context_length: int = 24  # the longest shapes prompt is 15 tokens
+    context_length: int = 32  # captions are drawn to fit (30 BPE tokens + start and end)
     embed_dim: int = 64
     steps: int = 600
     batch_size: int = 128
     lr: float = 1e-3
+    # Training data: "scenes" (CLIP-like captioned windows) or "crops" (object crops + prompts).
+    data: str = "scenes"
+    # Training pairs = crops_per_class x categories (for "scenes", windows of every kind).
     crops_per_class: int = 240
+    caption_variants: int = 4  # captions drawn per window; each step uses one at random
+    # Softmax temperature: (start, end) of a log-linear schedule over the first
+    # ``temperature_steps`` of training, then held; None = learnt from CLIP's initial 0.07 (as
+    # the "crops" recipe always does). CLIP learns it, and it ends at the clamp, 0.01 (logit scale
+    # 100), the temperature ViLD uses; 600 steps here are too few for it to get there.
+    temperature: Optional[Tuple[float, float]] = (0.07, 0.01)
+    temperature_steps: float = 0.6  # a share of ``steps``
     heldout_per_class: int = 40
     seed: int = 0
+
+    def __post_init__(self):
+        if self.data not in ("scenes", "crops"):
+            raise ValueError(f"TeacherSpec.data must be 'scenes' or 'crops', got {self.data!r}")
 
     def build(self) -> CLIP:
         return CLIP(
@@ -80,13 +113,29 @@ class TeacherSpec:
         )
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Rendering makes many tiny torch ops; on a busy machine, intra-op threads only wait for
+    each other there (measured: 5x slower with 2 threads while another job ran)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def object_crops(
-    world: WorldSpec, per_class: int, size: int, seed: int
+    world: WorldSpec,
+    per_class: int,
+    size: int,
+    seed: int,
+    context: Tuple[float, float] = (1.0, 1.6),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Crops of single objects of every category, as the pipeline crops proposals: scenes of the
     world (so with backgrounds, neighbours and occlusion), each object's visible box jittered
-    and enlarged by a random context scale in [1, 1.6], through :func:`fast_crops`.
+    and enlarged by a random context scale in ``context``, through :func:`fast_crops`.
 
     Returns:
         crops: (K * per_class, 3, size, size) float16, CLIP-normalised.
@@ -114,7 +163,7 @@ def object_crops(
             continue
         rgb = torch.from_numpy(image).permute(2, 0, 1)
         for box, label in zip(boxes, kept):  # one context scale per crop
-            scale = float(rng.uniform(1.0, 1.6))
+            scale = float(rng.uniform(*context))
             crop = fast_crops(rgb, torch.from_numpy(box[None]).float(), (scale,), size)
             crops.append(crop.half())
             labels.append(label)
@@ -129,11 +178,24 @@ def _caption_tokens(names: Sequence[str], templates: Sequence[str], context_leng
     return tokens.view(len(templates), len(names), -1)
 
 
+def unique_captions(tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The distinct captions of a batch and which one each image has: (B, L) tokens ->
+    (U, L) distinct rows, (B,) int64 index of each image's row. With free-form captions two
+    windows may get the same caption ("a dark striped background."); encoded once, it is one
+    caption class in :func:`_contrastive_loss`, never a negative of itself.
+    """
+    unique, labels = torch.unique(tokens, dim=0, return_inverse=True)
+    return unique, labels
+
+
 def _contrastive_loss(image: torch.Tensor, text: torch.Tensor, labels, scale) -> torch.Tensor:
     """
-    CLIP's symmetric image-text loss for a batch in which several crops share a caption class:
-    image -> text is a softmax over the K captions; text -> image gives each present caption's
-    probability mass to all crops of its class equally.
+    CLIP's symmetric image-text loss for a batch in which several images share a caption:
+    image -> text is a softmax over the K distinct captions; text -> image gives each present
+    caption's probability mass to all images that have it, equally. (CLIP's own loss takes row
+    i's caption as the only positive of image i, so a repeated caption would be a negative of
+    the images it describes.)
 
     image: (B, D) unit rows; text: (K, D) unit rows; labels: (B,) in [0, K).
     """
@@ -145,6 +207,46 @@ def _contrastive_loss(image: torch.Tensor, text: torch.Tensor, labels, scale) ->
     return (i2t + t2i.mean()) / 2
 
 
+def _training_data(world: WorldSpec, spec: TeacherSpec):
+    """
+    The training images and a way to draw a batch's captions.
+
+    Returns:
+        images: (N, 3, s, s) float16 CLIP-normalised.
+        captions: f(idx (B,), gen) -> (text tokens (U, L), labels (B,) in [0, U)).
+    """
+    res, length = spec.image_resolution, spec.context_length
+    if spec.data == "crops":
+        with _one_thread():
+            crops, labels = object_crops(world, spec.crops_per_class, res, seed=spec.seed)
+        templates = load_templates()
+        tokens = _caption_tokens(world.classes, templates, length)  # (T, K, L)
+
+        def crop_captions(idx, gen):
+            # One template per step for all K captions: the K classes stay K distinct texts.
+            template = torch.randint(len(templates), (1,), generator=gen).item()
+            return tokens[template], labels[idx]
+
+        return crops, crop_captions
+    with _one_thread():
+        pairs = caption_pairs(
+            world,
+            spec.crops_per_class * len(world.classes),
+            res,
+            seed=spec.seed,
+            variants=spec.caption_variants,
+            max_tokens=length - 2,  # + start and end tokens
+        )
+    flat = [c for variants in pairs.captions for c in variants]
+    tokens = clip.tokenize(flat, context_length=length).view(len(pairs.captions), -1, length)
+
+    def scene_captions(idx, gen):
+        variant = torch.randint(tokens.shape[1], (len(idx),), generator=gen)
+        return unique_captions(tokens[idx, variant])
+
+    return pairs.crops, scene_captions
+
+
 def train_tiny_clip(
     world: WorldSpec,
     out_path: str,
@@ -152,21 +254,26 @@ def train_tiny_clip(
     log: Callable[[str], None] = print,
 ) -> dict:
     """
-    Train the tiny CLIP on crops of every category of ``world``, save it to ``out_path`` (a state
-    dict ``clip.load`` reads), reload it from there and measure its zero-shot accuracy on held-out
-    crops with the pipeline's own prompt-ensemble text classifier.
+    Train the tiny CLIP on ``spec.data`` pairs of ``world``, save it to ``out_path`` (a state
+    dict ``clip.load`` reads), reload it from there and measure it (:func:`teacher_report`).
 
-    Returns a summary: accuracy overall / base / novel, seconds, the specs.
+    Returns a summary: the report's figures (accuracy overall / base / novel on held-out crops,
+    ...), seconds (wall, all of it), train_seconds (data + steps), cpu_seconds, the spec.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(spec.seed)
-    res = spec.image_resolution
-    crops, labels = object_crops(world, spec.crops_per_class, res, seed=spec.seed)
-    log(f"teacher: {len(crops)} training crops rendered ({time.perf_counter() - start:.0f} s)")
-    templates = load_templates()
-    tokens = _caption_tokens(world.classes, templates, spec.context_length)
+    images, captions = _training_data(world, spec)
+    log(
+        f"teacher: {len(images)} training {spec.data} pairs rendered "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
 
     model = spec.build().train()
+    scheduled = spec.temperature is not None and spec.data == "scenes"
+    if scheduled:
+        model.logit_scale.requires_grad_(False)
+        first, last = (math.log(1 / t) for t in spec.temperature)
+        ramp = max(1, round(spec.temperature_steps * spec.steps))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
@@ -179,17 +286,29 @@ def train_tiny_clip(
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / spec.steps)),
     )
     gen = torch.Generator().manual_seed(spec.seed)
+    order = torch.empty(0, dtype=torch.long)
+    batch_size = min(spec.batch_size, len(images))
     for step in range(spec.steps):
-        idx = torch.randint(len(crops), (spec.batch_size,), generator=gen)
-        images = crops[idx].float()
-        # Random horizontal flips (every shape here is mirror-symmetric).
+        if spec.data == "crops":
+            idx = torch.randint(len(images), (spec.batch_size,), generator=gen)
+        else:
+            # Epochs of a permutation: a window twice in a batch, with two different captions,
+            # would make each caption a negative of a window it describes.
+            if len(order) < batch_size:
+                order = torch.randperm(len(images), generator=gen)
+            idx, order = order[:batch_size], order[batch_size:]
+        batch = images[idx].float()
+        # Random horizontal flips (every shape here is mirror-symmetric; no caption says left
+        # or right).
         flip = torch.rand(len(idx), generator=gen) < 0.5
-        images[flip] = images[flip].flip(-1)
-        template = torch.randint(len(templates), (1,), generator=gen).item()
-        image_emb = F.normalize(model.encode_image(images), dim=1)
-        text_emb = F.normalize(model.encode_text(tokens[template]), dim=1)
+        batch[flip] = batch[flip].flip(-1)
+        tokens, labels = captions(idx, gen)
+        image_emb = F.normalize(model.encode_image(batch), dim=1)
+        text_emb = F.normalize(model.encode_text(tokens), dim=1)
+        if scheduled:
+            model.logit_scale.fill_(first + (last - first) * min(1.0, step / ramp))
         scale = model.logit_scale.exp().clamp(max=100)
-        loss = _contrastive_loss(image_emb, text_emb, labels[idx], scale)
+        loss = _contrastive_loss(image_emb, text_emb, labels, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -199,24 +318,138 @@ def train_tiny_clip(
                 f"teacher: step {step + 1}/{spec.steps} loss {loss.item():.3f} "
                 f"({time.perf_counter() - start:.0f} s)"
             )
+    train_seconds = time.perf_counter() - start
 
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     atomic_write(out_path, [buffer.getvalue()])
 
-    heldout, heldout_labels = object_crops(world, spec.heldout_per_class, res, seed=spec.seed + 1)
-    acc = zero_shot_accuracy(str(out_path), world.classes, heldout, heldout_labels)
-    novel = torch.tensor([c in world.novel for c in world.classes])[heldout_labels]
-    summary = {
-        "accuracy": acc["all"],
-        "accuracy_base": float(acc["correct"][~novel].float().mean()),
-        "accuracy_novel": float(acc["correct"][novel].float().mean()),
-        "heldout_crops": len(heldout),
+    report = teacher_report(str(out_path), world, spec.heldout_per_class, seed=spec.seed + 1)
+    return {
+        **report,
+        "data": spec.data,
         "seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": round(train_seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "teacher": asdict(spec),
     }
-    return summary
+
+
+def probe_windows(
+    world: WorldSpec, count: int, size: int, seed: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Proposal-like windows (squares of 10% to 50% of the image side) on scenes drawn as the
+    world draws its images, of two kinds:
+
+    * background-only: not one visible object pixel inside;
+    * part-only: objects cover >= 25% of the window, but no object has half or more of its
+      visible pixels inside (so it shows parts of objects and no whole one).
+
+    Returns:
+        background: (count, 3, s, s) float16 crops; parts: (count, 3, s, s) float16 crops;
+        part_labels: (count,) int64, the category of the object with most pixels inside.
+    """
+    rng = np.random.default_rng([world.seed, seed, 31])
+    classes = list(world.classes)
+    found = {"background": [], "part": []}
+    labels = []
+    n = world.image_size
+    while min(len(v) for v in found.values()) < count:
+        image, objects = draw_scene(rng, world)
+        masks = [m for _, _, m in objects]
+        totals = np.array([max(1, m.sum()) for m in masks])
+        windows, kinds = [], []
+        for _ in range(12):
+            side = max(4, int(round(rng.uniform(0.1, 0.5) * n)))
+            x0, y0 = (int(v) for v in rng.integers(0, n - side + 1, size=2))
+            inside = np.array([m[y0 : y0 + side, x0 : x0 + side].sum() for m in masks])
+            if inside.sum() == 0:
+                kind = "background"
+            elif inside.sum() >= 0.25 * side * side and (inside / totals).max() < 0.5:
+                kind = "part"
+            else:
+                continue
+            if len(found[kind]) + kinds.count(kind) >= count:
+                continue
+            windows.append((x0, y0, x0 + side, y0 + side))
+            kinds.append(kind)
+            if kind == "part":
+                labels.append(classes.index(objects[int(inside.argmax())][0]))
+        if windows:
+            rgb = torch.from_numpy(image).permute(2, 0, 1)
+            crops = fast_crops(rgb, torch.tensor(windows, dtype=torch.float32), (1.0,), size)
+            for crop, kind in zip(crops.half(), kinds):
+                found[kind].append(crop)
+    return torch.stack(found["background"]), torch.stack(found["part"]), torch.tensor(labels)
+
+
+@torch.no_grad()
+def teacher_report(
+    clip_path: str,
+    world: WorldSpec,
+    heldout_per_class: int = 40,
+    seed: int = 1,
+    cache_dir: Optional[str] = None,
+) -> dict:
+    """
+    How a CLIP checkpoint (loaded as the pipeline loads it) sees the world, against the
+    63-prompt ensemble embeddings of its categories (the ViLD-text classifier), all on data
+    made with ``seed`` (the teacher trained on other seeds' data):
+
+    * accuracy, accuracy_base, accuracy_novel: zero-shot top-1 on ``heldout_per_class`` object
+      crops per category, context 1x-1.6x (``heldout_crops`` of them); accuracy_context_1_5:
+      the same at context 1.5x exactly;
+    * top_prob_objects / top_prob_background / top_prob_parts: mean top category probability
+      (softmax of cosines / 0.01, ViLD's temperature) on those object crops / on
+      background-only windows / on part-only windows (:func:`probe_windows`; ``windows`` of
+      each); top1_parts: how often a part-only window's top category is that of the object
+      it shows most of;
+    * cosine_object_text: mean cosine of an object crop with its category's text embedding;
+      cosine_caption: mean cosine of a held-out scenes window with its caption (first drawn).
+    """
+    model, _ = load_clip(clip_path)
+    res, length = model.visual.input_resolution, model.context_length
+    classes = list(world.classes)
+    text = TextEncoder(clip_path, cache_dir=cache_dir).encode(classes)  # (K, D)
+    novel = torch.tensor([c in world.novel for c in classes])
+
+    def embed(crops):  # (N, 3, s, s) -> (N, D) unit rows
+        return encode_crops(model, crops.float(), num_scales=1, batch_size=512)
+
+    def top_prob(emb):  # (N, D) -> mean over N of the top softmax probability, T = 0.01
+        return float((100 * emb @ text.t()).softmax(1).max(1).values.mean())
+
+    with _one_thread():
+        crops, labels = object_crops(world, heldout_per_class, res, seed=seed)
+        wide, wide_labels = object_crops(world, heldout_per_class, res, seed, context=(1.5, 1.5))
+        windows = max(4, heldout_per_class * len(classes) // 4)
+        background, parts, part_labels = probe_windows(world, windows, res, seed)
+        pairs = caption_pairs(world, windows, res, seed=seed, max_tokens=length - 2)
+    emb = embed(crops)
+    correct = (emb @ text.t()).argmax(1) == labels
+    part_emb = embed(parts)
+    caption_emb = F.normalize(
+        model.encode_text(clip.tokenize([c[0] for c in pairs.captions], context_length=length))
+        .float(),
+        dim=1,
+    )
+    return {
+        "accuracy": float(correct.float().mean()),
+        "accuracy_base": float(correct[~novel[labels]].float().mean()),
+        "accuracy_novel": float(correct[novel[labels]].float().mean()),
+        "heldout_crops": len(crops),
+        "accuracy_context_1_5": float(((embed(wide) @ text.t()).argmax(1) == wide_labels)
+                                      .float().mean()),  # fmt: skip
+        "top_prob_objects": top_prob(emb),
+        "top_prob_background": top_prob(embed(background)),
+        "top_prob_parts": top_prob(part_emb),
+        "top1_parts": float(((part_emb @ text.t()).argmax(1) == part_labels).float().mean()),
+        "windows": windows,
+        "cosine_object_text": float((emb * text[labels]).sum(1).mean()),
+        "cosine_caption": float((embed(pairs.crops) * caption_emb).sum(1).mean()),
+    }
 
 
 @torch.no_grad()
@@ -241,11 +474,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", required=True, help="shapes world folder (with world.json)")
     p.add_argument("--output", required=True, help="checkpoint path; a .json summary goes beside")
+    p.add_argument("--data", choices=("scenes", "crops"), default=TeacherSpec.data,
+                   help="training data: captioned windows of scenes (CLIP-like) or object crops "
+                   "with the detection prompts (the old recipe)")  # fmt: skip
     p.add_argument("--steps", type=int, default=TeacherSpec.steps)
-    p.add_argument("--crops-per-class", type=int, default=TeacherSpec.crops_per_class)
+    p.add_argument("--crops-per-class", type=int, default=TeacherSpec.crops_per_class,
+                   help="training pairs per category (scenes: windows of every kind)")
     p.add_argument("--heldout-per-class", type=int, default=TeacherSpec.heldout_per_class)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: measure the checkpoint at --output (teacher_report), "
+                   "print the figures and merge them into its .json summary")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -259,21 +499,30 @@ def main(argv=None):
         )
     if args.threads:
         torch.set_num_threads(args.threads)
+    summary_path = Path(args.output).with_suffix(".json")
+    if args.report_only:
+        report = teacher_report(args.output, world, args.heldout_per_class, seed=args.seed + 1)
+        old = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        atomic_write(summary_path, [json.dumps({**old, **report}, indent=1).encode()])
+        print(json.dumps(report, indent=1))
+        return
     spec = TeacherSpec(
+        data=args.data,
         steps=args.steps,
         crops_per_class=args.crops_per_class,
         heldout_per_class=args.heldout_per_class,
         seed=args.seed,
     )
     summary = train_tiny_clip(world, args.output, spec, log=lambda m: print(m, flush=True))
-    summary_path = Path(args.output).with_suffix(".json")
     atomic_write(summary_path, [json.dumps(summary, indent=1).encode()])
     print(
         f"zero-shot accuracy on {summary['heldout_crops']} held-out crops of all "
         f"{len(world.classes)} categories: {100 * summary['accuracy']:.1f}% "
         f"(base {100 * summary['accuracy_base']:.1f}%, "
-        f"novel {100 * summary['accuracy_novel']:.1f}%) in {summary['seconds']:.0f} s; "
-        f"saved {args.output}"
+        f"novel {100 * summary['accuracy_novel']:.1f}%); mean top probability on background "
+        f"{summary['top_prob_background']:.2f}, on parts {summary['top_prob_parts']:.2f}, on "
+        f"objects {summary['top_prob_objects']:.2f}; trained in {summary['train_seconds']:.0f} "
+        f"s ({summary['seconds']:.0f} s in all); saved {args.output}"
     )
 
 

@@ -1,20 +1,40 @@
-"""The shapes world's tiny CLIP teacher: its loss, its crops, and that its checkpoint is a real
-CLIP checkpoint for ``clip.load`` and the text-classifier tool."""
+"""The shapes world's tiny CLIP teacher: its loss, its crops and captioned windows, and that its
+checkpoint is a real CLIP checkpoint for ``clip.load`` and the text-classifier tool."""
 
 import vild_d2  # noqa: F401  (compat bridges first)
 
+import hashlib
+import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import clip
+import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from clip.model import CLIP
 
-from tiny_clip import TeacherSpec, _contrastive_loss, object_crops, train_tiny_clip
-from vild_d2.data.datasets.shapes import WorldSpec
+from captions import caption, caption_pairs, scene_with_texture, visible_in_window
+from tiny_clip import (
+    TeacherSpec,
+    _contrastive_loss,
+    object_crops,
+    probe_windows,
+    train_tiny_clip,
+    unique_captions,
+)
+from vild_d2.data.datasets.shapes import (
+    WorldSpec,
+    _background,
+    background_texture,
+    draw_scene,
+    generate_shapes_world,
+)
 from vild_d2.text import Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,3 +124,188 @@ def test_train_tool_reports_a_missing_world(tmp_path):
     assert result.returncode != 0
     assert "no shapes world at" in result.stderr and "world.json missing" in result.stderr
     assert not (tmp_path / "t.pt").exists()
+
+
+def test_identical_captions_are_one_caption_class():
+    # Worked by hand: images 0 and 2 are red stars with the same caption; image 1 is background.
+    tokens = clip.tokenize(["a red star.", "a dark background.", "a red star."], context_length=8)
+    text_tokens, labels = unique_captions(tokens)
+    assert len(text_tokens) == 2 and labels[0] == labels[2] != labels[1]
+    star, ground = torch.eye(2, dtype=torch.float64)
+    text = torch.empty(2, 2, dtype=torch.float64)
+    text[labels[0]], text[labels[1]] = star, ground
+    image = torch.stack([star, ground, star])
+    scale = math.log(3)  # exp(logit) = 3 for an image and its caption, 1 otherwise
+    # image -> text: each image's caption against the one other caption: -log(3 / (3 + 1)).
+    # text -> image: "a red star." over the images (3, 1, 3), its mass split between its two
+    # images: -log(3 / 7) each; "a dark background." over (1, 3, 1): -log(3 / 5).
+    expected = (math.log(4 / 3) + (math.log(7 / 3) + math.log(5 / 3)) / 2) / 2
+    got = _contrastive_loss(image, text, labels, scale)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    # CLIP's own loss (one caption row per image, the diagonal positive) makes image 2's caption
+    # a negative of image 0 and back: a higher loss for the same, perfectly matched batch.
+    plain = _contrastive_loss(image, image.clone(), torch.arange(3), scale)
+    assert plain.item() == pytest.approx((2 * math.log(7 / 3) + math.log(5 / 3)) / 3, rel=1e-12)
+    assert got < plain
+
+
+def test_caption_pairs_are_deterministic_and_cover_every_category():
+    world = WorldSpec(num_train=1, num_val=1, image_size=64)
+    a = caption_pairs(world, 600, 32, seed=0, max_tokens=30)
+    b = caption_pairs(world, 600, 32, seed=0, max_tokens=30)
+    c = caption_pairs(world, 40, 32, seed=1, max_tokens=30)
+    assert torch.equal(a.crops, b.crops) and a.captions == b.captions and a.kinds == b.kinds
+    assert np.array_equal(a.windows, b.windows) and np.array_equal(a.scenes, b.scenes)
+    assert a.captions[:40] != c.captions
+    assert a.crops.shape == (600, 3, 32, 32) and a.crops.dtype == torch.float16
+    assert set(a.kinds) == {"object", "part", "window", "background"}
+    flat = [t for variants in a.captions for t in variants]
+    clip.tokenize(flat, context_length=32)  # raises if a caption does not fit the context
+    text = " ".join(flat)
+    # Every category, base and novel, is named (as every LVIS category is somewhere on the web).
+    assert all(name in text for name in world.classes)
+    assert len(set(flat)) > len(flat) / 4  # free-form: many distinct captions
+
+
+COLOURS = "red|orange|yellow|green|blue|purple"
+SHAPES = "circle|square|triangle|star|cross|heart"
+NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+# An object named in a caption, with what the words before it say of how much of it is there.
+MENTION = re.compile(
+    r"(?:(?P<cut>part of|a piece of|the edge of|a corner of|half of|half|most of) an? "
+    rf"|(?P<num>{'|'.join(NUMBERS)}) )?(?P<name>(?:{COLOURS}) (?:{SHAPES}))(?:es|s)?\b"
+)
+# A colour without a shape: a sliver of an object, too small to say which.
+SLIVER = re.compile(rf"(?:a bit of|something) (?P<colour>{COLOURS})\b")
+# What the cut-off words promise, as shares of an object's visible pixels in the window.
+# "whole" means >= 90%; "part of", "a piece of", "the edge of", "a corner of": anything less.
+CUT_SHARE = {"half": (0.35, 0.6), "half of": (0.35, 0.6), "most of": (0.6, 0.9)}
+
+
+def _check_caption(text, objects, window):
+    """Check ``text`` against the annotated visible pixels ``objects`` [(name, mask)] of a
+    window: named objects are there, as whole / cut off as the words say; counts are exact;
+    with no "more shapes", nothing nameable (whole, or >= 10% of the window) is left out."""
+    x0, y0, x1, y1 = window
+    area = (x1 - x0) * (y1 - y0)
+    whole, cut, colours = {}, [], set()
+    for name, mask in objects:
+        inside, total = int(mask[y0:y1, x0:x1].sum()), int(mask.sum())
+        if inside < 8:
+            continue  # not there: 8 pixels or more to count at all
+        colours.add(name.split(" ")[0])
+        if inside >= 0.9 * total:
+            whole[name] = whole.get(name, 0) + 1
+        elif inside >= 0.1 * area:
+            cut.append((name, inside / total))
+    for m in SLIVER.finditer(text):
+        assert m["colour"] in colours, f"{text!r}: nothing {m['colour']} in window {window}"
+    if "empty" in text or "nothing but" in text:
+        assert not colours, f"{text!r}: window {window} shows {colours}"
+    mentions = list(MENTION.finditer(text))
+    said_whole, used = {}, set()
+    # Cut-off mentions with a narrow meaning first, so that "part of" cannot take their object.
+    for m in sorted(mentions, key=lambda m: m["cut"] not in CUT_SHARE):
+        if m["cut"]:
+            lo, hi = CUT_SHARE.get(m["cut"], (0.0, 0.9))
+            fits = [i for i, (n, f) in enumerate(cut) if n == m["name"] and lo <= f < hi]
+            fits = [i for i in fits if i not in used]
+            assert fits, f"{text!r}: no {m['cut']} {m['name']} in window {window}"
+            used.add(fits[0])
+        else:
+            said_whole[m["name"]] = said_whole.get(m["name"], 0) + NUMBERS.get(m["num"], 1)
+    for name, n in said_whole.items():
+        assert whole.get(name, 0) == n, f"{text!r}: {whole.get(name, 0)} whole {name} in {window}"
+    if "more shapes" not in text:
+        assert said_whole == whole, f"{text!r} leaves out whole objects {whole} of {window}"
+        assert len(used) == len(cut), f"{text!r} leaves out cut-off objects {cut} of {window}"
+    count = re.match(r"(\w+) shapes: ", text)
+    if count:
+        assert NUMBERS[count[1]] == sum(whole.values()) and not cut, text
+    return bool(mentions)
+
+
+@pytest.fixture(scope="module")
+def annotated_scenes(tmp_path_factory):
+    """The val scenes of a tiny world (every category annotated there), as (image, objects):
+    objects = (name, mask of its visible pixels), read back from the LVIS json."""
+    root = tmp_path_factory.mktemp("captions") / "shapes"
+    spec = WorldSpec(num_train=4, num_val=8, image_size=64)
+    generate_shapes_world(root, spec)
+    doc = json.loads((root / "annotations" / "val.json").read_text())
+    names = {c["id"]: c["name"] for c in doc["categories"]}
+    scenes = []
+    for img in doc["images"]:
+        objects = []
+        for ann in (a for a in doc["annotations"] if a["image_id"] == img["id"]):
+            rles = mask_util.frPyObjects(ann["segmentation"], spec.image_size, spec.image_size)
+            objects.append((names[ann["category_id"]], mask_util.decode(mask_util.merge(rles)) > 0))
+        image = cv2.imread(str(root / "images" / img["file_name"]))[:, :, ::-1]
+        scenes.append((image, objects))
+    return scenes
+
+
+def test_captions_name_only_what_the_window_shows(annotated_scenes):
+    rng = np.random.default_rng(0)
+    named = background = 0
+    for image, objects in annotated_scenes:
+        size = image.shape[0]
+        windows = [(0, 0, size, size)]
+        for _, mask in objects:  # around each object, and on a quarter of it
+            ys, xs = np.nonzero(mask)
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            windows += [(max(0, x0 - 3), max(0, y0 - 3), x1 + 3, y1 + 3),
+                        (x0, y0, (x0 + x1 + 1) // 2, (y0 + y1 + 1) // 2)]  # fmt: skip
+        for _ in range(20):
+            side = int(rng.integers(6, size + 1))
+            x0, y0 = rng.integers(0, size - side + 1, size=2)
+            windows.append((int(x0), int(y0), int(x0) + side, int(y0) + side))
+        covered = np.any([m for _, m in objects], axis=0)
+        for window in windows:
+            x0, y0, x1, y1 = window
+            seen = visible_in_window(objects, window)
+            share = 1 - covered[y0:y1, x0:x1].mean()
+            for _ in range(8):
+                text = caption(rng, seen, "grey noisy striped", share)
+                if _check_caption(text, objects, window):
+                    named += 1
+                    # The background is named beside objects only when it is much of the view.
+                    assert "background" not in text or share >= 0.3, (text, window)
+                else:
+                    background += 1
+    assert named > 500 and background > 20
+
+
+def test_background_texture_is_the_worlds_background():
+    kinds = set()
+    for seed in range(16):
+        image, texture = background_texture(np.random.default_rng(seed), 48)
+        np.testing.assert_array_equal(image, _background(np.random.default_rng(seed), 48))
+        kinds.add(texture["kind"])
+    assert kinds == {"plain", "gradient", "stripes", "checker"}
+    # The world's pictures are those of before the texture was reported (a seed-0 scene).
+    picture, _ = draw_scene(np.random.default_rng([0, 100]), WorldSpec())
+    assert hashlib.sha256(picture.tobytes()).hexdigest()[:16] == "9d371fb49b1860d0"
+    # A scene with its texture is the scene draw_scene draws.
+    world = WorldSpec(image_size=64)
+    names = ["red star", "blue square", "green heart"]
+    image, objects, texture = scene_with_texture(np.random.default_rng(3), world, names)
+    again, objects_again = draw_scene(np.random.default_rng(3), world, names)
+    np.testing.assert_array_equal(image, again)
+    assert [n for n, _, _ in objects] == [n for n, _, _ in objects_again]
+
+
+def test_probe_windows():
+    world = WorldSpec(num_train=1, num_val=1, image_size=64)
+    background, parts, labels = probe_windows(world, 5, 32, seed=0)
+    assert background.shape == parts.shape == (5, 3, 32, 32)
+    assert labels.shape == (5,) and 0 <= labels.min() and labels.max() < len(world.classes)
+
+
+def test_the_crops_recipe_still_trains(tmp_path):
+    world = WorldSpec(num_train=1, num_val=1, image_size=64)
+    spec = TeacherSpec(data="crops", steps=2, batch_size=8, crops_per_class=1, heldout_per_class=1)
+    summary = train_tiny_clip(world, str(tmp_path / "t.pt"), spec, log=lambda m: None)
+    assert summary["data"] == "crops" and 0 <= summary["top_prob_background"] <= 1
+    with pytest.raises(ValueError, match="'scenes' or 'crops'"):
+        TeacherSpec(data="web")
