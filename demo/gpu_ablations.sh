@@ -40,7 +40,8 @@ run() {  # name, then run_shapes.py arguments
   shift
   local start=$SECONDS
   timeout "$BUDGET" python3 demo/run_shapes.py ablation --output "runs/$name" \
-    --datasets "worlds/$name" "${TINY[@]}" "$@" --opts "${OPTS[@]}" > "$OUT/$name.log" 2>&1
+    --datasets "worlds/$name" --teacher-device "$DEVICE" "${TINY[@]}" "$@" --opts "${OPTS[@]}" \
+    > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s" >> "$OUT/status.txt"
 }
 
@@ -64,7 +65,7 @@ CHECKS = {
 def check(name):
     small = dict(num_train=8, num_val=4, teacher_steps=3, teacher_crops=2, proposals=16)
     options = ShapesOptions(output="runs/d1200", datasets="worlds/d1200", iters=ITERS,
-                            extra_opts=OPTS, **(small if TINY else {}))
+                            extra_opts=OPTS, teacher_device=OPTS[1], **(small if TINY else {}))
     pipeline = ShapesPipeline(options, REPO)
     pipeline.run_common()  # cached: d1200 made every common stage with the same options
     pipeline.run_variant("vild", name=name, overrides=CHECKS[name])

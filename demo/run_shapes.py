@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-data", default="scenes", choices=("scenes", "crops"),
                    help="the teacher's pre-training data: CLIP-like captioned windows of scenes, "
                         "or (the first teacher) object crops with the detection prompts")
+    p.add_argument("--teacher-device", default="", help="where the teacher trains (e.g. cuda)")
     p.add_argument("--teacher-crops", type=int, default=240, help="training crops per category")
     p.add_argument("--iters", type=int, default=0, help="detector iterations (0 = config's)")
     p.add_argument("--proposals", type=int, default=100, help="distilled proposals per image")
@@ -97,6 +98,7 @@ def main(argv=None):
         num_val=args.num_val,
         teacher_steps=args.teacher_steps,
         teacher_data=args.teacher_data,
+        teacher_device=args.teacher_device,
         teacher_crops=args.teacher_crops,
         iters=args.iters,
         proposals=args.proposals,

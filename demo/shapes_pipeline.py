@@ -61,6 +61,7 @@ class ShapesOptions:
     num_val: int = WorldSpec.num_val
     teacher_steps: int = 600
     teacher_data: str = "scenes"  # CLIP-like captioned windows; "crops": object crops only
+    teacher_device: str = ""  # where the teacher trains ("" = the tool's default, the CPU)
     teacher_crops: int = 240  # training crops per category (held-out: a sixth of that)
     iters: int = 0  # detector iterations; 0 = the config's SOLVER.MAX_ITER
     proposals: int = 100  # per training image, for the distillation targets
@@ -167,6 +168,7 @@ class ShapesPipeline:
         cmd = ["demo/tiny_clip.py", "--world", str(self.world), "--output",
                str(self.teacher), "--steps", str(self.o.teacher_steps), "--seed",
                str(self.o.seed), "--data", self.o.teacher_data,
+               *(["--device", self.o.teacher_device] if self.o.teacher_device else []),
                "--crops-per-class", str(self.o.teacher_crops),
                "--heldout-per-class", str(max(2, self.o.teacher_crops // 6))]  # fmt: skip
         self._stage("teacher", [cmd], [self.teacher], after=["world"], clean=[self.teacher])

@@ -252,6 +252,7 @@ def train_tiny_clip(
     out_path: str,
     spec: TeacherSpec = TeacherSpec(),
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> dict:
     """
     Train the tiny CLIP on ``spec.data`` pairs of ``world``, save it to ``out_path`` (a state
@@ -268,7 +269,7 @@ def train_tiny_clip(
         f"({time.perf_counter() - start:.0f} s)"
     )
 
-    model = spec.build().train()
+    model = spec.build().to(device).train()  # the pairs stay on the CPU; batches move
     scheduled = spec.temperature is not None and spec.data == "scenes"
     if scheduled:
         model.logit_scale.requires_grad_(False)
@@ -303,6 +304,7 @@ def train_tiny_clip(
         flip = torch.rand(len(idx), generator=gen) < 0.5
         batch[flip] = batch[flip].flip(-1)
         tokens, labels = captions(idx, gen)
+        batch, tokens, labels = batch.to(device), tokens.to(device), labels.to(device)
         image_emb = F.normalize(model.encode_image(batch), dim=1)
         text_emb = F.normalize(model.encode_text(tokens), dim=1)
         if scheduled:
@@ -322,7 +324,7 @@ def train_tiny_clip(
 
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save(model.cpu().state_dict(), buffer)
     atomic_write(out_path, [buffer.getvalue()])
 
     report = teacher_report(str(out_path), world, spec.heldout_per_class, seed=spec.seed + 1)
@@ -483,6 +485,8 @@ def parse_args(argv=None):
     p.add_argument("--heldout-per-class", type=int, default=TeacherSpec.heldout_per_class)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default="cpu", help="where the model trains (the pairs are made "
+                   "on the CPU either way), e.g. cuda")  # fmt: skip
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: measure the checkpoint at --output (teacher_report), "
                    "print the figures and merge them into its .json summary")  # fmt: skip
@@ -513,7 +517,9 @@ def main(argv=None):
         heldout_per_class=args.heldout_per_class,
         seed=args.seed,
     )
-    summary = train_tiny_clip(world, args.output, spec, log=lambda m: print(m, flush=True))
+    summary = train_tiny_clip(
+        world, args.output, spec, log=lambda m: print(m, flush=True), device=args.device
+    )
     atomic_write(summary_path, [json.dumps(summary, indent=1).encode()])
     print(
         f"zero-shot accuracy on {summary['heldout_crops']} held-out crops of all "
