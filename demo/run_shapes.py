@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--num-train", type=int, default=WorldSpec.num_train)
     p.add_argument("--num-val", type=int, default=WorldSpec.num_val)
     p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--teacher-data", default="scenes", choices=("scenes", "crops"),
+    p.add_argument("--teacher-data", default="crops", choices=("scenes", "crops"),
                    help="the teacher's pre-training data: CLIP-like captioned windows of scenes, "
                         "or (the first teacher) object crops with the detection prompts")
     p.add_argument("--teacher-device", default="", help="where the teacher trains (e.g. cuda)")

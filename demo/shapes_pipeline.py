@@ -60,7 +60,9 @@ class ShapesOptions:
     num_train: int = WorldSpec.num_train
     num_val: int = WorldSpec.num_val
     teacher_steps: int = 600
-    teacher_data: str = "scenes"  # CLIP-like captioned windows; "crops": object crops only
+    # "crops": object crops with the detection prompts (the default until the CLIP-like recipe
+    # is validated, see docs/SHAPES.md); "scenes": CLIP-like captioned windows (work in progress)
+    teacher_data: str = "crops"
     teacher_device: str = ""  # where the teacher trains ("" = the tool's default, the CPU)
     teacher_crops: int = 240  # training crops per category (held-out: a sixth of that)
     iters: int = 0  # detector iterations; 0 = the config's SOLVER.MAX_ITER

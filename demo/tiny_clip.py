@@ -81,7 +81,7 @@ class TeacherSpec:
     batch_size: int = 128
     lr: float = 1e-3
     # Training data: "scenes" (CLIP-like captioned windows) or "crops" (object crops + prompts).
-    data: str = "scenes"
+    data: str = "crops"
     # Training pairs = crops_per_class x categories (for "scenes", windows of every kind).
     crops_per_class: int = 240
     caption_variants: int = 4  # captions drawn per window; each step uses one at random
