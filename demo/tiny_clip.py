@@ -11,12 +11,12 @@ objects) and writes a .json summary beside it.
 It stands in for CLIP's web-scale pre-training, and sees objects of EVERY category, base and
 novel. The detector never sees a novel box; it learns about novel categories only through this
 teacher (its text embeddings and, for ViLD-image, its image embeddings of proposal crops). Two
-data recipes (``TeacherSpec.data``, docs/TEACHER.md):
+data recipes (``TeacherSpec.data``, docs/SHAPES.md "A CLIP-like teacher"):
 
-* ``"scenes"`` (default), CLIP-like: whole scenes, random windows, windows on parts of objects,
+* ``"scenes"`` (work in progress), CLIP-like: whole scenes, random windows, windows on parts of objects,
   background-only windows and object crops at context 1x-2x, with free-form captions of what
   each shows (``demo/captions.py``);
-* ``"crops"``: only crops of single objects, captioned with the 63 ViLD prompt templates.
+* ``"crops"`` (default): only crops of single objects, captioned with the 63 ViLD prompts.
 
 The model is the ``clip`` package's own ``CLIP`` class, saved as a state dict that
 ``clip.load(path)`` rebuilds, so the pipeline uses it exactly as it would use ViT-B/32.
@@ -43,7 +43,7 @@ from clip.model import CLIP
 from vild_d2.distill.crops import fast_crops
 from vild_d2.distill.teacher import encode_crops
 from vild_d2.fileio import atomic_write
-from vild_d2.text import TextEncoder, load_clip
+from vild_d2.text import TextEncoder, build_clip, load_clip
 from vild_d2.text.prompts import fill_prompts, load_templates
 from vild_d2.data.datasets.shapes import WorldSpec, draw_scene, load_world_spec, visible_box
 
@@ -99,17 +99,15 @@ class TeacherSpec:
             raise ValueError(f"TeacherSpec.data must be 'scenes' or 'crops', got {self.data!r}")
 
     def build(self) -> CLIP:
-        return CLIP(
+        return build_clip(
             embed_dim=self.embed_dim,
             image_resolution=self.image_resolution,
             vision_layers=self.vision_layers,
             vision_width=self.vision_width,
             vision_patch_size=self.vision_patch_size,
-            context_length=self.context_length,
-            vocab_size=49408,
             transformer_width=self.transformer_width,
-            transformer_heads=self.transformer_width // 64,
             transformer_layers=self.transformer_layers,
+            context_length=self.context_length,
         )
 
 
