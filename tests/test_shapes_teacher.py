@@ -23,6 +23,7 @@ from captions import caption, caption_pairs, scene_with_texture, visible_in_wind
 from tiny_clip import (
     TeacherSpec,
     _contrastive_loss,
+    _training_data,
     object_crops,
     probe_windows,
     train_tiny_clip,
@@ -74,7 +75,9 @@ def test_object_crops_are_balanced_and_clip_shaped():
 def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "tiny_clip.pt"
     world = WorldSpec(num_train=1, num_val=1, image_size=96)
-    spec = TeacherSpec(steps=3, batch_size=16, crops_per_class=2, heldout_per_class=1)
+    spec = TeacherSpec(
+        data="scenes", steps=3, batch_size=16, crops_per_class=2, heldout_per_class=1
+    )
     summary = train_tiny_clip(world, str(out), spec, log=lambda m: None)
     return out, summary, world
 
@@ -87,7 +90,12 @@ def test_checkpoint_loads_with_clip_load(teacher):
     assert model.context_length == TeacherSpec.context_length
     tokens = clip.tokenize(["a photo of a red star."], context_length=model.context_length)
     assert model.float().encode_text(tokens).shape == (1, TeacherSpec.embed_dim)
-    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["data"] == "scenes"
+    for key in ("top_prob_background", "top_prob_parts", "top_prob_objects", "top1_parts",
+                "accuracy_context_1_5"):  # fmt: skip
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert -1.0 <= summary["cosine_object_text"] <= 1.0
+    assert -1.0 <= summary["cosine_caption"] <= 1.0
     assert summary["heldout_crops"] >= len(world.classes) - 2
 
 
@@ -303,10 +311,16 @@ def test_probe_windows():
     assert labels.shape == (5,) and 0 <= labels.min() and labels.max() < len(world.classes)
 
 
-def test_the_crops_recipe_still_trains(tmp_path):
+def test_the_crops_recipe_is_kept():
+    # The old recipe's data (the training loop and report are the scenes fixture's): object
+    # crops, and per step one prompt template for all categories, the crop's class its caption.
     world = WorldSpec(num_train=1, num_val=1, image_size=64)
-    spec = TeacherSpec(data="crops", steps=2, batch_size=8, crops_per_class=1, heldout_per_class=1)
-    summary = train_tiny_clip(world, str(tmp_path / "t.pt"), spec, log=lambda m: None)
-    assert summary["data"] == "crops" and 0 <= summary["top_prob_background"] <= 1
+    spec = TeacherSpec(data="crops", crops_per_class=1)
+    images, captions = _training_data(world, spec)
+    assert images.shape[1:] == (3, spec.image_resolution, spec.image_resolution)
+    idx = torch.arange(min(8, len(images)))
+    tokens, labels = captions(idx, torch.Generator().manual_seed(0))
+    assert tokens.shape == (len(world.classes), spec.context_length)
+    assert labels.shape == idx.shape and labels.max() < len(world.classes)
     with pytest.raises(ValueError, match="'scenes' or 'crops'"):
         TeacherSpec(data="web")
