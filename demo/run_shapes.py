@@ -48,10 +48,15 @@ def parse_args(argv=None):
                    help="the ViLD variant `demo` trains")  # fmt: skip
     p.add_argument("--num-train", type=int, default=WorldSpec.num_train)
     p.add_argument("--num-val", type=int, default=WorldSpec.num_val)
-    p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--teacher-data", default="crops", choices=("scenes", "crops"),
+    p.add_argument("--teacher-steps", type=int, default=ShapesOptions.teacher_steps)
+    p.add_argument("--teacher-data", default=ShapesOptions.teacher_data, choices=("scenes", "crops"),
                    help="the teacher's pre-training data: CLIP-like captioned windows of scenes, "
                         "or (the first teacher) object crops with the detection prompts")
+    p.add_argument("--teacher-temperature", type=float, nargs=2, metavar=("START", "END"),
+                   default=ShapesOptions.teacher_temperature,
+                   help="scenes: the teacher's temperature schedule (demo/tiny_clip.py)")
+    p.add_argument("--teacher", default="", metavar="FILE",
+                   help="use this CLIP checkpoint as the teacher instead of training one")
     p.add_argument("--teacher-device", default="", help="where the teacher trains (e.g. cuda)")
     p.add_argument("--teacher-crops", type=int, default=240, help="training crops per category")
     p.add_argument("--iters", type=int, default=0, help="detector iterations (0 = config's)")
@@ -99,6 +104,8 @@ def main(argv=None):
         teacher_steps=args.teacher_steps,
         teacher_data=args.teacher_data,
         teacher_device=args.teacher_device,
+        teacher_temperature=args.teacher_temperature,
+        teacher_file=args.teacher,
         teacher_crops=args.teacher_crops,
         iters=args.iters,
         proposals=args.proposals,

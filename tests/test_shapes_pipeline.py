@@ -138,3 +138,31 @@ def test_stage_cache_keys(tmp_path):
     bad = ["-c", "raise SystemExit(3)"]
     with pytest.raises(RuntimeError, match="stage 'b' failed \\(exit 3\\)"):
         pipe._stage("b", [bad], [out])
+
+
+def test_given_teacher_is_keyed_by_its_content(tmp_path):
+    """``--teacher FILE``: no teacher is trained; the stages after it rerun when the file's bytes
+    change, and a missing file is an error naming it."""
+    teacher = tmp_path / "clip.pt"
+    teacher.write_bytes(b"weights 1")
+    log = []
+    options = ShapesOptions(output=str(tmp_path / "out"), teacher_file=str(teacher))
+    pipe = ShapesPipeline(options, tmp_path, log=log.append)
+    pipe.run_teacher()
+    first = pipe.keys["teacher"]
+    assert pipe.teacher == teacher and "given" in log[-1]
+    assert not (tmp_path / "out" / "teacher").exists()  # nothing trained
+    teacher.write_bytes(b"weights 2")
+    pipe.run_teacher()
+    assert pipe.keys["teacher"] != first
+    teacher.unlink()
+    with pytest.raises(FileNotFoundError, match="clip.pt"):
+        pipe.run_teacher()
+
+
+def test_iters_sets_the_detectors_schedule_not_the_rpns(tmp_path):
+    pipe = ShapesPipeline(ShapesOptions(output=str(tmp_path / "out"), iters=600), tmp_path)
+    detector = pipe._train_cmd("vild")
+    assert detector[detector.index("SOLVER.MAX_ITER") + 1] == "600"
+    assert detector[detector.index("SOLVER.STEPS") + 1] == "(480,)"
+    assert "SOLVER.MAX_ITER" not in pipe._train_cmd("rpn")  # configs/Shapes/rpn.yaml's 600
