@@ -87,6 +87,9 @@ def test_quick_benchmark_writes_the_reference_layout(tmp_path):
     assert {"cold_1203_clip", "cached_switch_between", "cached_switch_in_memory"} <= set(
         report["vocabulary_extra"]
     )
+    scaling = report["vocabulary_extra"]["build_scaling_tiny_clip"]  # names/s, peak MiB per size
+    assert list(scaling) == ["50", "200"]
+    assert all(v["names_per_s"] > 0 and v["peak_mib"] > 0 for v in scaling.values())
     assert isinstance(report["device"], str) and report["device"]
     assert report["setup"]["quick"] is True and report["setup"]["wall_s"] > 0
     for task in TASKS:

@@ -1,5 +1,6 @@
 """Tests for vild_d2.text: prompts, CLIP prompt ensembles, the cache, vocabularies and the CLI."""
 
+import dataclasses
 import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2 imports)
 
 import logging
@@ -320,7 +321,10 @@ def test_check_same_width():
     with pytest.raises(ValueError) as e:
         check_same_width(v, 512, "lvis", clip_model="ViT-B/32")
     msg = str(e.value)
-    assert all(s in msg for s in ("'lvis'", "768-d", "512-d", "ViT-L/14", "ViT-B/32"))
+    assert all(s in msg for s in ("lvis", "768-d", "512-d", "ViT-L/14", "ViT-B/32"))
+    # Where it came from, when known (a file), so the user knows what to rebuild.
+    with pytest.raises(ValueError, match=r"test vocabulary \(file /x/v.pth\) has 768-d"):
+        check_same_width(dataclasses.replace(v, source="file /x/v.pth"), 512, "test vocabulary")
 
 
 # ---------------------------------------------------------------- resolve_vocabulary

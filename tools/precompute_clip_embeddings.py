@@ -24,7 +24,7 @@ from vild_d2.distill.precompute import (
     log_store_summary,
     run_precompute,
 )
-from vild_d2.distill.store import DistillStore, StoreError, StoreWriter
+from vild_d2.distill.store import DistillStore, StoreError, StoreWriter, check_dataset
 from vild_d2.distill.teacher import CLIPTeacher
 
 
@@ -61,6 +61,10 @@ def main(argv=None):
         )
     dicts = DatasetCatalog.get(args.dataset)
     check_dataset_dicts(dicts, args.dataset)
+    # Same name is not same data: the proposals must come from these very image files (another
+    # copy of the dataset would give crops of boxes from other pictures). Hashes every image
+    # once; a resumed run and the targets' own chunks reuse the hashes.
+    check_dataset(proposals, dicts, args.dataset, complete=True)
     teacher = CLIPTeacher(
         args.clip, scales=args.scales, device=args.device, batch_size=args.batch_size or None
     )

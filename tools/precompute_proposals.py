@@ -5,7 +5,8 @@ objectness logits) of a dataset into a sharded, resumable store.
 Usage:
   python tools/precompute_proposals.py --config-file CFG --dataset NAME --output STORE \\
       [--shard I --num-shards N] [--num-proposals 300] MODEL.WEIGHTS base_rpn.pth
-Re-running the same command completes an interrupted run; N shards write one store.
+Re-running the same command completes an interrupted run; N shards write one store. The flags
+may stand anywhere among the config overrides (KEY VALUE ...).
 """
 
 import argparse
@@ -13,14 +14,15 @@ import logging
 import os
 
 import vild_d2  # noqa: F401  (first: compatibility bridges)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
+from vild_d2.checkpoint import ViLDCheckpointer
 from vild_d2.config import load_config
 from vild_d2.distill.precompute import (
     add_store_arguments,
     check_dataset_dicts,
+    parse_tool_args,
     export_detectron2_proposals,
     iter_proposals,
     log_store_summary,
@@ -31,7 +33,12 @@ from vild_d2.distill.store import StoreWriter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        usage="%(prog)s --config-file CFG --dataset NAME --output STORE [flags] [KEY VALUE ...]",
+        epilog="KEY VALUE ...: config overrides, e.g. MODEL.WEIGHTS base_rpn.pth; the flags may "
+        "come before, between or after them.",
+    )
     p.add_argument("--config-file", required=True, help="a config with an RPN (base classes)")
     p.add_argument("--dataset", required=True, help="registered dataset name")
     p.add_argument("--output", required=True, help="store directory")
@@ -44,9 +51,8 @@ def parse_args(argv=None):
         default="",
         help="also write detectron2's proposal pickle (once the store is complete)",
     )
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
     add_store_arguments(p, workers_help="image-loading processes")
-    return p.parse_args(argv)
+    return parse_tool_args(p, argv)  # args.opts: the config overrides
 
 
 def main(argv=None):
@@ -84,7 +90,7 @@ def main(argv=None):
     model = build_model(cfg)
     if getattr(model, "proposal_generator", None) is None:
         raise ValueError(f"{cfg.MODEL.META_ARCHITECTURE} has no proposal_generator (an RPN)")
-    DetectionCheckpointer(model).load(weights)
+    ViLDCheckpointer(model, complete=True).load(weights)  # every RPN weight, or an error
     model.eval()
     logger.info("Proposals of %s (%d images) into %s", args.dataset, len(dicts), args.output)
     stats = run_precompute(

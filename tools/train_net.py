@@ -11,7 +11,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        ViLDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # complete: every parameter must come from the checkpoint, or the APs mean nothing
+        ViLDCheckpointer(model, save_dir=cfg.OUTPUT_DIR, complete=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)

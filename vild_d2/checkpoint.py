@@ -1,11 +1,17 @@
-"""A DetectionCheckpointer that also saves the model's test vocabulary."""
+"""A DetectionCheckpointer that also saves the model's test vocabulary, and refuses to leave a
+trained ViLD model's parameters silently unloaded."""
+
+import logging
+from typing import List
 
 from detectron2.checkpoint import DetectionCheckpointer
 from torch.nn.parallel import DistributedDataParallel
 
 from .text import Vocabulary
 
-__all__ = ["ViLDCheckpointer"]
+__all__ = ["ViLDCheckpointer", "IncompatibleCheckpointError"]
+
+logger = logging.getLogger(__name__)
 
 # Parameters renamed since checkpoints were first written: the text classifier's projection and
 # background embedding moved from the box predictor into its own module (its ``cls_score``).
@@ -13,6 +19,23 @@ _RENAMED = {
     "box_predictor.projection.": "box_predictor.cls_score.projection.",
     "box_predictor.background": "box_predictor.cls_score.background",
 }
+# A checkpoint that has these was trained with ViLD's text classifier: every parameter of a
+# ViLD model must then come from it.
+_VILD_KEYS = (
+    "roi_heads.box_predictor.cls_score.projection.",
+    "roi_heads.box_predictor.cls_score.background",
+)
+# Heads whose shape follows the number of classes: new when fine-tuning a detectron2 model on
+# another dataset (e.g. COCO -> LVIS), the one shape change detectron2 users expect to skip.
+_CLASS_HEADS = (
+    "roi_heads.box_predictor.cls_score.",
+    "roi_heads.box_predictor.bbox_pred.",
+    "roi_heads.mask_head.predictor.",
+)
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    """A checkpoint that would leave parameters of the model untrained where that is a mistake."""
 
 
 class _VocabularyState:
@@ -34,13 +57,43 @@ class ViLDCheckpointer(DetectionCheckpointer):
     ``"vocabulary"``, like the optimizer's state: ``load(path)`` restores it (the model then
     detects what it detected when saved), while ``resume_or_load(path, resume=False)`` loads
     the weights only, so a config's ``MODEL.VILD.TEST_VOCABULARY`` stays in force (transfer).
+
+    fvcore skips every tensor whose shape differs and every missing one with a log line; here
+    that is an :class:`IncompatibleCheckpointError` naming the file and the tensors when:
+
+    * a tensor's shape differs, except, when training, detectron2's class-count heads of a
+      checkpoint that is not ViLD's (fine-tuning a COCO model on another dataset: those heads
+      are new);
+    * the checkpoint is ViLD's (it has the text classifier) and any model parameter is missing
+      (another CLIP width, backbone depth or head);
+    * the checkpoint has backbone weights but not all of the model's (another depth);
+    * ``complete=True`` (evaluation, the predictor) and any model parameter is missing: an
+      untrained tensor would make every number that follows meaningless.
+
+    An ImageNet backbone or a COCO detector as initial weights (``complete=False``, training)
+    keeps working: the heads it lacks are new, as detectron2 users expect, and logged.
     """
 
-    def __init__(self, model, save_dir="", *, save_to_disk=None, **checkpointables):
+    def __init__(
+        self, model, save_dir="", *, save_to_disk=None, complete=False, **checkpointables
+    ):
         module = model.module if isinstance(model, DistributedDataParallel) else model
         if hasattr(module, "set_vocabulary"):
             checkpointables.setdefault("vocabulary", _VocabularyState(module))
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.complete = complete
+        self._path = "<checkpoint>"
+
+    def _load_file(self, filename):
+        self._path = filename  # for the errors of _load_model
+        try:
+            return super()._load_file(filename)
+        except Exception as e:  # torch.load / pickle on other bytes: open-ended errors
+            raise IncompatibleCheckpointError(
+                f"{filename} is not a checkpoint (torch.load / pickle could not read it: "
+                f"{type(e).__name__}: {e}); MODEL.WEIGHTS must be a .pth written by training or "
+                "a detectron2 model-zoo .pkl"
+            ) from e
 
     def _load_model(self, checkpoint):
         state = checkpoint["model"]
@@ -48,4 +101,41 @@ class ViLDCheckpointer(DetectionCheckpointer):
             for old, new in _RENAMED.items():
                 if old in key:
                     state[key.replace(old, new)] = state.pop(key)
-        return super()._load_model(checkpoint)
+        keys = {k[len("module.") :] if k.startswith("module.") else k for k in state}
+        incompatible = super()._load_model(checkpoint)
+        self._check(keys, incompatible)
+        return incompatible
+
+    def _check(self, keys, incompatible):
+        is_vild = any(k.startswith(_VILD_KEYS) for k in keys)
+        has_backbone = any(k.startswith("backbone.") for k in keys)
+        parameters = {n for n, _ in self.model.named_parameters()}
+        parameters = {n[len("module.") :] if n.startswith("module.") else n for n in parameters}
+        problems: List[str] = []
+        for name, shape_ckpt, shape_model in incompatible.incorrect_shapes:
+            if is_vild or self.complete or not name.startswith(_CLASS_HEADS):
+                problems.append(f"{name}: {tuple(shape_ckpt)} in the checkpoint, "
+                                f"{tuple(shape_model)} in the model")  # fmt: skip
+        missing = [k for k in incompatible.missing_keys if k in parameters]
+        shape_skipped = {name for name, _, _ in incompatible.incorrect_shapes}
+        missing = [k for k in missing if k not in shape_skipped]
+        if is_vild or self.complete:
+            problems += [f"{k}: not in the checkpoint" for k in missing]
+        elif has_backbone:
+            problems += [f"{k}: not in the checkpoint (another backbone?)" for k in missing
+                         if k.startswith("backbone.")]  # fmt: skip
+        if problems:
+            shown = "\n  ".join(problems[:12])
+            more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+            why = (
+                "it was trained with ViLD, so every parameter must load"
+                if is_vild
+                else "evaluation needs every parameter trained"
+                if self.complete
+                else "its backbone does not match the config's"
+            )
+            raise IncompatibleCheckpointError(
+                f"{self._path} does not fit this model ({why}); {len(problems)} tensor(s):\n  "
+                f"{shown}{more}\nUse the config the checkpoint was trained with (CLIP model / "
+                "embedding width, MODEL.RESNETS.DEPTH, box head), or another checkpoint."
+            )

@@ -48,8 +48,10 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.PROMPT_TEMPLATES = ""
     # Average each class's synonyms (dataset metadata "class_synonyms") into its embedding.
     _C.MODEL.VILD.USE_SYNONYMS = False
-    # Where text embeddings are cached, keyed by (CLIP model, templates, names).
-    _C.MODEL.VILD.EMBEDDING_CACHE_DIR = "~/.cache/vild_d2"
+    # Where text embeddings are cached (under <it>/text), keyed by (CLIP model, templates,
+    # names). "auto" = $VILD_D2_CACHE, default ~/.cache/vild_d2 (the dataset cache's folder too);
+    # "" = no cache.
+    _C.MODEL.VILD.EMBEDDING_CACHE_DIR = "auto"
     # Softmax temperature on cosine similarities (logits = cos / T; 0.01 = x100).
     _C.MODEL.VILD.TEMPERATURE = 0.01
     # Weight w of the L1 distillation loss (0.5 for R50; the paper used 1.0/2.0 for R152).

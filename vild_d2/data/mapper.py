@@ -92,6 +92,18 @@ class ViLDDatasetMapper(DatasetMapper):
             dict: as :class:`DatasetMapper`, plus "distill" (:class:`Instances`) in training
                 when the input had distillation fields.
         """
+        try:
+            return self._map(dataset_dict)
+        except OSError as e:  # PIL's "image file is truncated" does not say which file
+            file_name = dataset_dict.get("file_name", "<no file_name>")
+            if file_name in str(e):
+                raise
+            raise OSError(
+                f"{file_name}: cannot read image ({type(e).__name__}: {e}); training stops on an "
+                "unreadable image: replace the file, or remove it from the dataset's annotations"
+            ) from e
+
+    def _map(self, dataset_dict):
         has_distill = DISTILL_BOXES in dataset_dict or DISTILL_EMBEDDINGS in dataset_dict
         if not has_distill:
             return super().__call__(dataset_dict)

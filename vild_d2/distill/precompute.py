@@ -14,11 +14,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .store import DistillStore, StoreWriter, chunks_of_shard, proposals_for, read_rgb
+from .store import (
+    DistillStore,
+    StoreWriter,
+    check_dataset,
+    chunks_of_shard,
+    proposals_for,
+    read_rgb,
+)
 from .teacher import autocast_fp16
 
 __all__ = [
     "add_store_arguments",
+    "parse_tool_args",
     "log_store_summary",
     "proposals_header",
     "embeddings_header",
@@ -39,6 +47,24 @@ def add_store_arguments(parser, workers_help: str) -> None:
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--num-workers", type=int, default=2, help=workers_help)
+
+
+def parse_tool_args(parser, argv=None):
+    """
+    ``parser``'s flags wherever they stand; every other argument, in order, is a config
+    override (``KEY VALUE ...``) in ``args.opts``. (argparse.REMAINDER would take a flag after
+    the first override, e.g. ``--shard 1``, for a config key.) A ``--flag`` that the tool does
+    not know is an error, not an override.
+    """
+    args, opts = parser.parse_known_args(argv)
+    unknown = [a for a in opts if a.startswith("--")]
+    if unknown:
+        parser.error(
+            f"unrecognized arguments: {' '.join(unknown)} (config overrides are KEY VALUE "
+            "pairs, e.g. MODEL.WEIGHTS model.pth)"
+        )
+    args.opts = opts
+    return args
 
 
 def log_store_summary(log: logging.Logger, path: str, num_images: int) -> DistillStore:
@@ -116,7 +142,9 @@ def run_precompute(
     progress: bool = True,
 ) -> dict:
     """
-    Compute and write the chunks of one shard that are not on disk yet.
+    Compute and write the chunks of one shard that are not on disk yet. A chunk on disk is
+    read whole and checked first (a damaged one is computed again), and must have been made
+    from the dataset's image files (else :class:`StoreError`: another copy of the dataset).
 
     Args:
         writer: the store.
@@ -139,7 +167,8 @@ def run_precompute(
     for c in chunk_ids:
         dicts = writer.chunk_images(c, dataset_dicts)
         shard_images += len(dicts)
-        if writer.is_done(c, [d["image_id"] for d in dicts]):
+        ids, files = [d["image_id"] for d in dicts], [d["file_name"] for d in dicts]
+        if writer.is_done(c, ids, files):
             done_before += len(dicts)
         else:
             todo.append((c, list(dicts)))
@@ -171,7 +200,7 @@ def run_precompute(
                 bar.update(1)
                 if on_image is not None:
                     on_image(computed)
-            writer.write_chunk(c, records)
+            writer.write_chunk(c, records, [d["file_name"] for d in dicts])
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -336,8 +365,15 @@ def iter_embeddings(
 
     Yields:
         (image_id, {"boxes": (M, 4) float32, "embeddings": (M, D) float16})
+
+    Raises:
+        StoreError: ``proposals`` were made from other image files than the chunks' (checked
+            before any image is computed).
     """
     items = [d for dicts in chunks for d in dicts]
+    # Crops of another copy's boxes would be silently wrong targets: the proposals must have
+    # been made from these very image files.
+    check_dataset(proposals, items)
     loader = DataLoader(
         _Mapped(items, _ImageAndBoxes(proposals, max_boxes)),
         batch_size=None,
@@ -362,6 +398,7 @@ def export_detectron2_proposals(store: DistillStore, dataset_dicts: Sequence[dic
             f"{store.root} is incomplete (chunks {store.missing_chunks()[:10]} missing): run "
             "every shard before exporting"
         )
+    check_dataset(store, dataset_dicts, complete=True)
     ids, boxes, logits = [], [], []
     for d in dataset_dicts:
         record = store[d["image_id"]]

@@ -15,16 +15,27 @@ The index names the store (header digest) and, per image, its id, box count, pay
 and crc32; a record is each field's (M, width) array in header order, contiguous. Opening a
 store reads only the indices (truncation is caught there by the file length); records are
 read through a memory map on demand and checked against their crc32, so a dataloader worker
-holds no copy of the data and a corrupted record is never returned.
+holds no copy of the data and a corrupted record is never returned. A resumed run reads each
+chunk it skips whole and checks every record (and the zero padding): a damaged chunk is named
+and computed again.
+
+Dataset identity: the index also lists, per image, the image file it was made from as
+``[size in bytes, first 16 hex digits of the file's sha256]`` ("files"). The path is not part
+of it: a dataset moved to another root (same bytes) is the same dataset; a re-encoded or edited
+picture is not. A store is refused (:func:`check_dataset`, and on resume) for image files other
+than its own. Chunks written before "files" existed are accepted with a warning that their
+identity cannot be verified.
 """
 
 import collections
+import functools
 import hashlib
 import json
 import logging
 import mmap
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -38,7 +49,9 @@ __all__ = [
     "DistillStore",
     "StoreWriter",
     "StoreError",
+    "check_dataset",
     "chunks_of_shard",
+    "file_identity",
     "proposals_for",
     "read_rgb",
 ]
@@ -54,7 +67,39 @@ HEADER_FILE = "header.json"
 
 
 class StoreError(RuntimeError):
-    """A store that cannot be used as asked: wrong header, truncated or corrupted chunk."""
+    """A store that cannot be used as asked: wrong header, truncated or corrupted chunk, or
+    made from other image files than the dataset's."""
+
+
+def file_identity(file_name: str) -> list:
+    """``[size, first 16 hex digits of sha256]`` of a file's bytes (what a chunk records)."""
+    st = os.stat(file_name)
+    return [st.st_size, _sha256_16(str(file_name), st.st_size, st.st_mtime_ns, st.st_ino)]
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _sha256_16(file_name: str, size: int, mtime_ns: int, inode: int) -> str:
+    # Cached by (path, size, mtime, inode): a run checks its source store and then records the
+    # same files in its own chunks; a file changed on disk is hashed again.
+    h = hashlib.sha256()
+    with open(file_name, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _describe(identity) -> str:
+    return f"{identity[0]} bytes, sha256 {identity[1]}..."
+
+
+def _not_made_from(root, dataset, file_name, image_id, have, recorded) -> StoreError:
+    return StoreError(
+        f"store {root} was not made from dataset {dataset!r} as it is now: image {image_id!r} "
+        f"is {file_name} ({_describe(have)}), the store was made from a file of "
+        f"{_describe(recorded)} (another copy of the dataset, or a changed image). Use the "
+        f"dataset the store was made from, or make the store again from this one (another "
+        f"--output, or delete {root})"
+    )
 
 
 def chunk_name(chunk: int) -> str:
@@ -157,8 +202,36 @@ def _read_index(path: Path, digest: str, specs) -> dict:
     for image_id, m, offset, _ in index["records"]:
         if offset + _record_nbytes(specs, m) > index["payload_bytes"]:
             raise StoreError(f"corrupted chunk {path}: record of image {image_id} out of range")
+    if len(index.get("files", index["records"])) != len(index["records"]):
+        raise StoreError(f"corrupted chunk {path}: image files and records do not pair up")
+    index["index_end"] = _PREFIX.size + index_len
     index["payload_start"] = start
     return index
+
+
+def _verify_payload(path: Path, index: dict, specs) -> None:
+    """Read the chunk whole and check what its index cannot: every record against its crc32,
+    records that tile the payload, zero padding (a resumed run keeps only a chunk that is
+    byte for byte what was written)."""
+    with open(path, "rb") as f:
+        data = memoryview(f.read())
+    start = index["payload_start"]
+    if any(data[index["index_end"] : start]):
+        raise StoreError(f"corrupted chunk {path}: non-zero padding after its index")
+    pos = 0
+    for image_id, m, offset, crc in index["records"]:
+        n = _record_nbytes(specs, m)
+        if offset != pos:
+            raise StoreError(f"corrupted chunk {path}: record of image {image_id!r} misplaced")
+        if zlib.crc32(data[start + offset : start + offset + n]) != crc:
+            raise StoreError(
+                f"corrupted chunk {path}: record of image {image_id!r} fails its checksum"
+            )
+        pos += n
+    if pos != index["payload_bytes"]:
+        raise StoreError(
+            f"corrupted chunk {path}: records hold {pos} of its {index['payload_bytes']} bytes"
+        )
 
 
 def _payload_start(index_len: int) -> int:
@@ -187,6 +260,9 @@ class DistillStore:
         self._starts: List[int] = []
         # image id -> (file index, offset in file, M, crc32)
         self._where: Dict = {}
+        # image id -> [size, sha256 prefix] of the image file it was made from (None: a chunk
+        # written before they were recorded)
+        self._made_from: Dict = {}
         self._chunks = set()
         for path in sorted(self.root.glob("chunk-*.vds")):
             index = _read_index(path, self.digest, self.specs)
@@ -194,10 +270,12 @@ class DistillStore:
             self._files.append(path)
             self._chunks.add(index["chunk"])
             start = index["payload_start"]
-            for image_id, m, offset, crc in index["records"]:
+            files = index.get("files") or [None] * len(index["records"])
+            for (image_id, m, offset, crc), made_from in zip(index["records"], files):
                 if image_id in self._where:
                     raise StoreError(f"{path}: image {image_id} is also in another chunk")
                 self._where[image_id] = (k, start + offset, m, crc)
+                self._made_from[image_id] = made_from
         self._maps: "collections.OrderedDict[int, mmap.mmap]" = collections.OrderedDict()
         self._pid = os.getpid()
 
@@ -211,6 +289,11 @@ class DistillStore:
 
     def image_ids(self) -> List:
         return list(self._where)
+
+    def made_from(self, image_id) -> Optional[list]:
+        """``[size, sha256 prefix]`` of the image file ``image_id`` was computed from (None if
+        its chunk predates the record)."""
+        return self._made_from[image_id]
 
     @property
     def num_chunks(self) -> int:
@@ -327,7 +410,7 @@ class StoreWriter:
         # first included) then checks that the header on disk is its own.
         if not path.is_file():
             text = json.dumps(header, indent=1, sort_keys=True).encode("utf-8")
-            atomic_write(path, [text], exclusive=True)
+            atomic_write(path, [text], exclusive=True, hint=self._write_hint())
         existing = _read_header(self.root)
         diff = _diff(existing, header)
         if diff:
@@ -342,15 +425,35 @@ class StoreWriter:
         self.header = header
         self.digest = header_digest(header)
         self.specs = _field_specs(header)
+        self._warned_unverified = False
+
+    def _write_hint(self) -> str:
+        return (
+            f"if the disk is full, free space on the filesystem of {self.root}, then re-run the "
+            "same command: the chunks already written are kept and the run resumes (or start "
+            "over with another --output)"
+        )
 
     def chunk_images(self, chunk: int, items: Sequence) -> Sequence:
         """The part of the dataset-ordered ``items`` that chunk ``chunk`` holds."""
         k = self.header["chunk_size"]
         return items[chunk * k : (chunk + 1) * k]
 
-    def is_done(self, chunk: int, image_ids: Optional[Sequence] = None) -> bool:
-        """Whether a valid file of ``chunk`` exists (an invalid one is reported and redone);
-        with ``image_ids``, it must hold exactly those images, in that order."""
+    def is_done(
+        self,
+        chunk: int,
+        image_ids: Optional[Sequence] = None,
+        file_names: Optional[Sequence[str]] = None,
+    ) -> bool:
+        """
+        Whether a valid file of ``chunk`` exists: its index and every record check out (the
+        whole file is read); a damaged one is reported and redone. With ``image_ids``, it must
+        hold exactly those images, in that order (else it is redone).
+
+        Raises:
+            StoreError: ``file_names`` (the images' files, in order) are not the files the
+                chunk was made from: another copy of the dataset, never mixed into one store.
+        """
         path = self.root / chunk_name(chunk)
         if not path.is_file():
             return False
@@ -358,6 +461,8 @@ class StoreWriter:
             index = _read_index(path, self.digest, self.specs)
         except StoreError as e:
             logger.warning("Redoing chunk %d: %s", chunk, e)
+            return False
+        if index["chunk"] != chunk:
             return False
         if image_ids is not None:
             held = [r[0] for r in index["records"]]
@@ -371,13 +476,49 @@ class StoreWriter:
                     [_json_id(i) for i in image_ids][:3],
                 )
                 return False
-        return index["chunk"] == chunk
+        if file_names is not None:
+            self._check_made_from(path, index, file_names)
+        try:
+            _verify_payload(path, index, self.specs)
+        except StoreError as e:
+            logger.warning("Redoing chunk %d: %s", chunk, e)
+            return False
+        return True
 
-    def write_chunk(self, chunk: int, records: Sequence[Tuple[object, Mapping[str, np.ndarray]]]):
+    def _check_made_from(self, path: Path, index: dict, file_names: Sequence[str]) -> None:
+        if "files" not in index:
+            if not self._warned_unverified:
+                logger.warning(
+                    "%s: chunks such as %s were written before stores recorded their image "
+                    "files: cannot verify they were made from dataset %r as it is now; they are "
+                    "kept. To rebuild, delete the store (or its chunks) and re-run.",
+                    self.root, path.name, self.header.get("dataset"),
+                )  # fmt: skip
+                self._warned_unverified = True
+            return
+        for record, recorded, file_name in zip(index["records"], index["files"], file_names):
+            have = file_identity(file_name)
+            if have != recorded:
+                raise _not_made_from(
+                    self.root, self.header.get("dataset"), file_name, record[0], have, recorded
+                )
+
+    def write_chunk(
+        self,
+        chunk: int,
+        records: Sequence[Tuple[object, Mapping[str, np.ndarray]]],
+        file_names: Optional[Sequence[str]] = None,
+    ):
         """
         Args:
             chunk: chunk id.
             records: (image_id, {field: array (M, width) or (M,)}) per image, in dataset order.
+            file_names: the image file of each record, recorded by identity (size, sha256)
+                so that the store can tell the dataset it was made from.
+
+        Raises:
+            OSError: the write failed (a full disk: errno ENOSPC); the message names the file
+                and what to do. Chunks written before are kept, a re-run resumes.
         """
         entries, blobs, offset = [], [], 0
         for image_id, fields in records:
@@ -396,17 +537,24 @@ class StoreWriter:
             entries.append([_json_id(image_id), m, offset, zlib.crc32(blob)])
             blobs.append(blob)
             offset += len(blob)
-        index = _canonical(
-            {
-                "chunk": chunk,
-                "header_digest": self.digest,
-                "payload_bytes": offset,
-                "records": entries,
-            }
-        )
+        index = {
+            "chunk": chunk,
+            "header_digest": self.digest,
+            "payload_bytes": offset,
+            "records": entries,
+        }
+        if file_names is not None:
+            if len(file_names) != len(entries):
+                raise ValueError(f"{len(file_names)} file names for {len(entries)} records")
+            index["files"] = [file_identity(f) for f in file_names]
+        index = _canonical(index)
         pad = _payload_start(len(index)) - _PREFIX.size - len(index)
         prefix = _PREFIX.pack(MAGIC, len(index), zlib.crc32(index))
-        atomic_write(self.root / chunk_name(chunk), [prefix, index, b"\0" * pad, *blobs])
+        atomic_write(
+            self.root / chunk_name(chunk),
+            [prefix, index, b"\0" * pad, *blobs],
+            hint=self._write_hint(),
+        )
 
 
 def _json_id(image_id):
@@ -414,6 +562,71 @@ def _json_id(image_id):
     if isinstance(image_id, np.integer):
         return int(image_id)
     return image_id
+
+
+def check_dataset(
+    store: DistillStore,
+    dataset_dicts: Sequence[dict],
+    dataset: str = "",
+    *,
+    complete: bool = False,
+    sample: Optional[int] = None,
+) -> int:
+    """
+    Refuse a store made from other image files than ``dataset_dicts``' (another copy of the
+    dataset with the same names and ids, changed pictures). Each image of the dicts that the
+    store holds is compared, by its file's size and sha256 (not its path: a moved dataset is
+    accepted), with the file the store recorded for it.
+
+    Args:
+        dataset: the dataset's name, for messages (default: the one in the store's header).
+        complete: ``dataset_dicts`` is the whole dataset the store is of (precompute): the image
+            counts must also agree. Training dicts, which may drop images, are not.
+        sample: hash only this many images, spread over the dataset, and compare only the size
+            of the others (a stat): for a large dataset on slow storage.
+
+    Returns:
+        The number of image files hashed and compared (0 for a store that predates the
+        record: accepted with a warning, nothing to compare with).
+
+    Raises:
+        StoreError: naming the store folder, the dataset and the first image that differs.
+    """
+    dataset = dataset or store.header.get("dataset", "")
+    if complete and store.header["num_images"] != len(dataset_dicts):
+        raise StoreError(
+            f"store {store.root} was made from {store.header['num_images']} images of "
+            f"{store.header.get('dataset')!r}; dataset {dataset!r} has {len(dataset_dicts)} "
+            "images: another copy or version of the dataset. Use the dataset the store was "
+            f"made from, or make the store again (another --output, or delete {store.root})"
+        )
+    held = [d for d in dataset_dicts if d["image_id"] in store]
+    known = [d for d in held if store.made_from(d["image_id"]) is not None]
+    if len(known) < len(held):
+        logger.warning(
+            "%s: %d of %d images were written before stores recorded their image files: "
+            "cannot verify they were made from dataset %r. To rebuild, delete the store and "
+            "re-run its precompute command.",
+            store.root, len(held) - len(known), len(held), dataset,
+        )  # fmt: skip
+    hashed = set(range(len(known)))
+    if sample is not None and sample < len(known):
+        hashed = {round(i * (len(known) - 1) / max(sample - 1, 1)) for i in range(sample)}
+    start = time.perf_counter()
+    for i, d in enumerate(known):
+        recorded = store.made_from(d["image_id"])
+        if i in hashed or os.stat(d["file_name"]).st_size != recorded[0]:
+            have = file_identity(d["file_name"])
+            if have != recorded:
+                raise _not_made_from(
+                    store.root, dataset, d["file_name"], d["image_id"], have, recorded
+                )
+    if known:
+        logger.info(
+            "Store %s: the %d image files of %r it holds checked (%d hashed) in %.1f s",
+            store.root, len(known), dataset, len(hashed), time.perf_counter() - start,
+        )  # fmt: skip
+    return len(hashed)
 
 
 # --- what the precompute jobs and the online targets read ----------------------------------

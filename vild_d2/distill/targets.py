@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import needs_distillation
-from .store import DistillStore, StoreError, proposals_for, read_rgb
+from .store import DistillStore, StoreError, check_dataset, proposals_for, read_rgb
 from .teacher import CLIPTeacher, crop_settings
 
 __all__ = [
@@ -163,6 +163,9 @@ def load_distill_targets_into_dataset(
     """
     node = cfg.MODEL.VILD.DISTILL
     store = open_store(root)
+    # Same name and ids are not the same pictures: targets of another copy of the dataset
+    # would be crops of boxes from other images (each file is hashed once per process).
+    check_dataset(store, dataset_dicts, dataset_name)
     absent = [d["image_id"] for d in dataset_dicts if d["image_id"] not in store]
     if absent:
         msg = (

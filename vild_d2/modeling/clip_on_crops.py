@@ -99,7 +99,8 @@ class CLIPOnCropsRCNN(GeneralizedRCNN):
     def set_vocabulary(self, vocabulary: Union[Vocabulary, str, Sequence[str]]) -> Vocabulary:
         """Classify crops into ``vocabulary`` (same forms as ``ViLDRCNN.set_vocabulary``)."""
         vocab = resolve_vocabulary(vocabulary, self.text_encoder, use_synonyms=self.use_synonyms)
-        check_same_width(vocab, self.teacher.embed_dim, "CLIP-on-crops", self.teacher.clip_model)
+        check_same_width(vocab, self.teacher.embed_dim, "CLIP-on-crops vocabulary",
+                         self.teacher.clip_model)  # fmt: skip
         self._vocabulary = vocab
         return vocab
 

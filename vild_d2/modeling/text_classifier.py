@@ -79,7 +79,7 @@ class TextClassifier(nn.Module):
     def set_vocabulary(self, vocabulary: Vocabulary) -> None:
         """Use ``vocabulary`` (K', D) at test time; D must match this model's embedding width."""
         ours = self.train_vocabulary.clip_model
-        check_same_width(vocabulary, self.embed_dim, "new test", ours)
+        check_same_width(vocabulary, self.embed_dim, "test vocabulary", ours)
         if vocabulary.clip_model and ours and vocabulary.clip_model != ours:
             logger.warning(
                 f"The new vocabulary was encoded by CLIP {vocabulary.clip_model}, this model's "

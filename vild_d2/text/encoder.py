@@ -4,6 +4,8 @@ import hashlib
 import io
 import json
 import logging
+import pickle
+import urllib.error
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -11,8 +13,9 @@ import clip
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
+from tqdm import tqdm
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, cache_root
 from .prompts import fill_prompts, load_templates, process_name
 
 __all__ = ["clip_identity", "load_clip", "TextEncoder", "build_text_encoder", "build_clip"]
@@ -37,11 +40,40 @@ def clip_identity(spec: str) -> str:
     )
 
 
+# What torch.load and clip's build_model raise on bytes that are not a CLIP checkpoint (a text
+# file gives KeyError: 101, a truncated one EOFError or RuntimeError, another model KeyError).
+_UNREADABLE = (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError, TypeError,
+               IndexError, AttributeError, UnicodeDecodeError, OSError)  # fmt: skip
+
+
 def load_clip(spec: str, device: Device = "cpu") -> Tuple[CLIP, str]:
-    """Load CLIP (eval mode) from a model name or a local checkpoint; returns (model, identity)."""
+    """Load CLIP (eval mode) from a model name or a local checkpoint; returns (model, identity).
+
+    Raises:
+        RuntimeError: a named model that is not downloaded yet cannot be downloaded (offline).
+        ValueError: a local file that is not a CLIP checkpoint.
+    """
     identity = clip_identity(spec)
-    path = spec if spec in clip.available_models() else str(Path(spec).expanduser())
-    model, _ = clip.load(path, device=device, jit=False)
+    if spec in clip.available_models():
+        try:
+            model, _ = clip.load(spec, device=device, jit=False)
+        except (urllib.error.URLError, OSError) as e:  # offline, proxy, DNS, a full disk...
+            raise RuntimeError(
+                f"CLIP {spec!r} is not in ~/.cache/clip and could not be downloaded "
+                f"({type(e).__name__}: {e}). A named CLIP is downloaded on first use; without "
+                "internet, copy the checkpoint from a machine that has it (clip.load there "
+                f"writes ~/.cache/clip/{Path(clip.clip._MODELS[spec]).name}) and pass its path "
+                "instead of the name (--clip / MODEL.VILD.CLIP_MODEL /path/to/file.pt)"
+            ) from e
+    else:
+        path = str(Path(spec).expanduser())
+        try:
+            model, _ = clip.load(path, device=device, jit=False)
+        except _UNREADABLE as e:  # torch.load / build_model on other bytes: open-ended errors
+            raise ValueError(
+                f"{path} is not a CLIP checkpoint that clip.load reads (an OpenAI JIT archive "
+                f"or a state dict of clip.model.CLIP): {type(e).__name__}: {e}"
+            ) from e
     # build_model casts weights to fp16, which CPU matmuls do not support well: use fp32 there.
     if torch.device(device).type == "cpu":
         model = model.float()
@@ -61,7 +93,7 @@ class TextEncoder:
         clip_model: str,
         *,
         templates: Optional[Sequence[str]] = None,
-        cache_dir: Optional[str] = "~/.cache/vild_d2",
+        cache_dir: Optional[str] = "auto",
         device: Device = "cpu",
         batch_size: int = 1024,
     ):
@@ -69,12 +101,16 @@ class TextEncoder:
         Args:
             clip_model: a ``clip.available_models()`` name or a local CLIP checkpoint path.
             templates: prompt templates ("{}" = name, "{article}" = a/an); None = the 63 ViLD ones.
-            cache_dir: embeddings are cached under ``<cache_dir>/text/``; None = no cache.
+            cache_dir: embeddings are cached under ``<cache_dir>/text/``; "auto" =
+                :func:`vild_d2.fileio.cache_root` ($VILD_D2_CACHE or ~/.cache/vild_d2); None or
+                "" = no cache.
             device: where CLIP runs; results are always returned on the CPU.
             batch_size: prompts per CLIP forward.
         """
         self.clip_model = clip_model
         self.templates = list(templates) if templates is not None else load_templates()
+        if cache_dir == "auto":
+            cache_dir = str(cache_root())
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.device = device
         self.batch_size = batch_size
@@ -149,36 +185,31 @@ class TextEncoder:
     def _compute(
         self, names: List[str], synonyms: Optional[Sequence[Sequence[str]]]
     ) -> torch.Tensor:
-        prompts: List[str] = []
-        owner: List[int] = []  # class index of each prompt
-        for k, name in enumerate(names):
-            for variant in _variants(name, synonyms[k] if synonyms is not None else ()):
-                filled = fill_prompts(variant, self.templates)
-                prompts.extend(filled)
-                owner.extend([k] * len(filled))
+        # Prompts are made and encoded a batch at a time and summed per class as they come, so
+        # memory is bounded by the batch and the (K, D) sums, not by K x 63 prompts (a 21k-name
+        # vocabulary is 1.3M prompts).
+        variants = [_variants(n, synonyms[k] if synonyms is not None else ()) for k, n in
+                    enumerate(names)]  # fmt: skip
+        total = sum(len(v) for v in variants) * len(self.templates)
         logger.info(
-            "Encoding %d classes (%d prompts) with CLIP %s", len(names), len(prompts), self.identity
+            "Encoding %d classes (%d prompts) with CLIP %s", len(names), total, self.identity
         )
-
         model = self.model
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, len(prompts), self.batch_size):
+        sums = counts = None
+        bar = tqdm(total=total, desc="text embeddings", unit="prompt", mininterval=2.0,
+                   disable=total < 20 * self.batch_size)  # fmt: skip
+        with torch.no_grad(), bar:
+            for owner, prompts in _prompt_batches(variants, self.templates, self.batch_size):
                 # The model's own context length (77 for OpenAI's CLIPs; small ones may use less).
-                tokens = clip.tokenize(
-                    prompts[start : start + self.batch_size],
-                    context_length=model.context_length,
-                    truncate=True,
-                )
-                out = model.encode_text(tokens.to(self.device))
-                chunks.append(F.normalize(out.float(), dim=-1).cpu())
-        per_prompt = torch.cat(chunks)  # (P, D)
-
-        # Mean over each class's prompts (P x D -> K x D) in one scatter, then re-normalise.
-        index = torch.tensor(owner)
-        sums = per_prompt.new_zeros(len(names), per_prompt.shape[1])
-        sums.index_add_(0, index, per_prompt)
-        counts = torch.bincount(index, minlength=len(names)).unsqueeze(1)
+                tokens = clip.tokenize(prompts, context_length=model.context_length, truncate=True)
+                out = F.normalize(model.encode_text(tokens.to(self.device)).float(), dim=-1).cpu()
+                if sums is None:
+                    sums = out.new_zeros(len(names), out.shape[1])
+                    counts = torch.zeros(len(names), 1)
+                # Mean over each class's prompts: sum now, divide once at the end.
+                sums.index_add_(0, owner, out)
+                counts.index_add_(0, owner, torch.ones(len(owner), 1))
+                bar.update(len(prompts))
         return F.normalize(sums / counts, dim=-1)
 
     @staticmethod
@@ -216,6 +247,23 @@ def _variants(name: str, synonyms: Sequence[str]) -> List[str]:
             seen.add(key)
             out.append(n)
     return out
+
+
+def _prompt_batches(variants: List[List[str]], templates: List[str], batch_size: int):
+    """Yield (owner (B,) int64 class indices, B prompts) over every class's names x templates,
+    in order, B <= batch_size."""
+    owner: List[int] = []
+    prompts: List[str] = []
+    for k, names in enumerate(variants):
+        for name in names:
+            for prompt in fill_prompts(name, templates):
+                owner.append(k)
+                prompts.append(prompt)
+                if len(prompts) == batch_size:
+                    yield torch.tensor(owner), prompts
+                    owner, prompts = [], []
+    if prompts:
+        yield torch.tensor(owner), prompts
 
 
 def _atomic_save(obj, path: Path) -> None:

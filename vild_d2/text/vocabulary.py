@@ -39,12 +39,14 @@ class Vocabulary:
         embeddings: (K, D) float32 class embeddings.
         novel: (K,) bool, True = novel class; None = unknown.
         clip_model: identity of the CLIP that made the embeddings ("" = unknown).
+        source: where it came from, for messages (a file, a dataset, "names"); not saved.
     """
 
     names: List[str]
     embeddings: torch.Tensor
     novel: Optional[torch.Tensor] = None
     clip_model: str = ""
+    source: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
         self.names = list(self.names)
@@ -120,7 +122,7 @@ class Vocabulary:
             raise ValueError(
                 f"{path}: cannot read vocabulary (corrupt, truncated or not a torch file): {e}"
             ) from e
-        return cls.from_state_dict(d, where=str(path))
+        return dataclasses.replace(cls.from_state_dict(d, where=str(path)), source=f"file {path}")
 
     def is_base_for(self, train_names: Sequence[str]) -> torch.Tensor:
         """(K,) bool, True = base class: ``~novel`` if known, else "name is in ``train_names``"."""
@@ -153,7 +155,8 @@ def vocabulary_from_names(
     """Encode ``names``; ``novel`` is a (K,) bool mask or a list of the novel names."""
     if novel is not None and not isinstance(novel, torch.Tensor):
         novel = novel_mask(names, novel)
-    return Vocabulary(list(names), encoder.encode(names, synonyms), novel, encoder.identity)
+    return Vocabulary(list(names), encoder.encode(names, synonyms), novel, encoder.identity,
+                      source=f"{len(names)} names encoded by CLIP {encoder.clip_model}")
 
 
 def vocabulary_from_dataset(
@@ -189,7 +192,8 @@ def vocabulary_from_dataset(
                 f"dataset {dataset_name!r}: {len(synonyms)} class_synonyms lists for "
                 f"{len(names)} thing_classes"
             )
-    return vocabulary_from_names(names, encoder, novel=novel_names, synonyms=synonyms)
+    vocab = vocabulary_from_names(names, encoder, novel=novel_names, synonyms=synonyms)
+    return dataclasses.replace(vocab, source=f"dataset {dataset_name}")
 
 
 def resolve_vocabulary(
@@ -214,21 +218,26 @@ def resolve_vocabulary(
     if spec in BUILTIN_VOCABULARIES:
         builtin = builtin_vocabulary(spec)
         synonyms = builtin.synonyms if use_synonyms else None
-        return vocabulary_from_names(builtin.names, encoder, builtin.novel, synonyms)
+        vocab = vocabulary_from_names(builtin.names, encoder, builtin.novel, synonyms)
+        return dataclasses.replace(vocab, source=f"built-in vocabulary {spec}")
     raise ValueError(
         f"vocabulary {spec!r} is neither a file, a registered dataset nor a built-in "
         f"vocabulary ({', '.join(BUILTIN_VOCABULARIES)})"
     )
 
 
-def check_same_width(vocab: Vocabulary, dim: int, where: str, clip_model: str = "") -> None:
+def check_same_width(vocab: Vocabulary, dim: int, role: str, clip_model: str = "") -> None:
     """Raise if ``vocab`` cannot serve as the classifier of a model with ``dim``-d region
-    embeddings (``clip_model`` = the model's CLIP identity, for the message)."""
+    embeddings. ``role`` says what the vocabulary is for (e.g. "test vocabulary"),
+    ``clip_model`` the model's CLIP identity; the message names the vocabulary's source."""
     if vocab.dim != dim:
+        source = f" ({vocab.source})" if vocab.source else ""
         raise ValueError(
-            f"vocabulary {where!r} has {vocab.dim}-d embeddings "
-            f"(CLIP {vocab.clip_model or 'unknown'}) but the model's region embeddings are "
-            f"{dim}-d (CLIP {clip_model or 'unknown'})"
+            f"the {role}{source} has {vocab.dim}-d embeddings (made by CLIP "
+            f"{vocab.clip_model or 'unknown'}), but this model's region embeddings are {dim}-d "
+            f"(CLIP {clip_model or 'unknown'}): build the vocabulary with the model's CLIP "
+            "(tools/build_text_classifier.py --clip <that CLIP>), or use a model trained with "
+            "the vocabulary's CLIP"
         )
 
 

@@ -23,7 +23,10 @@ report (``docs/benchmarks/cpu_2core.json`` shows the whole layout):
 
 import contextlib
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
@@ -558,6 +561,39 @@ def time_vit_b_32_text(names: Sequence[str], templates, device: str, num_names: 
     }
 
 
+_ENCODE_NAMES = """
+import re, sys, time
+import vild_d2
+from vild_d2.text import TextEncoder
+clip_path, n = sys.argv[1], int(sys.argv[2])
+encoder = TextEncoder(clip_path, cache_dir=None)
+encoder.model  # loaded before the timing
+start = time.perf_counter()
+encoder.encode([f"class number {i}" for i in range(n)])
+seconds = time.perf_counter() - start
+status = open("/proc/self/status").read()
+print(seconds, int(re.search(r"VmHWM:\\s+(\\d+)", status).group(1)) / 1024)
+"""
+
+
+def vocabulary_scaling(clip_path: str, sizes: Sequence[int]) -> dict:
+    """
+    Building vocabularies of ``sizes`` names (x the 63 templates), each in a fresh process so
+    that its peak memory is its own: {n: {"names_per_s", "peak_mib"}} (peak = the process's
+    VmHWM, Linux only; CLIP and torch included). Cost per name should be flat and the peak
+    should not grow with n (prompts are made and encoded a batch at a time).
+    """
+    out = {}
+    for n in sizes:
+        result = subprocess.run(
+            [sys.executable, "-c", _ENCODE_NAMES, clip_path, str(n)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        seconds, peak = map(float, result.stdout.split()[-2:])
+        out[str(n)] = {"names_per_s": n / seconds, "peak_mib": peak}
+    return out
+
+
 def benchmark_vocabulary(setup: BenchmarkSetup) -> dict:
     """
     Building the text classifier: the 1203 LVIS names x the 63 prompt templates encoded cold
@@ -591,6 +627,9 @@ def benchmark_vocabulary(setup: BenchmarkSetup) -> dict:
     extra["cached_switch_in_memory"] = in_memory
     if setup.use_vit:
         extra.update(time_vit_b_32_text(names, templates, setup.device))
+    if os.path.exists("/proc/self/status"):  # peak memory is read from Linux's /proc
+        sizes = (50, 200) if setup.quick else (1000, 10000)
+        extra["build_scaling_tiny_clip"] = vocabulary_scaling(setup.clip_path, sizes)
     return {
         "vocabulary_ms": {"cold_1203": cold, "cached_switch": cached},
         "vocabulary_extra": extra,

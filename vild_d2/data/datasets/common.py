@@ -1,11 +1,15 @@
 """Registration helpers: where dataset files are expected, what a missing one says, where
 derived files go."""
 
+import functools
+import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ...fileio import cache_root
 
 __all__ = ["dataset_cache_dir", "keep_categories", "register_dataset", "require_files"]
 
@@ -14,7 +18,7 @@ def dataset_cache_dir() -> Path:
     """Folder for files derived from datasets (e.g. the COCO 48/17 ground-truth jsons):
     ``$VILD_D2_CACHE/datasets``, default ``~/.cache/vild_d2/datasets``. Never the dataset root:
     the originals are left untouched."""
-    return Path(os.path.expanduser(os.getenv("VILD_D2_CACHE", "~/.cache/vild_d2"))) / "datasets"
+    return cache_root() / "datasets"
 
 
 def require_files(
@@ -58,9 +62,22 @@ def register_dataset(name: str, loader: Callable[[], list], metadata: Dict) -> N
             )
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
+    DatasetCatalog.register(name, functools.partial(_load, name, loader, metadata.get("json_file")))
     MetadataCatalog.get(name).set(**metadata)
     _OURS.add(name)
+
+
+def _load(name: str, loader: Callable[[], list], json_file: Optional[str]) -> list:
+    """``loader()``, with an unreadable annotation file named (json and pycocotools say only
+    "Expecting ',' delimiter: line 1 column 5000" or "Unterminated string")."""
+    try:
+        return loader()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = json_file or "its annotation file"
+        raise ValueError(
+            f"dataset {name!r}: cannot parse {where} ({type(e).__name__}: {e}); the file is "
+            "truncated or corrupt: download or generate it again"
+        ) from e
 
 
 def keep_categories(dicts: List[dict], id_map: Dict[int, int]) -> List[dict]:

@@ -1,0 +1,255 @@
+"""Hardening of tools/demo.py and ViLDPredictor against bad input: outputs never replace inputs
+or each other, one bad image does not stop a batch and results are on disk after each image,
+huge images are drawn small, and the predictor refuses images it would misread."""
+
+import vild_d2  # noqa: F401  (first: compat bridges)
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.data.catalog import Metadata
+from detectron2.structures import Boxes, Instances
+
+from vild_d2 import ViLDPredictor
+from vild_d2.config import load_config
+
+from tiny_world import make_random_model  # tests/ helper
+
+NEVER = ["--confidence-threshold", "1.01"]  # no detection drawn: a picture is its input, scaled
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("vild_demo_tool_hardening", "tools/demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, tiny_clip_path):
+    root = tmp_path_factory.mktemp("toy_hardening")
+    return make_random_model(root, tiny_clip_path)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return _load_demo()
+
+
+def _image(path, colour, size=(64, 64)):
+    """A solid BGR picture (with a darker square so the detector sees something)."""
+    image = np.full((*size, 3), colour, np.uint8)
+    image[size[0] // 4 : size[0] // 2, size[1] // 4 : size[1] // 2] //= 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+def _main(demo, toy, *args):
+    config_file, opts = toy
+    return demo.main(["--config-file", config_file, *args, "--opts", *opts])
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# --- 1. outputs never replace inputs or each other ---------------------------------------------
+def test_same_folder_for_input_and_output_is_refused(demo, toy, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    _image(folder / "x.png", (0, 0, 255))
+    _image(folder / "y.jpg", (255, 0, 0))
+    before = _snapshot(folder)
+    assert _main(demo, toy, "--input", str(folder), "--output", str(folder), "--json") == 2
+    err = capsys.readouterr().err
+    assert "would replace the input" in err and str(folder / "x.png") in err
+    assert "--output" in err  # says what to change
+    assert _snapshot(folder) == before  # same files, same bytes, no detections.json
+    # The same folder spelt another way (trailing "/.", a relative path) is the same folder.
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert _main(demo, toy, "--input", "photos/x.png", "--output", f"{folder}/.") == 2
+    finally:
+        os.chdir(cwd)
+    assert _snapshot(folder) == before
+
+
+def test_single_file_as_input_and_output_is_refused(demo, toy, tmp_path, capsys):
+    photo = _image(tmp_path / "x.png", (0, 255, 0))
+    before = photo.read_bytes()
+    for output in (photo, tmp_path / "sub" / ".." / "x.png"):
+        assert _main(demo, toy, "--input", str(photo), "--output", str(output)) == 2
+        assert "would replace the input" in capsys.readouterr().err
+        assert photo.read_bytes() == before
+    assert not (tmp_path / "sub").exists()
+
+
+def test_inputs_sharing_a_name_get_distinct_outputs(demo, toy, tmp_path, capsys):
+    # a/x.png and b/x.png share a name; c/x-1.png already has the name a rename would pick.
+    colours = {"a/x.png": (0, 0, 200), "b/x.png": (0, 200, 0), "c/x-1.png": (200, 0, 0)}
+    inputs = [_image(tmp_path / name, colour) for name, colour in colours.items()]
+    before = [p.read_bytes() for p in inputs]
+    out = tmp_path / "out"
+    status = _main(demo, toy, "--input", *map(str, inputs), "--output", str(out), "--json", *NEVER)
+    assert status == 0
+    assert "3 processed, 0 failed" in capsys.readouterr().out
+    # Names that are unique keep them (c/x-1.png -> x-1.png); the second x.png takes the next
+    # free name, x-2.png; nothing replaced another picture or an input.
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["detections.json", "x-1.png", "x-2.png", "x.png"]
+    expected = {"x.png": (0, 0, 200), "x-2.png": (0, 200, 0), "x-1.png": (200, 0, 0)}
+    for name, colour in expected.items():
+        drawn = cv2.imread(str(out / name))
+        assert tuple(int(v) for v in np.median(drawn.reshape(-1, 3), axis=0)) == colour, name
+    assert [p.read_bytes() for p in inputs] == before
+    records = json.loads((out / "detections.json").read_text())["images"]
+    assert [(r["file_name"], os.path.basename(r["output"])) for r in records] == [
+        (str(inputs[0]), "x.png"),
+        (str(inputs[1]), "x-2.png"),
+        (str(inputs[2]), "x-1.png"),
+    ]
+
+
+def test_an_output_name_linked_to_an_input_is_not_written_through(demo, toy, tmp_path):
+    a = _image(tmp_path / "a" / "x.png", (0, 0, 200))
+    b = _image(tmp_path / "b" / "y.png", (0, 200, 0))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "y.png").symlink_to(a)  # left over in the output folder: writing y.png would hit a
+    before = a.read_bytes()
+    assert _main(demo, toy, "--input", str(a), str(b), "--output", str(out), *NEVER) == 0
+    assert a.read_bytes() == before
+    assert os.path.islink(out / "y.png")  # untouched; b's picture went to y-1.png
+    assert sorted(p.name for p in out.iterdir()) == ["x.png", "y-1.png", "y.png"]
+
+
+# --- 3. one bad input does not stop a batch; results on disk after each image ------------------
+def test_bad_images_are_reported_and_the_others_processed(toy, tmp_path):
+    folder = tmp_path / "in"
+    _image(folder / "a_good.png", (0, 0, 200))
+    _image(folder / "b_wide.png", (0, 200, 0), size=(3, 4000))  # valid, too elongated to resize
+    (folder / "c_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    _image(folder / "d_good.png", (200, 0, 0))
+    out = tmp_path / "out"
+    config_file, opts = toy
+    cmd = [sys.executable, "tools/demo.py", "--config-file", config_file, "--input", str(folder),
+           "--output", str(out), "--json", "--opts", *opts]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # 1 = some inputs failed
+    assert "2 processed, 2 failed" in proc.stdout
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("FAILED ")]
+    assert len(failed) == 2
+    assert "b_wide.png" in failed[0] and "too elongated" in failed[0]
+    assert "c_corrupt.png" in failed[1] and "cannot read image" in failed[1]
+    assert sorted(p.name for p in out.iterdir()) == ["a_good.png", "d_good.png", "detections.json"]
+    result = json.loads((out / "detections.json").read_text())
+    assert [os.path.basename(r["file_name"]) for r in result["images"]] == [
+        "a_good.png",
+        "d_good.png",
+    ]
+    assert [os.path.basename(e["input"]) for e in result["errors"]] == [
+        "b_wide.png",
+        "c_corrupt.png",
+    ]
+
+
+def test_results_are_on_disk_after_each_image(demo, toy, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    for k in range(3):
+        _image(folder / f"{k}.png", (50 * k, 100, 200))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "detections.json").write_text('{"images": ["an older run"]}')
+    calls = []
+
+    class KilledOnThirdImage(demo.ViLDPredictor):
+        def __call__(self, image):
+            calls.append(1)
+            if len(calls) == 3:  # as if the process were killed while on 2.png
+                raise KeyboardInterrupt
+            return super().__call__(image)
+
+    monkeypatch.setattr(demo, "ViLDPredictor", KilledOnThirdImage)
+    with pytest.raises(KeyboardInterrupt):
+        _main(demo, toy, "--input", str(folder), "--output", str(out), "--json")
+    # detections.jsonl: the vocabulary, then one line per finished image; no detections.json.
+    header, *records = map(json.loads, (out / "detections.jsonl").read_text().splitlines())
+    assert header["vocabulary"] == ["red square", "blue circle", "green triangle"]
+    assert [os.path.basename(r["file_name"]) for r in records] == ["0.png", "1.png"]
+    assert all(r["detections"] for r in records)
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "detections.jsonl"]
+
+
+def test_huge_images_are_drawn_with_the_longest_side_bounded(demo):
+    h, w = 300, 2500  # drawn at 2000 x 240
+    image = np.zeros((h, w, 3), np.uint8)
+    instances = Instances((h, w))
+    instances.pred_boxes = Boxes(torch.tensor([[1000.0, 100.0, 1500.0, 200.0]]))
+    instances.scores = torch.tensor([0.9])
+    instances.pred_classes = torch.tensor([0])
+    masks = torch.zeros((1, h, w), dtype=torch.bool)
+    masks[0, 100:200, 1000:1500] = True
+    instances.pred_masks = masks
+
+    class Predictor:
+        metadata = Metadata(name="hardening_draw", thing_classes=["thing"])
+
+    drawn = demo.draw(Predictor(), image, instances)
+    assert drawn.shape == (240, 2000, 3)
+    changed = np.nonzero(drawn.max(axis=2) > 0)  # the mask / box / label, drawn where scaled
+    assert 790 <= changed[1].min() and changed[1].max() <= 1210
+    assert instances.image_size == (h, w) and instances.pred_masks.shape == (1, h, w)  # untouched
+    # Tiny images are still drawn larger, and the bound holds for elongated ones too.
+    assert demo.draw(Predictor(), np.zeros((64, 64, 3), np.uint8), instances[:0]).shape[:2] == (
+        256,
+        256,
+    )
+    strip = demo.draw(Predictor(), np.zeros((8, 1500, 3), np.uint8), instances[:0])
+    assert max(strip.shape) <= 2000
+
+
+# --- 8. the predictor refuses what it would misread ---------------------------------------------
+@pytest.fixture(scope="module")
+def predictor(toy):
+    config_file, opts = toy
+    return ViLDPredictor(load_config(config_file, opts))
+
+
+def test_predictor_accepts_bgr_uint8_images(predictor):
+    bgr = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    out = predictor(bgr)["instances"]
+    assert out.image_size == (48, 64)
+    view = predictor(np.ascontiguousarray(bgr[:, :, ::-1])[:, :, ::-1])["instances"]  # a view
+    assert torch.equal(view.pred_boxes.tensor, out.pred_boxes.tensor)
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: np.full((32, 32, 3), 0.5, np.float32), ValueError,
+         r"expected a BGR uint8 \(H, W, 3\).*got float32.*\(img \* 255\)\.clip\(0, 255\)"),
+        (lambda: np.full((32, 32, 3), 300, np.uint16), ValueError, r"got uint16"),
+        (lambda: np.zeros((32, 32), np.uint8), ValueError, r"\(H, W, 3\).*grayscale.*cvtColor"),
+        (lambda: np.zeros((32, 32, 1), np.uint8), ValueError, r"grayscale.*COLOR_GRAY2BGR"),
+        (lambda: np.zeros((32, 32, 4), np.uint8), ValueError, r"4 channels.*COLOR_BGRA2BGR"),
+        (lambda: np.zeros((2, 32, 32, 3), np.uint8), ValueError, r"one image per call"),
+        (lambda: np.zeros((3, 32, 32), np.uint8), ValueError, r"transpose\(1, 2, 0\)"),
+        (lambda: np.zeros((0, 32, 3), np.uint8), ValueError, r"empty image"),
+        (lambda: [np.zeros((32, 32, 3), np.uint8)], TypeError, r"got list.*one image per call"),
+        (lambda: torch.zeros((32, 32, 3), dtype=torch.uint8), TypeError, r"got Tensor.*numpy"),
+        (lambda: np.zeros((3, 4000, 3), np.uint8), ValueError, r"3x4000.*too elongated"),
+    ],
+)
+def test_predictor_refuses_what_it_would_misread(predictor, make, error, message):
+    with pytest.raises(error, match=message):
+        predictor(make())
+    with pytest.raises(error, match=message):  # the export tool's entry point checks too
+        predictor.preprocess(make())
