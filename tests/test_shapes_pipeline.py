@@ -166,3 +166,18 @@ def test_iters_sets_the_detectors_schedule_not_the_rpns(tmp_path):
     assert detector[detector.index("SOLVER.MAX_ITER") + 1] == "600"
     assert detector[detector.index("SOLVER.STEPS") + 1] == "(480,)"
     assert "SOLVER.MAX_ITER" not in pipe._train_cmd("rpn")  # configs/Shapes/rpn.yaml's 600
+
+
+def test_default_teacher_is_the_frozen_clip_like_recipe(tmp_path):
+    """make demo / make ablation train the teacher docs/TEACHER.md froze: captioned windows of
+    scenes, 1200 steps, temperature 0.07 -> 0.01; the first teacher's recipe takes no schedule."""
+    seen = {}
+    for data in ("scenes", "crops"):
+        pipe = ShapesPipeline(ShapesOptions(output=str(tmp_path), teacher_data=data), tmp_path)
+        pipe._stage = lambda name, commands, *a, **k: seen.setdefault(data, commands[0])
+        pipe.run_teacher()
+    scenes, crops = seen["scenes"], seen["crops"]
+    assert scenes[scenes.index("--data") + 1] == "scenes"
+    assert scenes[scenes.index("--steps") + 1] == "1200"
+    assert scenes[scenes.index("--temperature") + 1 :][:2] == ["0.07", "0.01"]
+    assert "--temperature" not in crops
