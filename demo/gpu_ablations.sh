@@ -19,11 +19,14 @@ DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-520}  # seconds for the runs; what finished by then is collected
 LONG=1200
 SHORT=600
+FIRST_STEPS=600  # the first teacher's schedule (object crops)
 TINY=()
 if [ -n "${SMOKE:-}" ]; then
   LONG=4
   SHORT=2
-  TINY=(--num-train 8 --num-val 4 --teacher-steps 3 --teacher-crops 2 --proposals 16)
+  FIRST_STEPS=3
+  TINY=(--num-train 8 --num-val 4 --teacher-steps 3 --teacher-crops 2 --proposals 16
+        --rpn-iters 4)
 fi
 mkdir -p "$OUT" runs
 export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3 MKL_NUM_THREADS=3
@@ -86,7 +89,7 @@ run d1200 --iters "$LONG" &
 checks &
 run s1200 --iters "$LONG" "${SECOND[@]}" &
 run d600 --iters "$SHORT" &
-run o1200 --iters "$LONG" --teacher-data crops &
+run o1200 --iters "$LONG" --teacher-data crops --teacher-steps "$FIRST_STEPS" &
 wait
 # Every results.json written, finished ablations' tables and stage times, in one archive.
 tar czf "$OUT/results.tgz" runs/*/ablation.* runs/*/run_ablation.json runs/*/stages \

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher-device", default="", help="where the teacher trains (e.g. cuda)")
     p.add_argument("--teacher-crops", type=int, default=240, help="training crops per category")
     p.add_argument("--iters", type=int, default=0, help="detector iterations (0 = config's)")
+    p.add_argument("--rpn-iters", type=int, default=0,
+                   help="base-RPN iterations (0 = configs/Shapes/rpn.yaml's)")
     p.add_argument("--proposals", type=int, default=100, help="distilled proposals per image")
     p.add_argument("--check", nargs="+", action="append", default=[],
                    metavar=("NAME VARIANT", "KEY VALUE"),
@@ -108,6 +110,7 @@ def main(argv=None):
         teacher_file=args.teacher,
         teacher_crops=args.teacher_crops,
         iters=args.iters,
+        rpn_iters=args.rpn_iters,
         proposals=args.proposals,
         extra_opts=tuple(args.opts),
     )

@@ -73,6 +73,7 @@ class ShapesOptions:
     teacher_file: str = ""
     teacher_crops: int = 240  # training crops per category (held-out: a sixth of that)
     iters: int = 0  # detector iterations; 0 = the config's SOLVER.MAX_ITER
+    rpn_iters: int = 0  # base-RPN iterations; 0 = configs/Shapes/rpn.yaml's (600)
     proposals: int = 100  # per training image, for the distillation targets
     extra_opts: Sequence[str] = ()  # config overrides for every detector run
 
@@ -215,10 +216,12 @@ class ShapesPipeline:
             "MODEL.VILD.DISTILL.STORES", f"('{self.targets_store}',)",
             "OUTPUT_DIR", str(self.out / (name or variant)),
         ]  # fmt: skip
-        if self.o.iters and variant != "rpn":  # the RPN keeps its own schedule (rpn.yaml)
-            opts += ["SOLVER.MAX_ITER", str(self.o.iters), "SOLVER.STEPS",
-                     f"({max(1, int(self.o.iters * 0.8))},)", "SOLVER.WARMUP_ITERS",
-                     str(min(100, max(1, self.o.iters // 5)))]  # fmt: skip
+        # The RPN has its own schedule (rpn.yaml, --rpn-iters): --iters is the detectors'.
+        iters = self.o.rpn_iters if variant == "rpn" else self.o.iters
+        if iters:
+            opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS",
+                     f"({max(1, int(iters * 0.8))},)", "SOLVER.WARMUP_ITERS",
+                     str(min(100, max(1, iters // 5)))]  # fmt: skip
         config = f"configs/Shapes/{variant}.yaml"
         return ["tools/train_net.py", "--config-file", config, *extra, *opts, *self.o.extra_opts,
                 *overrides]  # fmt: skip

@@ -21,7 +21,7 @@ NOVEL = ["red circle", "blue star", "green heart"]  # not the default: --novel m
 TINY = [
     "--seed", "2", "--novel", *NOVEL,
     "--num-train", "8", "--num-val", "4", "--teacher-steps", "3", "--teacher-crops", "2",
-    "--iters", "4", "--proposals", "16",
+    "--iters", "4", "--rpn-iters", "4", "--proposals", "16",
     *CHECK,
     "--opts", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
 ]  # fmt: skip
@@ -166,6 +166,9 @@ def test_iters_sets_the_detectors_schedule_not_the_rpns(tmp_path):
     assert detector[detector.index("SOLVER.MAX_ITER") + 1] == "600"
     assert detector[detector.index("SOLVER.STEPS") + 1] == "(480,)"
     assert "SOLVER.MAX_ITER" not in pipe._train_cmd("rpn")  # configs/Shapes/rpn.yaml's 600
+    pipe.o.rpn_iters = 4
+    rpn = pipe._train_cmd("rpn")
+    assert rpn[rpn.index("SOLVER.MAX_ITER") + 1] == "4"
 
 
 def test_default_teacher_is_the_frozen_clip_like_recipe(tmp_path):
