@@ -140,6 +140,50 @@ def test_stage_cache_keys(tmp_path):
         pipe._stage("b", [bad], [out])
 
 
+def test_side_by_side_runs_branches_at_once_one_core_each(tmp_path):
+    """Independent stages run at the same time, the cores split between them: branch a's tool
+    waits for a file that branch b's tool writes, so run one after the other, a would fail.
+    The second branch's output goes to its log; a failing branch raises once both finished."""
+    log = []
+    pipe = ShapesPipeline(ShapesOptions(output=str(tmp_path / "out")), tmp_path, log=log.append)
+    flag, seen = tmp_path / "b_started", tmp_path / "threads"
+
+    def tool(name, code):
+        def stage():
+            pipe._stage(name, [["-c", code]], [tmp_path / name])
+        stage.__name__ = f"run_{name}"
+        return stage
+
+    record = "import os; open({!r}, 'a').write(os.environ.get('OMP_NUM_THREADS', '-') + ' ')"
+    wait_for_b = (
+        "import time, pathlib\n"
+        f"for _ in range(600):\n    if pathlib.Path({str(flag)!r}).exists(): break\n"
+        "    time.sleep(0.1)\nelse:\n    raise SystemExit('b never started')\n"
+        f"{record.format(str(seen))}; open({str(tmp_path / 'a')!r}, 'w').write('a')"
+    )
+    b = (f"open({str(flag)!r}, 'w').write('1'); print('hello from b'); "
+         f"{record.format(str(seen))}; open({str(tmp_path / 'b')!r}, 'w').write('b')")  # fmt: skip
+    def write(n):
+        return f"open({str(tmp_path / n)!r}, 'w').write({n!r})"
+
+    pipe.side_by_side([tool("a", wait_for_b)], [tool("b", b), tool("c", write("c"))], cores=2)
+    assert all((tmp_path / n).exists() for n in "abc")
+    assert seen.read_text().split() == ["1", "1"]  # one thread each, 2 cores split
+    assert "hello from b" in (tmp_path / "out" / "stages" / "b.log").read_text()
+
+    for n in "abc":
+        (tmp_path / n).unlink()
+    (tmp_path / "out" / "stages" / "c.json").unlink()
+    with pytest.raises(RuntimeError, match="stage 'c' failed .*c.log"):
+        # c fails; a still runs to the end before the error is raised
+        pipe.side_by_side(
+            [tool("a", "import time; time.sleep(1); " + write("a"))],
+            [tool("c", "raise SystemExit(5)")],
+            cores=2,
+        )
+    assert (tmp_path / "a").exists()
+
+
 def test_given_teacher_is_keyed_by_its_content(tmp_path):
     """``--teacher FILE``: no teacher is trained; the stages after it rerun when the file's bytes
     change, and a missing file is an error naming it."""

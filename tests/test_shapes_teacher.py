@@ -324,3 +324,28 @@ def test_the_crops_recipe_is_kept():
     assert labels.shape == idx.shape and labels.max() < len(world.classes)
     with pytest.raises(ValueError, match="'scenes' or 'crops'"):
         TeacherSpec(data="web")
+
+
+@pytest.mark.parametrize("data", ["scenes", "crops"])
+def test_compact_token_table_trains_the_same_model(tmp_path, data):
+    """Training only the token rows the captions use (the default, for speed) must give the
+    model that training CLIP's whole 49408-row table gives: the other rows get no gradient
+    and no weight decay, so AdamW never moves them."""
+    world = WorldSpec(num_train=1, num_val=1, image_size=96)
+    spec = TeacherSpec(data=data, steps=4, batch_size=16, crops_per_class=2, heldout_per_class=1)
+    states = {}
+    for compact in (True, False):
+        path = tmp_path / f"{compact}.pt"
+        train_tiny_clip(world, str(path), spec, log=lambda m: None, compact_vocabulary=compact)
+        states[compact] = torch.load(path)
+    assert states[True].keys() == states[False].keys()
+    for name, full in states[False].items():
+        torch.testing.assert_close(states[True][name], full, rtol=1e-5, atol=1e-6, msg=name)
+    # And the table did train: rows of caption tokens moved from the seed's initial values.
+    torch.manual_seed(spec.seed)
+    initial = spec.build().token_embedding.weight
+    moved = (states[True]["token_embedding.weight"] - initial).abs().amax(1) > 0
+    _, _, tokens = _training_data(world, spec)
+    used = torch.zeros(len(moved), dtype=torch.bool)
+    used[torch.unique(tokens)] = True
+    assert moved[used].any() and not moved[~used].any()
