@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vild_d2-installed
 
-.PHONY: test demo ablation install clean
+.PHONY: test demo ablation serve install clean
 .DEFAULT_GOAL := test
 
 install: $(STAMP)
@@ -29,6 +29,14 @@ demo: $(STAMP)
 # The paper's ablation in miniature on the same world: output/shapes/ablation.{json,md}.
 ablation: $(STAMP)
 	$(PY) demo/run_shapes.py ablation
+
+# The page and JSON API (tools/serve.py) for the model `make demo` trained: open
+# http://127.0.0.1:7860/ (docs/SERVING.md).
+SHAPES_MODEL := output/shapes/vild_ensemble/model_final.pth
+serve: $(STAMP)
+	@test -f $(SHAPES_MODEL) || { echo "no $(SHAPES_MODEL): run 'make demo' first" >&2; exit 2; }
+	$(PY) tools/serve.py --config-file configs/Shapes/vild_ensemble.yaml \
+		--opts MODEL.WEIGHTS $(SHAPES_MODEL)
 
 clean:
 	rm -rf $(VENV) output build *.egg-info

@@ -39,23 +39,18 @@ from pathlib import Path
 
 import vild_d2  # noqa: F401  (first: compat bridges)
 import cv2
-import numpy as np
-import pycocotools.mask as mask_util
-import torch
 import tqdm
 
-from detectron2.structures import Instances
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from vild_d2 import ViLDPredictor
 from vild_d2.config import load_config
+from vild_d2.engine.detections import detections_to_json, draw_detections, json_header
 from vild_d2.engine.predictor import vocabulary_from_cli
 from vild_d2.fileio import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 JSON_NAME, LOG_NAME = "detections.json", "detections.jsonl"
-MAX_DRAW_SIDE = 2000  # px, the longest side of a drawn picture
 logger = logging.getLogger("vild_d2.demo")
 
 
@@ -198,11 +193,7 @@ class Results:
     def __init__(self, json_path, vocabulary):
         self.json_path = json_path
         self.records, self.errors = [], []
-        self.header = {
-            "vocabulary": list(vocabulary),
-            "bbox_mode": "XYWH_ABS",
-            "segmentation": "COCO RLE (pycocotools), original image size",
-        }
+        self.header = json_header(vocabulary)
         self._log = None
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,62 +238,10 @@ def describe(error):
     return f"{type(error).__name__}: {error}"
 
 
-def detections_to_json(instances, names):
-    """Instances (CPU, original image coordinates) -> list of JSON-ready detections."""
-    dets = []
-    boxes = instances.pred_boxes.tensor.tolist()
-    masks = instances.pred_masks.numpy() if instances.has("pred_masks") else None
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        cls = int(instances.pred_classes[i])
-        det = {
-            "category_id": cls,
-            "category_name": names[cls],
-            "score": round(float(instances.scores[i]), 5),
-            "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
-        }
-        if masks is not None:
-            rle = mask_util.encode(np.asfortranarray(masks[i].astype(np.uint8)))
-            det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        dets.append(det)
-    return dets
-
-
-def shrink(bgr, instances, scale):
-    """The image and its detections (CPU) resized by ``scale`` < 1, for drawing."""
-    h, w = bgr.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # cv2 order: (width, height)
-    small = Instances((size[1], size[0]))
-    for name, value in instances.get_fields().items():
-        if name == "pred_boxes":
-            value = value.clone()
-            value.scale(size[0] / w, size[1] / h)
-        elif name == "pred_masks":
-            # One mask at a time: no second full-size copy of the whole stack.
-            masks = [
-                cv2.resize(m.numpy().astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-                for m in value
-            ]
-            if masks:
-                value = torch.from_numpy(np.stack(masks)).bool()
-            else:
-                value = torch.zeros((0, size[1], size[0]), dtype=torch.bool)
-        small.set(name, value)
-    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA), small
-
-
 def draw(predictor, bgr, instances):
-    """BGR picture of the detections, drawn by detectron2's Visualizer: small images larger
-    (shorter side 256 px), none over MAX_DRAW_SIDE px on its longer side (the Visualizer's
-    memory grows with the pixels times the masks: an 8000 x 8000 image is shrunk first)."""
-    h, w = bgr.shape[:2]
-    scale = min(max(1.0, 256.0 / min(h, w)), MAX_DRAW_SIDE / max(h, w))
-    if scale < 1.0:
-        bgr, instances = shrink(bgr, instances, scale)
-        scale = 1.0
-    vis = Visualizer(
-        bgr[:, :, ::-1], predictor.metadata, scale=scale, instance_mode=ColorMode.IMAGE
-    )
-    return vis.draw_instance_predictions(instances).get_image()[:, :, ::-1]
+    """BGR picture of the detections (vild_d2.engine.detections.draw_detections: small images
+    larger, none over 2000 px on its longer side)."""
+    return draw_detections(bgr, instances, predictor.metadata)
 
 
 def process_image(predictor, path, out, threshold):

@@ -2,8 +2,9 @@
 
 import collections
 import logging
+import threading
 from pathlib import Path
-from typing import Hashable, Sequence, Union
+from typing import Hashable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 
 from ..checkpoint import ViLDCheckpointer
-from ..text import Vocabulary, parse_names
+from ..text import Vocabulary, parse_names, resolve_vocabulary
 
 __all__ = ["ViLDPredictor", "check_image", "vocabulary_from_cli"]
 
@@ -57,6 +58,12 @@ class ViLDPredictor:
     vocabularies are kept in a small in-memory LRU, and the text encoder caches embeddings on
     disk, so switching back costs milliseconds. :attr:`metadata` (``thing_classes`` = the
     vocabulary's names) follows, ready for detectron2's ``Visualizer``.
+
+    Thread-safe: the model's test vocabulary is one set of buffers shared by every caller, so
+    a switch and the forward that uses it happen under one lock (forwards run one at a time).
+    ``predictor(image, vocabulary=v)`` detects ``v`` for that call only, whatever other threads
+    ask for at the same moment; :meth:`resolve_vocabulary` gives the ``Vocabulary`` whose names
+    its ``pred_classes`` index.
     """
 
     def __init__(self, cfg, vocabulary_cache_size: int = 8):
@@ -88,13 +95,19 @@ class ViLDPredictor:
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")
         self._cache_size = vocabulary_cache_size
         self._vocabularies = collections.OrderedDict()  # key -> Vocabulary, most recent last
-        self.metadata = self._make_metadata(self.vocabulary)
+        self._cache_lock = threading.Lock()  # the LRU above
+        # One encoding at a time (the CLIP text tower and its disk cache), without holding up
+        # forwards of vocabularies already resolved.
+        self._encode_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # a vocabulary switch + the forward that uses it
+        self._vocabulary = self.model.vocabulary  # what calls without vocabulary= detect
+        self.metadata = self._make_metadata(self._vocabulary)
 
     # ----------------------------------------------------------------------------------------
     @property
     def vocabulary(self) -> Vocabulary:
-        """The vocabulary the model detects now."""
-        return self.model.vocabulary
+        """The vocabulary the predictor detects (calls without ``vocabulary=``)."""
+        return self._vocabulary
 
     def set_vocabulary(self, spec: VocabularySpec) -> Vocabulary:
         """
@@ -107,24 +120,61 @@ class ViLDPredictor:
         Returns:
             the resolved :class:`Vocabulary` (also :attr:`vocabulary`).
         """
+        vocab = self.resolve_vocabulary(spec)
+        with self._model_lock:
+            self._install(vocab)
+            self._vocabulary = vocab
+            self.metadata = self._make_metadata(vocab)
+        return vocab
+
+    def resolve_vocabulary(self, spec: VocabularySpec) -> Vocabulary:
+        """
+        ``spec`` (as :meth:`set_vocabulary` takes) as a :class:`Vocabulary`, without switching:
+        from the in-memory LRU, else encoded (or read from the disk cache) by the model's text
+        encoder. Raises ``ValueError`` for an empty vocabulary or name, an unknown built-in.
+        """
         if isinstance(spec, (list, tuple)):
             names = [str(n).strip() for n in spec]
             if not names or not all(names):
                 raise ValueError(f"empty vocabulary or empty class name in {list(spec)!r}")
             spec = names
         key = self._cache_key(spec)
-        vocab = self._vocabularies.get(key) if key is not None else None
+        if key is None:
+            return spec
+        vocab = self._cached(key)
         if vocab is None:
-            vocab = self.model.set_vocabulary(spec)  # resolves (disk cache) and installs
-            if key is not None and self._cache_size > 0:
-                self._vocabularies[key] = vocab
-                while len(self._vocabularies) > self._cache_size:
-                    self._vocabularies.popitem(last=False)
-        else:
-            self._vocabularies.move_to_end(key)
-            self.model.set_vocabulary(vocab)  # a Vocabulary: no encoding, only the buffers
-        self.metadata = self._make_metadata(vocab)
+            with self._encode_lock:
+                vocab = self._cached(key)  # another thread may have made it while we waited
+                if vocab is None:
+                    if self.model.text_encoder is None:
+                        raise ValueError("this model has no text encoder: pass a Vocabulary")
+                    vocab = resolve_vocabulary(
+                        spec, self.model.text_encoder, use_synonyms=self.model.use_synonyms
+                    )
+                    if self._cache_size > 0:
+                        with self._cache_lock:
+                            self._vocabularies[key] = vocab
+                            while len(self._vocabularies) > self._cache_size:
+                                self._vocabularies.popitem(last=False)
         return vocab
+
+    def novel_mask(self, vocab: Vocabulary) -> torch.Tensor:
+        """(K,) bool, True = a class of ``vocab`` the model never saw boxes of: the vocabulary's
+        own novel mask if it has one, else the names outside the training vocabulary."""
+        train_names = self.model.roi_heads.box_predictor.cls_score.train_vocabulary.names
+        return ~vocab.is_base_for(train_names).bool()
+
+    def _cached(self, key: Hashable):
+        with self._cache_lock:
+            vocab = self._vocabularies.get(key)
+            if vocab is not None:
+                self._vocabularies.move_to_end(key)
+            return vocab
+
+    def _install(self, vocab: Vocabulary) -> None:
+        """Make the model's buffers hold ``vocab`` (call with the model lock held)."""
+        if self.model.vocabulary is not vocab:
+            self.model.set_vocabulary(vocab)  # a Vocabulary: no encoding, only the buffers
 
     @staticmethod
     def _cache_key(spec: VocabularySpec) -> Hashable:
@@ -147,20 +197,31 @@ class ViLDPredictor:
         return meta
 
     # ----------------------------------------------------------------------------------------
-    def __call__(self, original_image: np.ndarray) -> dict:
+    def __call__(
+        self, original_image: np.ndarray, vocabulary: Optional[VocabularySpec] = None
+    ) -> dict:
         """
         Args:
             original_image: one (H, W, 3) uint8 image, BGR (as ``cv2.imread`` gives). Anything
                 else (float, uint16, grayscale, 4 channels, a batch, a list, a tensor, an empty
                 or too elongated image) raises ``TypeError`` / ``ValueError`` saying how to
                 convert it: see :func:`check_image`.
+            vocabulary: what to detect in this call only (as :meth:`set_vocabulary` takes;
+                pass the result of :meth:`resolve_vocabulary` to know the names); None =
+                :attr:`vocabulary`.
         Returns:
             ``{"instances": Instances}`` with ``pred_boxes`` (XYXY), ``scores``, ``pred_classes``
-            (indices into :attr:`vocabulary`) and ``pred_masks`` (mask models), in the original
+            (indices into that vocabulary) and ``pred_masks`` (mask models), in the original
             image's coordinates.
         """
         inputs = self.preprocess(original_image)
-        with torch.no_grad():
+        vocab = self._vocabulary if vocabulary is None else self.resolve_vocabulary(vocabulary)
+        # The buffers are switched only when the last forward used another vocabulary, and
+        # left as they are after: no restore cost for a stream of calls with one vocabulary.
+        with self._model_lock, torch.no_grad():
+            if vocabulary is None:
+                vocab = self._vocabulary  # a set_vocabulary() may have run while we waited
+            self._install(vocab)
             return self.model([inputs])[0]
 
     def preprocess(self, original_image: np.ndarray) -> dict:

@@ -1,0 +1,233 @@
+"""tools/serve.py's API (vild_d2.serve) on a real server on 127.0.0.1: the same detections as
+ViLDPredictor, concurrent requests with different vocabularies, the vocabulary cache, bad
+input. One server (the API, no page) for the module."""
+
+import vild_d2  # noqa: F401  (first: compat bridges)
+
+import io
+import threading
+import time
+
+import cv2
+import httpx
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from PIL import Image
+
+from vild_d2 import ViLDPredictor
+from vild_d2.config import load_config
+from vild_d2.serve import DetectionService, ServerThread, build_app
+from vild_d2.serve.load import run_load
+from vild_d2.text import load_templates
+
+from tiny_world import TINY_SPEC, TRAIN_NAMES, make_random_model, make_world  # tests/ helper
+
+NAMES_A = ["red square", "purple star", "orange heart"]  # "red square" is a base class
+NAMES_B = ["blue circle", "yellow cross", "green heart"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, tiny_clip_path):
+    root = tmp_path_factory.mktemp("toy_serve")
+    config_file, opts = make_random_model(root, tiny_clip_path)
+    opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    world = make_world(root / "datasets", prefix="serve_shapes", spec=TINY_SPEC)
+    images = sorted((world["root"] / "images" / "val").glob("*.png"))
+    return config_file, opts, images
+
+
+@pytest.fixture(scope="module")
+def server(toy):
+    config_file, opts, images = toy
+    predictor = ViLDPredictor(load_config(config_file, opts))
+    service = DetectionService(predictor, samples={p.name: str(p) for p in images})
+    with ServerThread(build_app(service, page=False)) as running:
+        running.service = service
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference(toy):
+    """A second predictor with the same weights, called directly: the expected answers."""
+    config_file, opts, _ = toy
+    return ViLDPredictor(load_config(config_file, opts))
+
+
+def post(url, files=None, timeout=60, **data):
+    files = files if files is not None else []
+    return httpx.post(f"{url}/api/detect", files=files, data=data, timeout=timeout)
+
+
+def image_file(path):
+    return ("image", (path.name, path.read_bytes(), "image/png"))
+
+
+def expected_detections(predictor, path, names, threshold):
+    """(name, score, XYWH box, mask) per detection of ``predictor`` called directly."""
+    predictor.set_vocabulary(names)
+    instances = predictor(cv2.imread(str(path)))["instances"]
+    instances = instances[instances.scores >= threshold]
+    out = []
+    for box, score, cls, mask in zip(
+        instances.pred_boxes.tensor.tolist(),
+        instances.scores.tolist(),
+        instances.pred_classes.tolist(),
+        instances.pred_masks.numpy(),
+    ):
+        x0, y0, x1, y1 = box
+        out.append((names[cls], score, [x0, y0, x1 - x0, y1 - y0], mask))
+    return out
+
+
+def check_same(answer_image, expected):
+    dets = answer_image["detections"]
+    assert len(dets) == len(expected) > 0
+    for det, (name, score, box, mask) in zip(dets, expected):
+        assert det["category_name"] == name
+        assert det["score"] == pytest.approx(score, abs=1e-5)
+        assert det["bbox"] == pytest.approx(box, abs=0.01)
+        rle = dict(det["segmentation"], counts=det["segmentation"]["counts"].encode())
+        assert np.array_equal(mask_util.decode(rle), mask.astype(np.uint8))
+
+
+def test_api_answers_what_the_predictor_finds(server, reference, toy):
+    _, _, images = toy
+    r = post(server.url, [image_file(images[0]), image_file(images[1])],
+             vocabulary=", ".join(NAMES_A), threshold="0.3")  # fmt: skip
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["vocabulary"] == NAMES_A and answer["errors"] == []
+    assert answer["bbox_mode"] == "XYWH_ABS"
+    # Novel = not among the training names (tests/tiny_world.py TRAIN_NAMES).
+    assert answer["novel_classes"] == [n for n in NAMES_A if n not in TRAIN_NAMES]
+    assert [im["file_name"] for im in answer["images"]] == [images[0].name, images[1].name]
+    for image, path in zip(answer["images"], images[:2]):
+        h, w = cv2.imread(str(path)).shape[:2]
+        assert (image["height"], image["width"]) == (h, w)
+        check_same(image, expected_detections(reference, path, NAMES_A, 0.3))
+    assert answer["time_ms"]["total"] > 0
+    # A built-in vocabulary: the model's own (the checkpoint's training names here).
+    r = post(server.url, [image_file(images[0])], builtin="model", threshold="0.3")
+    assert r.status_code == 200, r.text
+    assert r.json()["vocabulary"] == TRAIN_NAMES
+    check_same(r.json()["images"][0], expected_detections(reference, images[0], TRAIN_NAMES, 0.3))
+
+
+def test_concurrent_requests_each_get_their_own_vocabulary(server, reference, toy):
+    _, _, images = toy
+    image = images[2]
+    expected = {
+        tuple(names): expected_detections(reference, image, names, 0.2)
+        for names in (NAMES_A, NAMES_B)
+    }
+    # Scores differ between the vocabularies: a forward run with the other vocabulary's
+    # embeddings would show even where the names come out right.
+    scores = [[d[1] for d in e] for e in expected.values()]
+    assert scores[0] != scores[1]
+    threads, per_thread = 6, 4
+    barrier = threading.Barrier(threads)
+    answers, failures = [], []
+
+    def client(k):
+        with httpx.Client(timeout=120) as http:
+            barrier.wait()  # all at once
+            for i in range(per_thread):
+                names = NAMES_A if (k + i) % 2 == 0 else NAMES_B  # interleaved
+                r = http.post(f"{server.url}/api/detect", files=[image_file(image)],
+                              data={"vocabulary": ",".join(names), "threshold": "0.2"})  # fmt: skip
+                if r.status_code != 200:
+                    failures.append(r.text)
+                else:
+                    answers.append((names, r.json()))
+
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert failures == []
+    assert len(answers) == threads * per_thread
+    for names, answer in answers:
+        assert answer["vocabulary"] == names
+        assert {d["category_name"] for d in answer["images"][0]["detections"]} <= set(names)
+        check_same(answer["images"][0], expected[tuple(names)])
+
+
+def test_same_words_are_not_encoded_twice(server, toy):
+    _, _, images = toy
+    clip_model = server.service.predictor.model.text_encoder.model  # the real (tiny) CLIP
+    calls = []
+    encode_text = clip_model.encode_text
+
+    def counting(tokens):
+        calls.append(len(tokens))
+        return encode_text(tokens)
+
+    clip_model.encode_text = counting
+    try:
+        names = "grey kite, white boat"  # never encoded before in this module
+        assert post(server.url, [image_file(images[0])], vocabulary=names).status_code == 200
+        assert sum(calls) == 2 * len(load_templates())  # cold: every prompt once
+        calls.clear()
+        for _ in range(2):
+            r = post(server.url, [image_file(images[1])], vocabulary=names)
+            assert r.status_code == 200 and r.json()["vocabulary"] == ["grey kite", "white boat"]
+        assert calls == []  # from the predictor's memory
+        server.service.predictor._vocabularies.clear()
+        assert post(server.url, [image_file(images[1])], vocabulary=names).status_code == 200
+        assert calls == []  # from the disk cache
+    finally:
+        del clip_model.encode_text
+
+
+def _png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_input_gets_4xx_with_a_message_and_the_server_goes_on(server, toy):
+    _, _, images = toy
+    good = images[0].read_bytes()
+    names = ", ".join(NAMES_A)
+    huge = _png(np.zeros((7072, 7072), np.uint8))  # 50 megapixels, a few kB as PNG
+    cases = [
+        ([("image", ("empty.png", b"", "image/png"))], {"vocabulary": names}, 400, "empty file"),
+        ([("image", ("notes.txt", b"hello, world\n" * 50, "text/plain"))], {"vocabulary": names},
+         415, "not an image"),
+        ([("image", ("cut.png", good[: len(good) // 2], "image/png"))], {"vocabulary": names},
+         400, "corrupt or truncated"),
+        ([("image", ("huge.png", huge, "image/png"))], {"vocabulary": names}, 413, "megapixels"),
+        ([], {"vocabulary": names}, 400, "no image"),
+        ([image_file(images[0])], {}, 400, "empty vocabulary"),
+        ([image_file(images[0])], {"vocabulary": " , "}, 400, "empty vocabulary"),
+        ([image_file(images[0])], {"vocabulary": "red star,,blue cross"}, 400,
+         "empty class name (item 2 of 3)"),
+        ([image_file(images[0])], {"vocabulary": "red star, red star"}, 400, "duplicate"),
+        ([image_file(images[0])], {"vocabulary": ",".join(f"thing {i}" for i in range(10000))},
+         413, "10000 class names, above this server's limit of 2000"),
+        ([image_file(images[0])], {"builtin": "lvis_typo"}, 400, "unknown vocabulary"),
+        ([image_file(images[0])], {"vocabulary": names, "threshold": "high"}, 400, "threshold"),
+        ([image_file(images[0])], {"vocabulary": names, "threshold": "1.5"}, 400, "threshold"),
+    ]  # fmt: skip
+    for files, data, status, message in cases:
+        start = time.perf_counter()
+        r = post(server.url, files, **data)
+        assert r.status_code == status, (message, r.text)
+        assert message in r.json()["error"], r.json()
+        assert time.perf_counter() - start < 10, message  # refused, not worked on
+    r = post(server.url, [image_file(images[0])], vocabulary=names)
+    assert r.status_code == 200 and r.json()["images"][0]["detections"]
+
+
+def test_load_benchmark_has_no_errors_nor_mixed_vocabularies(server, toy):
+    _, _, images = toy
+    report = run_load(
+        server.url, server.service.predictor, [images[0].read_bytes()], [NAMES_A, NAMES_B],
+        clients=3, seconds=2.0,
+    )  # fmt: skip
+    assert report["server"]["requests"] > 0 and report["direct"]["requests"] > 0
+    assert report["server"]["errors"] == 0 and report["server"]["mixed_up"] == 0
+    for side in ("server", "direct"):
+        assert 0 < report[side]["p50_ms"] <= report[side]["p95_ms"]

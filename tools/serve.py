@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""A web page and an HTTP JSON API to try a trained ViLD model: type a vocabulary, drop an image.
+
+    python tools/serve.py --config-file configs/Shapes/vild_ensemble.yaml \\
+        --opts MODEL.WEIGHTS output/shapes/vild_ensemble/model_final.pth
+    # page: http://127.0.0.1:7860/   API: POST http://127.0.0.1:7860/api/detect
+    curl -F image=@photo.png -F vocabulary="red star,blue cross" -F threshold=0.4 \\
+        http://127.0.0.1:7860/api/detect
+
+The API answers the JSON layout of tools/demo.py --json; a bad request gets a 4xx answer
+{"error": "..."} and the server goes on. See docs/SERVING.md.
+"""
+
+import argparse
+import logging
+import sys
+
+import vild_d2  # noqa: F401  (first: compat bridges)
+from detectron2.utils.logger import setup_logger
+
+from vild_d2 import ViLDPredictor
+from vild_d2.config import load_config
+from vild_d2.serve import DetectionService, Limits, build_app, serve
+
+
+def get_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--threshold", type=float, default=0.5, help="the page's default threshold")
+    p.add_argument(
+        "--score-floor",
+        type=float,
+        default=0.05,
+        help="MODEL.ROI_HEADS.SCORE_THRESH_TEST: no detection below it is computed (at 0 with "
+        "a large vocabulary, post-processing dominates on a CPU); --opts may set it too",
+    )
+    p.add_argument("--max-names", type=int, default=Limits.max_names, help="typed class names")
+    p.add_argument("--max-megapixels", type=float, default=Limits.max_megapixels)
+    p.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_mb)
+    p.add_argument("--no-page", action="store_true", help="the API only (no Gradio)")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="vild_d2")
+    setup_logger(name="detectron2", abbrev_name="d2")
+    # Every request may switch the vocabulary: one INFO line per switch is noise here.
+    logging.getLogger("vild_d2.modeling.meta_arch").setLevel(logging.WARNING)
+    opts = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.score_floor), *args.opts]
+    try:
+        predictor = ViLDPredictor(load_config(args.config_file, opts))
+    except (ValueError, FileNotFoundError, KeyError, AssertionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    limits = Limits(
+        max_names=args.max_names,
+        max_megapixels=args.max_megapixels,
+        max_upload_mb=args.max_upload_mb,
+    )
+    service = DetectionService(
+        predictor, limits=limits, threshold=args.threshold, title=args.config_file
+    )
+    serve(build_app(service, page=not args.no_page), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The Gradio page: images (uploads or samples), a vocabulary (typed or built-in), a threshold
+-> pictures with boxes and masks, a table, a JSON download and the time taken."""
+
+import json
+import tempfile
+import uuid
+from pathlib import Path
+
+import gradio as gr
+
+from .service import MODEL_VOCABULARY, BadInput, DetectionService
+
+__all__ = ["build_page", "TYPED"]
+
+TYPED = "typed names"  # the vocabulary choice "use the names in the text box"
+TABLE_HEADERS = ["image", "class", "novel", "score", "box (x, y, w, h)"]
+
+
+def _label(service: DetectionService, builtin: str) -> str:
+    if builtin == MODEL_VOCABULARY:
+        return f"the model's own ({len(service.info()['model_vocabulary'])} classes)"
+    return builtin
+
+
+def build_page(service: DetectionService, json_dir: str = None) -> gr.Blocks:
+    """
+    Args:
+        json_dir: where the JSON downloads are written (default: a new temporary folder).
+    """
+    json_dir = Path(json_dir or tempfile.mkdtemp(prefix="vild_d2_serve_"))
+    json_dir.mkdir(parents=True, exist_ok=True)
+    choices = [(TYPED, TYPED)] + [(_label(service, b), b) for b in service.builtins]
+
+    def run(uploads, samples, source, names, threshold):
+        try:
+            files = [(Path(p).name, Path(p).read_bytes()) for p in uploads or []]
+            files += service.read_samples(samples or [])
+            if source == TYPED:
+                result = service.detect(files, names=names, threshold=threshold)
+            else:
+                result = service.detect(files, builtin=source, threshold=threshold)
+        except BadInput as e:
+            return f"**Error:** {e}", None, None, None
+        answer = result.to_json()
+        path = json_dir / f"detections-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(json.dumps(answer))
+        novel = set(answer["novel_classes"])
+        rows = [
+            [image["file_name"], d["category_name"], "yes" if d["category_name"] in novel else "",
+             d["score"], ", ".join(f"{v:.1f}" for v in d["bbox"])]
+            for image in answer["images"]
+            for d in image["detections"]
+        ]  # fmt: skip
+        t = result.timing_ms
+        status = (
+            f"**{len(rows)} detections** in {len(files)} image(s), {len(result.vocabulary)} "
+            f"classes, threshold {result.threshold:g}: **{t['total']:.0f} ms** (decode "
+            f"{t['decode']:.0f}, vocabulary {t['vocabulary']:.0f}, detection "
+            f"{t['detection']:.0f}). `*` / magenta = novel class (never seen with a box)."
+        )
+        return status, result.pictures(), rows or None, str(path)
+
+    info = service.info()
+    with gr.Blocks(title="vild_d2: open-vocabulary detection", analytics_enabled=False) as page:
+        gr.Markdown(
+            f"## vild_d2: detect any vocabulary\nModel: `{info['model']}`. Type class names "
+            "(or pick a vocabulary), add images, press **Detect**. "
+            "API: `POST /api/detect` (see `/api/info`)."
+        )
+        with gr.Row():
+            with gr.Column():
+                uploads = gr.File(
+                    label="Images", file_count="multiple", file_types=["image"], elem_id="images"
+                )
+                samples = gr.Dropdown(
+                    choices=list(service.samples),
+                    multiselect=True,
+                    label="Or samples",
+                    elem_id="samples",
+                )
+                source = gr.Dropdown(
+                    choices=choices, value=TYPED, label="Vocabulary", elem_id="source"
+                )
+                names = gr.Textbox(
+                    label="Class names, comma-separated",
+                    placeholder="red star, blue cross, green square",
+                    elem_id="names",
+                )
+                threshold = gr.Slider(
+                    0.0, 1.0, value=service.threshold, step=0.01, label="Score threshold",
+                    elem_id="threshold",
+                )  # fmt: skip
+                button = gr.Button("Detect", variant="primary", elem_id="detect")
+            with gr.Column():
+                status = gr.Markdown(elem_id="status")
+                pictures = gr.Gallery(
+                    label="Detections", columns=1, object_fit="contain",
+                    elem_id="pictures",
+                )  # fmt: skip
+                table = gr.Dataframe(
+                    headers=TABLE_HEADERS, label="Detections", interactive=False, elem_id="table"
+                )
+                download = gr.File(label="JSON", elem_id="json")
+        # Requests run side by side (decoding, drawing); the predictor's lock orders the
+        # forwards, each with its own vocabulary.
+        button.click(
+            run,
+            [uploads, samples, source, names, threshold],
+            [status, pictures, table, download],
+            concurrency_limit=4,
+        )
+    page.json_dir = str(json_dir)
+    return page
