@@ -4,9 +4,13 @@
     python tools/benchmark.py --out bench.json              # R50-FPN, 512 px: ~9 min on 2 CPUs
     python tools/benchmark.py --out bench.json --quick      # small shapes model, tiny CLIP: < 30 s
     python tools/benchmark.py --out bench.json --task crops # one task
+    python tools/benchmark.py --out scale.json --quick --task train_processes  # 1 vs 2 processes
+    python tools/benchmark.py --out serve.json --quick --task serve  # tools/serve.py under load
 
 Tasks (``--task``, default ``all``): inference, train, vocabulary, crops; what each measures and
-how the models are made to do alike work is in vild_d2/utils/benchmark.py. The JSON holds the
+how the models are made to do alike work is in vild_d2/utils/benchmark.py. The scale-out tasks
+train_processes (iterations/s in 1 and 2 processes) and precompute (the CLIP-targets job end to
+end vs the CLIP forward alone) run only when named. The JSON holds the
 sections of the tasks that ran (docs/benchmarks/cpu_2core.json: all of them).
 """
 
@@ -22,26 +26,35 @@ import vild_d2  # noqa: F401  (first: compat bridges)
 import torch
 
 from vild_d2.utils.benchmark import (
+    SCALE_TASKS,
     TASKS,
     BenchmarkSetup,
     benchmark_crops,
     benchmark_inference,
+    benchmark_precompute,
     benchmark_train,
+    benchmark_train_processes,
     benchmark_vocabulary,
 )
+from vild_d2.serve.load import benchmark_serve
 
 BENCHMARKS = {
     "inference": benchmark_inference,
     "train": benchmark_train,
     "vocabulary": benchmark_vocabulary,
     "crops": benchmark_crops,
+    "train_processes": benchmark_train_processes,
+    "precompute": benchmark_precompute,
 }
-assert tuple(BENCHMARKS) == TASKS
+assert tuple(BENCHMARKS) == TASKS + SCALE_TASKS
+# The web server under load (vild_d2/serve/load.py), only when named.
+BENCHMARKS["serve"] = benchmark_serve
 
 # The report's layout (docs/benchmarks/cpu_2core.json): sections in this order, absent ones
 # (of tasks that did not run) left out.
 LAYOUT = (
     "device", "inference_ms", "train_step_ms", "vocabulary_ms", "crops_per_s",
+    "train_iters_per_s", "precompute_crops_per_s",
     "min_cosine_fast_vs_reference", "ratios", "train_step_ms_same_rois", "vocabulary_extra",
     "detections_per_image_last", "setup",
 )  # fmt: skip
@@ -55,7 +68,8 @@ SETUP_LAYOUT = (
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--task", default="all", choices=["all", *TASKS], help="what to measure")
+    p.add_argument("--task", default="all", choices=["all", *BENCHMARKS],
+                   help="what to measure (all: every task but the scale-out ones)")
     p.add_argument("--quick", action="store_true", help="small model and tiny CLIP (for tests)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", type=int, default=0, help="short image side (default 512; quick 96)")

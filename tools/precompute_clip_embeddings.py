@@ -4,8 +4,9 @@ embeddings of its 1x and 1.5x crops, summed and L2-normalised, into a sharded, r
 
 Usage:
   python tools/precompute_clip_embeddings.py --proposals PROPOSALS --dataset NAME \\
-      --clip ViT-B/32 --output TARGETS [--shard I --num-shards N] [--device cuda]
-Re-running the same command completes an interrupted run; N shards write one store.
+      --clip ViT-B/32 --output TARGETS [--shard I --num-shards N | --shard-from-env] [--device cuda]
+Re-running the same command completes an interrupted run; N shards write one store, also as N
+concurrent processes (--shard-from-env under torchrun or SLURM: docs/DISTRIBUTED.md).
 """
 
 import argparse
@@ -23,6 +24,7 @@ from vild_d2.distill.precompute import (
     iter_embeddings,
     log_store_summary,
     run_precompute,
+    shard_from_env,
 )
 from vild_d2.distill.store import DistillStore, StoreError, StoreWriter, check_dataset
 from vild_d2.distill.teacher import CLIPTeacher
@@ -49,6 +51,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    shard_from_env(args)
     setup_logger(name="vild_d2")
     logger = setup_logger(name="precompute_clip_embeddings")
     proposals = DistillStore(args.proposals)

@@ -4,8 +4,10 @@ objectness logits) of a dataset into a sharded, resumable store.
 
 Usage:
   python tools/precompute_proposals.py --config-file CFG --dataset NAME --output STORE \\
-      [--shard I --num-shards N] [--num-proposals 300] MODEL.WEIGHTS base_rpn.pth
-Re-running the same command completes an interrupted run; N shards write one store. The flags
+      [--shard I --num-shards N | --shard-from-env] [--num-proposals 300] \\
+      MODEL.WEIGHTS base_rpn.pth
+Re-running the same command completes an interrupted run; N shards write one store, also as N
+concurrent processes (--shard-from-env under torchrun or SLURM: docs/DISTRIBUTED.md). The flags
 may stand anywhere among the config overrides (KEY VALUE ...).
 """
 
@@ -23,6 +25,7 @@ from vild_d2.distill.precompute import (
     add_store_arguments,
     check_dataset_dicts,
     parse_tool_args,
+    shard_from_env,
     export_detectron2_proposals,
     iter_proposals,
     log_store_summary,
@@ -57,6 +60,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    shard_from_env(args)
     setup_logger(name="vild_d2")
     logger = setup_logger(name="precompute_proposals")
     # The RPN's test-time output, after its NMS, is exactly the top-M proposals.

@@ -1,10 +1,16 @@
 #!/usr/bin/env python
-"""Train or evaluate ViLD: detectron2's train_net with the vild_d2 config, trainer and model."""
+"""Train or evaluate ViLD: detectron2's train_net with the vild_d2 config, trainer and model.
+
+One process per GPU, on one machine or several (README "Training on many GPUs and machines");
+on a machine without CUDA, ``--num-gpus N`` runs N CPU processes (gloo).
+"""
+
+from datetime import timedelta
 
 import vild_d2  # noqa: F401  (first: registers the model and applies compatibility bridges)
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from vild_d2.checkpoint import ViLDCheckpointer
-from vild_d2.engine import Trainer, setup
+from vild_d2.engine import Trainer, launch, setup
 
 
 def main(args):
@@ -21,8 +27,19 @@ def main(args):
     return trainer.train()
 
 
+def get_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800,
+        help="seconds the processes wait for each other: to join, then at each collective",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = get_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,
@@ -31,4 +48,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=timedelta(seconds=args.dist_timeout),
     )

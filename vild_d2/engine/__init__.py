@@ -1,4 +1,5 @@
+from .launch import launch
 from .predictor import ViLDPredictor
 from .trainer import Trainer, setup
 
-__all__ = ["Trainer", "ViLDPredictor", "setup"]
+__all__ = ["Trainer", "ViLDPredictor", "launch", "setup"]

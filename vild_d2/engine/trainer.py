@@ -6,12 +6,16 @@ import os
 import weakref
 from collections import OrderedDict
 
+import yaml
+
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import (
     COCOEvaluator,
     DatasetEvaluator,
@@ -29,7 +33,7 @@ from ..data import ViLDDatasetMapper, get_training_dicts
 from ..evaluation import COCOOpenVocabularyEvaluator
 from ..fileio import atomic_write
 
-__all__ = ["Trainer", "setup"]
+__all__ = ["Trainer", "setup", "check_same_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ logger = logging.getLogger(__name__)
 def setup(args):
     """Config from ``args.config_file`` + ``args.opts`` with the ViLD node; detectron2's setup."""
     cfg = load_config(args.config_file, args.opts)
+    check_same_config(cfg)
     default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers; ours report vocabulary
     # switches and distillation stores.
@@ -44,16 +49,70 @@ def setup(args):
     return cfg
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with ViLD's mapper, evaluators and vocabulary-saving checkpointer."""
+def check_same_config(cfg) -> None:
+    """
+    In a distributed job, every rank must run the same config (each machine parses its own
+    command line): otherwise a ValueError on every rank, naming the keys that differ.
+    """
+    if comm.get_world_size() == 1:
+        return
+    dumps = comm.all_gather(cfg.dump())  # over gloo on any backend: strings of a few KB
+    if all(d == dumps[0] for d in dumps):
+        return
+    ours = _flatten(yaml.safe_load(dumps[0]))
+    lines = []
+    for rank, dump in enumerate(dumps):
+        theirs = _flatten(yaml.safe_load(dump))
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                a, b = ours.get(key), theirs.get(key)
+                lines.append(f"{key}: {a!r} on rank 0, {b!r} on rank {rank}")
+    shown = "\n  ".join(lines[:10])
+    raise ValueError(
+        f"the config differs across the {len(dumps)} ranks of this job (each machine must be "
+        f"given the same --config-file and overrides):\n  {shown}"
+    )
 
-    def build_hooks(self):
-        # DefaultTrainer.__init__ made a plain DetectionCheckpointer; swap in ours before the
-        # checkpoint hook captures it, so checkpoints record the vocabulary.
-        self.checkpointer = ViLDCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+
+def _flatten(node, prefix=""):
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    flat = {}
+    for key, child in node.items():
+        flat.update(_flatten(child, f"{prefix}{key}."))
+    return flat
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with ViLD's mapper, evaluators and vocabulary-saving checkpointer, that
+    also trains data-parallel on CPU processes (gloo)."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ of detectron2 0.6, but for two things: DDP gets no device ids
+        # for a model on the CPU (0.6 passes the local rank as a CUDA device, which DDP refuses
+        # there), and the checkpointer is ours (checkpoints record the vocabulary).
+        TrainerBase.__init__(self)
+        logger_d2 = logging.getLogger("detectron2")
+        if not logger_d2.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        # broadcast_buffers=False as detectron2's: BN statistics stay per process (or SyncBN).
+        kwargs = {"device_ids": None} if on_cpu else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **kwargs)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
         )
-        return super().build_hooks()
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # Saves on rank 0 only (save_to_disk defaults to comm.is_main_process()).
+        self.checkpointer = ViLDCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_model(cls, cfg):

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
+from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.box_head import build_box_head
 from detectron2.structures import Boxes, Instances
+from detectron2.utils import comm
 
 from ..config import VARIANTS
 from .losses import distillation_loss, ensemble_scores
@@ -85,6 +86,11 @@ class ViLDROIHeads(StandardROIHeads):
         self.objectness_weight = objectness_weight
         self.image_box_head = image_box_head
         self.image_projection = image_projection
+        # A synchronised batch norm (SyncBN) in the image branch runs collectives in forward.
+        sync = (nn.SyncBatchNorm, NaiveSyncBatchNorm)
+        self._image_branch_syncs = image_box_head is not None and any(
+            isinstance(m, sync) for m in image_box_head.modules()
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -203,29 +209,37 @@ class ViLDROIHeads(StandardROIHeads):
             predictions = self.box_predictor(self.box_head(pooled[~is_distill]))
             region_embeddings = self.embed_image_branch(pooled[is_distill])
         losses = self.box_predictor.losses(predictions, proposals)
+        # Parameters this step's loss does not reach still get a (zero) gradient through a
+        # zero-weighted term: DDP (without find_unused_parameters, which costs a graph
+        # traversal per step and hides real bugs) waits for every parameter's gradient, and
+        # would hang or fail on a step where one process's loss skips some.
+        unused = []
         if self.variant == "image":  # distillation only: no text cross-entropy
             del losses["loss_cls"]
-        if region_embeddings is None:
-            # Keep every image-branch weight in the graph (DDP expects gradients for all).
-            zero = sum(p.sum() for p in self._image_branch_parameters()) * 0.0
-            losses["loss_distill"] = zero
+            unused.append(self.box_predictor.cls_score.background)
+        if region_embeddings is None:  # too few boxes for the image branch this step
+            unused += [*self.image_box_head.parameters(), *self.image_projection.parameters()]
+            loss = pooled.new_zeros(())
         else:
-            losses["loss_distill"] = self.distill_weight * distillation_loss(
-                region_embeddings, targets
-            )
+            loss = self.distill_weight * distillation_loss(region_embeddings, targets)
+        losses["loss_distill"] = loss + sum(p.sum() for p in unused) * 0.0
         return losses
-
-    def _image_branch_parameters(self):
-        yield from self.image_box_head.parameters()
-        yield from self.image_projection.parameters()
 
     def embed_image_branch(self, pooled):
         """
         (N, C_in, S, S) pooled features -> (N, D) L2-normalised image-branch embeddings; None in
-        training when N < 2, which a batch-norm head (the official SyncBN one) cannot train on.
+        training when too few boxes for a batch-norm head (the official SyncBN one): fewer than
+        2, counted over all processes when its norm is synchronised.
         """
-        if self.training and pooled.shape[0] < 2:
-            return None
+        if self.training:
+            n = pooled.shape[0]
+            if self._image_branch_syncs and comm.get_world_size() > 1:
+                # SyncBN's collectives must run in every process or in none: decide together.
+                total = torch.tensor([n], device=pooled.device)
+                torch.distributed.all_reduce(total)
+                n = int(total.item())
+            if n < 2:
+                return None
         x = self.image_box_head(pooled)
         return nn.functional.normalize(self.image_projection(x.flatten(1)), dim=1, eps=NORM_EPS)
 

@@ -19,9 +19,15 @@ report (``docs/benchmarks/cpu_2core.json`` shows the whole layout):
 * :func:`benchmark_train`: a training step (batch 2), also stock with ViLD's RoI count.
 * :func:`benchmark_vocabulary`: building the text classifier and switching vocabularies.
 * :func:`benchmark_crops`: distillation crops, fast vs reference, and their CLIP agreement.
+
+Scale-out tasks, not part of ``all`` (:data:`SCALE_TASKS`, ``--task`` only):
+
+* :func:`benchmark_train_processes`: training iterations/s in 1 and 2 processes.
+* :func:`benchmark_precompute`: the CLIP-targets job end to end vs the CLIP forward alone.
 """
 
 import contextlib
+import json
 import math
 import os
 import statistics
@@ -29,7 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import clip
 import numpy as np
@@ -62,6 +68,11 @@ __all__ = [
     "benchmark_train",
     "benchmark_vocabulary",
     "benchmark_crops",
+    "SCALE_TASKS",
+    "record_training",
+    "train_in_processes",
+    "benchmark_train_processes",
+    "benchmark_precompute",
 ]
 
 TASKS = ("inference", "train", "vocabulary", "crops")
@@ -685,3 +696,280 @@ def benchmark_crops(setup: BenchmarkSetup) -> dict:
             f"cosine on {len(sub)} of them: {label}"
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale-out: training in several processes, the precompute stage end to end
+# Not part of "all" (TASKS): each starts processes or writes stores, and has its own sections.
+SCALE_TASKS = ("train_processes", "precompute")
+# The training script of :func:`train_in_processes`, run as ``python -c``: a fresh interpreter
+# owns the process group, whatever state the caller is in.
+_TRAIN_MAIN = """
+import json, sys
+import vild_d2
+from datetime import timedelta
+from vild_d2.engine import launch
+from vild_d2.utils.benchmark import record_training
+runs, out, n, timeout = json.loads(sys.argv[1])
+launch(record_training, n, dist_url="auto", args=(runs, out), timeout=timedelta(seconds=timeout))
+"""
+
+
+def record_training(runs: Dict[str, list], out: str) -> None:
+    """
+    ``launch`` main function: train each run ``{name: [config_file, opts]}`` in turn with
+    :class:`vild_d2.engine.Trainer`, seeded as ``default_setup`` seeds (SEED + rank), and write
+    rank 0's record of every step to ``out`` (JSON): ``{name: {"losses": {key: [per step]},
+    "step_s": [...], "output_dir": ...}}``. The losses are detectron2's logged ones: each
+    process's, averaged over the processes.
+    """
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+
+    from ..engine.trainer import Trainer, check_same_config
+
+    record = {}
+    for name, (config_file, opts) in runs.items():
+        cfg = load_config(config_file, opts)
+        check_same_config(cfg)
+        seed_all_rng(cfg.SEED + comm.get_rank())
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        if comm.is_main_process():
+            history = trainer.storage.histories()
+            record[name] = {
+                "losses": {
+                    k: [v for v, _ in h.values()]
+                    for k, h in history.items()
+                    if k.startswith("loss") or k == "total_loss"
+                },
+                # detectron2's IterationTimer: seconds per step after its 3 warm-up steps.
+                "step_s": [v for v, _ in history["time"].values()] if "time" in history else [],
+                "output_dir": cfg.OUTPUT_DIR,
+            }
+        comm.synchronize()
+    if comm.is_main_process():
+        Path(out).write_text(json.dumps(record, indent=1))
+
+
+def train_in_processes(
+    runs: Dict[str, list], num_processes: int, out, *, env=None, timeout: float = 600
+) -> dict:
+    """:func:`record_training` in ``num_processes`` processes (``vild_d2.engine.launch``,
+    gloo on a CPU), from a fresh interpreter; returns its record."""
+    args = json.dumps([runs, str(out), num_processes, timeout])
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRAIN_MAIN, args], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"training in {num_processes} process(es) failed:\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(Path(out).read_text())
+
+
+def make_shapes_training(
+    workdir, clip_path: str, *, num_train: int, size: int
+) -> Tuple[dict, list]:
+    """
+    A shapes world under ``workdir`` (registered as ``shapes_*`` in processes started with the
+    returned environment) with ViLD's distillation store for its training images: a random
+    RPN's proposals and the CLIP's targets, made by the project's precompute jobs.
+
+    Returns:
+        (environment for the training processes, config overrides that train on it)
+    """
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    from ..data.datasets.shapes import WorldSpec, generate_shapes_world, register_shapes_world
+    from ..distill import CLIPTeacher, DistillStore, StoreWriter
+    from ..distill.precompute import (
+        embeddings_header,
+        iter_embeddings,
+        iter_proposals,
+        proposals_header,
+        run_precompute,
+    )
+
+    workdir = Path(workdir)
+    spec = WorldSpec(num_train=num_train, num_val=2, image_size=size, objects_per_image=(2, 4))
+    generate_shapes_world(workdir / "shapes", spec)
+    dataset = register_shapes_world(str(workdir), prefix="bench_shapes", folder="shapes")[0]
+    dicts = DatasetCatalog.get(dataset)
+    m = 40
+    common = ["MODEL.VILD.CLIP_MODEL", clip_path,
+              "MODEL.VILD.EMBEDDING_CACHE_DIR", str(workdir / "cache")]  # fmt: skip
+    rpn_cfg = load_config("configs/Shapes/rpn.yaml", common)
+    torch.manual_seed(0)
+    rpn = build_model(rpn_cfg).eval()
+    header = proposals_header(dataset, len(dicts), chunk_size=4, max_proposals=m, model={})
+    run_precompute(
+        StoreWriter(str(workdir / "proposals"), header),
+        dicts,
+        lambda chunks: iter_proposals(rpn, chunks, DatasetMapper(rpn_cfg, False), max_proposals=m),
+        progress=False,
+    )
+    proposals = DistillStore(str(workdir / "proposals"))
+    teacher = CLIPTeacher(clip_path)
+    header = embeddings_header(
+        dataset, len(dicts), chunk_size=4, max_proposals=m,
+        teacher_settings=teacher.settings(), proposals=proposals,
+    )  # fmt: skip
+    run_precompute(
+        StoreWriter(str(workdir / "targets"), header),
+        dicts,
+        lambda chunks: iter_embeddings(teacher, chunks, proposals, max_boxes=m),
+        progress=False,
+    )
+    env = dict(os.environ, DETECTRON2_DATASETS=str(workdir))
+    opts = [*common, "MODEL.VILD.DISTILL.STORES", f"('{workdir / 'targets'}',)",
+            "MODEL.VILD.DISTILL.MAX_BOXES", str(m), "DATASETS.TEST", "()"]  # fmt: skip
+    return env, opts
+
+
+def benchmark_train_processes(
+    setup: BenchmarkSetup, extra_runs: Dict[str, list] = None
+) -> dict:
+    """
+    ViLD training iterations/s on the shapes world with the same global batch in 1 process and
+    in 2 (gloo on a CPU, NCCL on GPUs), run one after the other in this run: medians of
+    detectron2's per-step times after its warm-up. On a CPU each process gets torch's thread
+    count divided by the processes, so that both runs use the same cores.
+
+    Args:
+        extra_runs: ``{name: config overrides}`` also trained in 2 processes (e.g. SyncBN).
+    """
+    import tempfile
+
+    quick = setup.quick
+    batch, iters = (2, 8) if quick else (4, 23)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        env, opts = make_shapes_training(
+            tmp, setup.clip_path, num_train=8 if quick else 24, size=64 if quick else 128
+        )
+        opts += [
+            *(QUICK_OPTS if quick else []),
+            "INPUT.MIN_SIZE_TRAIN", "(64,)" if quick else "(128,)",
+            "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", setup.device,
+            "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", str(iters),
+            "SOLVER.BASE_LR", "0.0025", "SOLVER.CHECKPOINT_PERIOD", "100000",
+        ]  # fmt: skip
+        runs = {1: {"vild": []}, 2: {"vild": [], **(extra_runs or {})}}
+        records = {}
+        for n, named in runs.items():
+            run_env = dict(env, OMP_NUM_THREADS=str(max(1, threads // n)))
+            todo = {
+                name: [
+                    "configs/Shapes/vild.yaml", [*opts, *extra, "OUTPUT_DIR", f"{tmp}/{name}{n}"]
+                ]
+                for name, extra in named.items()
+            }
+            records[n] = train_in_processes(todo, n, f"{tmp}/record{n}.json", env=run_env)
+    per_s = {n: 1.0 / statistics.median(records[n]["vild"]["step_s"]) for n in (1, 2)}
+    out = {
+        "train_iters_per_s": {"1_process": per_s[1], "2_processes": per_s[2]},
+        "ratios": {"train_2_vs_1_processes": per_s[2] / per_s[1]},
+        "setup": {
+            "train_processes": f"configs/Shapes/vild.yaml, global batch {batch}, {iters} "
+            f"iterations (median of the last {iters - 3}); threads: {threads} in 1 process, "
+            f"{max(1, threads // 2)} in each of 2"
+        },
+    }
+    for name in extra_runs or {}:
+        rec = records[2][name]
+        out["train_iters_per_s"][f"{name}_2_processes"] = 1.0 / statistics.median(rec["step_s"])
+    return out
+
+
+def benchmark_precompute(setup: BenchmarkSetup) -> dict:
+    """
+    The CLIP-targets job end to end (image files read and hashed, crops, CLIP, the store
+    written: ``run_precompute`` + ``iter_embeddings``) against the CLIP forward alone on the
+    same crops (made beforehand), in crops/s; their ratio is how close the job comes to its
+    limit. M proposal-like boxes per photo, scales (1.0, 1.5); M = 300 on a GPU, else 16.
+    """
+    import tempfile
+
+    import cv2
+
+    from ..distill import CLIPTeacher, StoreWriter
+    from ..distill.precompute import embeddings_header, iter_embeddings, run_precompute
+
+    # ViT-B/32 encodes ~7 crops/s on a CPU: a few boxes per photo already time it well.
+    m = 16 if setup.quick or setup.device == "cpu" else NUM_DISTILL
+    model, label = crops_clip(setup)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_file = f"{tmp}/clip.pt"
+        torch.save(model.state_dict(), clip_file)  # what the job loads: the same weights
+        dicts, images, boxes = [], [], []
+        for i, bgr in enumerate(setup.images):
+            path = f"{tmp}/photo{i}.png"
+            cv2.imwrite(path, bgr)
+            h, w = bgr.shape[:2]
+            dicts.append({"file_name": path, "image_id": i, "height": h, "width": w})
+            rgb_chw = np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))
+            images.append(torch.as_tensor(rgb_chw))
+            boxes.append(proposal_like_boxes(m, w, h, seed=i))
+        proposals = _proposals_store(f"{tmp}/proposals", dicts, boxes)
+        teacher = CLIPTeacher(clip_file, device=setup.device)
+        size = teacher.input_size
+        crops = [
+            fast_crops(im.to(setup.device), b, (1.0, 1.5), size) for im, b in zip(images, boxes)
+        ]
+        runs = iter(range(10**6))
+
+        def end_to_end():
+            header = embeddings_header(
+                "bench_photos", len(dicts), chunk_size=2, max_proposals=m,
+                teacher_settings=teacher.settings(), proposals=proposals,
+            )  # fmt: skip
+            writer = StoreWriter(f"{tmp}/targets{next(runs)}", header)
+            run_precompute(
+                writer,
+                dicts,
+                lambda chunks: iter_embeddings(teacher, chunks, proposals, max_boxes=m),
+                progress=False,
+            )
+
+        def clip_forward():
+            for c in crops:
+                encode_crops(teacher.model, c, num_scales=2).cpu()
+
+        seconds = round_robin(
+            {"end_to_end": end_to_end, "clip_forward": clip_forward},
+            max(setup.repeats, 3),
+            setup.device,
+        )
+    n = 2 * m * len(dicts)
+    per_s = {k: n / t for k, t in seconds.items()}
+    return {
+        "precompute_crops_per_s": per_s,
+        "ratios": {
+            "precompute_end_to_end_vs_clip_forward": per_s["end_to_end"] / per_s["clip_forward"]
+        },
+        "setup": {
+            "precompute": f"{len(dicts)} photos x {m} proposal-like boxes x 2 scales, {label}, "
+            "chunks of 2 images, no loader processes"
+        },
+    }
+
+
+def _proposals_store(path: str, dicts: List[dict], boxes: List[torch.Tensor]):
+    """A proposals store holding ``boxes`` (zero objectness) for the images of ``dicts``."""
+    from ..distill import DistillStore, StoreWriter
+    from ..distill.precompute import proposals_header, run_precompute
+
+    m = len(boxes[0])
+    header = proposals_header("bench_photos", len(dicts), chunk_size=2, max_proposals=m, model={})
+    records = {d["image_id"]: b for d, b in zip(dicts, boxes)}
+
+    def compute(chunks):
+        for d in (d for chunk in chunks for d in chunk):
+            b = records[d["image_id"]].numpy().astype(np.float32)
+            yield d["image_id"], {"boxes": b, "objectness_logits": np.zeros(len(b), np.float32)}
+
+    run_precompute(StoreWriter(path, header), dicts, compute, progress=False)
+    return DistillStore(path)
