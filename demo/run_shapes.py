@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--rpn-iters", type=int, default=0,
                    help="base-RPN iterations (0 = configs/Shapes/rpn.yaml's)")
     p.add_argument("--proposals", type=int, default=100, help="distilled proposals per image")
+    p.add_argument("--processes", type=int, default=0,
+                   help="processes per detector run (data parallel) and targets shards "
+                        "(0 = one per core, at most 2)")  # fmt: skip
     p.add_argument("--check", nargs="+", action="append", default=[],
                    metavar=("NAME VARIANT", "KEY VALUE"),
                    help="also train VARIANT with config overrides as row NAME (repeatable), "
@@ -112,6 +115,7 @@ def main(argv=None):
         iters=args.iters,
         rpn_iters=args.rpn_iters,
         proposals=args.proposals,
+        processes=args.processes,
         extra_opts=tuple(args.opts),
     )
     if args.datasets:

@@ -77,6 +77,7 @@ class ShapesOptions:
     iters: int = 0  # detector iterations; 0 = the config's SOLVER.MAX_ITER
     rpn_iters: int = 0  # base-RPN iterations; 0 = configs/Shapes/rpn.yaml's (600)
     proposals: int = 100  # per training image, for the distillation targets
+    processes: int = 0  # per detector run and targets stage; 0 = one per core, at most 2
     extra_opts: Sequence[str] = ()  # config overrides for every detector run
 
 
@@ -112,6 +113,11 @@ class ShapesPipeline:
         self.timings: Dict[str, float] = {}
         self.env = dict(os.environ, DETECTRON2_DATASETS=str(self.datasets))
         self._branch = threading.local()  # the side_by_side branch a thread runs, if any
+        self.cores = os.cpu_count() or 1
+        # Processes of a detector run and shards of the targets (0: one per core, at most 2):
+        # on 2 cores a second process gains more than a second torch thread (docs/SHAPES.md
+        # "Stage times").
+        self.processes = options.processes or min(2, self.cores)
 
     def side_by_side(self, *branches: Sequence[Callable[[], None]], cores: int = 0):
         """
@@ -122,7 +128,7 @@ class ShapesPipeline:
         (docs/SHAPES.md "Stage times"). The first branch writes to the terminal, the others
         to ``<output>/stages/<first stage>.log``. With one core, the branches run in turn.
         """
-        cores = cores or os.cpu_count() or 1
+        cores = cores or self.cores
         if cores < 2 or len(branches) < 2:
             for stage in (s for b in branches for s in b):
                 stage()
@@ -156,9 +162,11 @@ class ShapesPipeline:
         clean: Sequence[Path] = (),
         configs: Sequence[str] = (),
         valid: Optional[Callable[[], bool]] = None,
+        at_once: bool = False,
     ):
         """
-        Run ``commands`` unless the stage's marker holds the same key and ``outputs`` exist
+        Run ``commands`` (in turn, or all at once with the cores split between them: shards)
+        unless the stage's marker holds the same key and ``outputs`` exist
         (and ``valid()``, if given, holds). The key covers the commands, the contents of the
         ``configs`` they read (with their _BASE_ files) and the keys of the stages ``after``.
         Before running, ``clean`` paths are deleted: the tools resume what they find, and a
@@ -188,23 +196,34 @@ class ShapesPipeline:
             elif path.exists():
                 path.unlink()
         branch = getattr(self._branch, "value", None) or _Branch()
-        env = dict(self.env, **({"OMP_NUM_THREADS": str(branch.threads)} if branch.threads else {}))
+        # at_once: the commands start together (shards of one store), the cores split.
+        groups = [list(commands)] if at_once else [[c] for c in commands]
         start = time.perf_counter()
-        for cmd in commands:
-            self.log("  + " + " ".join(_quote(c) for c in cmd))
-            if branch.log_file is None:
-                result = subprocess.run([sys.executable, *cmd], cwd=self.repo, env=env)
-            else:
-                self.log(f"  ({name}'s output: {branch.log_file})")
-                with open(branch.log_file, "ab") as out:
-                    result = subprocess.run([sys.executable, *cmd], cwd=self.repo, env=env,
-                                            stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-            if result.returncode:
-                seen = f"; its output is in {branch.log_file}" if branch.log_file else ""
-                raise RuntimeError(
-                    f"stage {name!r} failed (exit {result.returncode}) running: "
-                    f"{' '.join(cmd)}{seen}"
-                )
+        for group in groups:
+            threads = branch.threads or (self.cores if len(group) > 1 else 0)
+            threads = max(1, threads // len(group)) if threads else 0
+            env = dict(self.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+            running = []
+            for i, cmd in enumerate(group):
+                self.log("  + " + " ".join(_quote(c) for c in cmd))
+                log_file = branch.log_file or (self.out / "stages" / f"{name}.{i}.log" if i else None)
+                if log_file is not None:
+                    self.log(f"    (its output: {log_file})")
+                    log_file.parent.mkdir(parents=True, exist_ok=True)
+                out = open(log_file, "ab") if log_file is not None else None
+                proc = subprocess.Popen([sys.executable, *cmd], cwd=self.repo, env=env, stdout=out,
+                                        stderr=subprocess.STDOUT if out else None)  # fmt: skip
+                running.append((cmd, log_file, out, proc))
+            failed = []
+            for cmd, log_file, out, proc in running:  # every one ends before an error is raised
+                code = proc.wait()
+                if out is not None:
+                    out.close()
+                if code:
+                    seen = f"; its output is in {log_file}" if log_file else ""
+                    failed.append(f"exit {code}) running: {' '.join(cmd)}{seen}")
+            if failed:
+                raise RuntimeError(f"stage {name!r} failed ({failed[0]}")
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise RuntimeError(f"stage {name!r} finished but did not write {missing}")
@@ -275,6 +294,9 @@ class ShapesPipeline:
             opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS",
                      f"({max(1, int(iters * 0.8))},)", "SOLVER.WARMUP_ITERS",
                      str(min(100, max(1, iters // 5)))]  # fmt: skip
+        if variant != "rpn" and self.processes > 1:  # the RPN trains beside the teacher
+            # data parallel (tools/train_net.py on a CPU: gloo), the same global batch
+            extra = ("--num-gpus", str(self.processes), *extra)
         config = f"configs/Shapes/{variant}.yaml"
         return ["tools/train_net.py", "--config-file", config, *extra, *opts, *self.o.extra_opts,
                 *overrides]  # fmt: skip
@@ -309,12 +331,14 @@ class ShapesPipeline:
                    str(self.proposals_store), "--dataset", "shapes_train_base", "--clip",
                    str(self.teacher), "--output", str(self.targets_store), "--max-proposals",
                    str(self.o.proposals), "--num-workers", "1"]  # fmt: skip
+        n = self.processes  # shards of one store, written at once (the same bytes as one)
         self._stage(
             "targets",
-            [targets],
+            [targets + ["--shard", str(i), "--num-shards", str(n)] for i in range(n)],
             [self.targets_store],
             after=["proposals", "teacher"],
             clean=[self.targets_store],
+            at_once=True,
         )
 
     def run_variant(self, variant: str, name: str = "", overrides: Sequence[str] = ()):

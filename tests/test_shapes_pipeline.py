@@ -228,3 +228,41 @@ def test_default_teacher_is_the_frozen_clip_like_recipe(tmp_path):
     assert scenes[scenes.index("--steps") + 1] == "1200"
     assert scenes[scenes.index("--temperature") + 1 :][:2] == ["0.07", "0.01"]
     assert "--temperature" not in crops
+
+
+def test_detectors_run_data_parallel_and_targets_as_shards(tmp_path):
+    """With 2 processes: each detector is one data-parallel run of 2 (the RPN, trained beside
+    the teacher, stays one), and the targets are 2 shards of one store started at once."""
+    pipe = ShapesPipeline(ShapesOptions(output=str(tmp_path / "out"), processes=2), tmp_path)
+    vild = pipe._train_cmd("vild")
+    assert vild[vild.index("--num-gpus") + 1] == "2"
+    assert "--num-gpus" not in pipe._train_cmd("rpn")
+    seen = {}
+    pipe._stage = lambda name, commands, *a, **k: seen.update(commands=commands, **k)
+    pipe.run_targets()
+    shards = [(c[c.index("--shard") + 1], c[c.index("--num-shards") + 1]) for c in seen["commands"]]
+    assert shards == [("0", "2"), ("1", "2")] and seen["at_once"]
+    one = ShapesPipeline(ShapesOptions(output=str(tmp_path / "out"), processes=1), tmp_path)
+    assert "--num-gpus" not in one._train_cmd("vild")
+
+
+def test_stage_commands_at_once(tmp_path):
+    """at_once: a stage's commands (shards) start together, the cores split between them; the
+    first waits for a file the second writes, so run in turn it would fail."""
+    log = []
+    pipe = ShapesPipeline(ShapesOptions(output=str(tmp_path / "out")), tmp_path, log=log.append)
+    pipe.cores = 2
+    flag, seen, done = tmp_path / "flag", tmp_path / "threads", tmp_path / "done"
+    record = f"import os; open({str(seen)!r}, 'a').write(os.environ['OMP_NUM_THREADS'] + ' ')"
+    first = (
+        "import time, pathlib\n"
+        f"for _ in range(600):\n    if pathlib.Path({str(flag)!r}).exists(): break\n"
+        "    time.sleep(0.05)\nelse:\n    raise SystemExit('the second never started')\n"
+        f"{record}; open({str(done)!r}, 'w').write('x')"
+    )
+    second = f"{record}; open({str(flag)!r}, 'w').write('1'); print('shard 1 says hi')"
+    pipe._stage("shards", [["-c", first], ["-c", second]], [done], at_once=True)
+    assert seen.read_text().split() == ["1", "1"]
+    assert "shard 1 says hi" in (tmp_path / "out" / "stages" / "shards.1.log").read_text()
+    with pytest.raises(RuntimeError, match="stage 'bad' failed \\(exit 4\\)"):
+        pipe._stage("bad", [["-c", "pass"], ["-c", "raise SystemExit(4)"]], [], at_once=True)
