@@ -206,7 +206,9 @@ class ShapesPipeline:
             running = []
             for i, cmd in enumerate(group):
                 self.log("  + " + " ".join(_quote(c) for c in cmd))
-                log_file = branch.log_file or (self.out / "stages" / f"{name}.{i}.log" if i else None)
+                log_file = branch.log_file or (
+                    self.out / "stages" / f"{name}.{i}.log" if i else None
+                )
                 if log_file is not None:
                     self.log(f"    (its output: {log_file})")
                     log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from vild_d2 import ViLDCheckpointer
 from vild_d2.engine import Trainer, launch
 from vild_d2.engine.launch import usable_cpus
 from vild_d2.utils.benchmark import train_in_processes
-from tiny_world import M, TINY_OPTS, make_stores, make_world, tiny_config  # tests/ helper
+from tiny_world import M, TINY_OPTS, tiny_config, tool_world  # tests/ helper
 
 VARIANTS = {"text": "vild_text", "vild": "vild", "ensemble": "vild_ensemble"}
 ITERS = 3
@@ -55,18 +55,7 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 def env_world(tmp_path_factory, tiny_clip_path):
     """The tiny world and its store; subprocesses register it as shapes_* from
     $DETECTRON2_DATASETS, this process as dist_*."""
-    root = tmp_path_factory.mktemp("dist")
-    world = make_world(root, prefix="dist")
-    stores = make_stores(world, tiny_clip_path, root / "stores")
-    env = dict(os.environ, DETECTRON2_DATASETS=str(root), OMP_NUM_THREADS="1")
-    common = [
-        *TINY_OPTS,
-        "MODEL.VILD.CLIP_MODEL", tiny_clip_path,
-        "MODEL.VILD.EMBEDDING_CACHE_DIR", str(root / "cache"),
-        "MODEL.VILD.DISTILL.STORES", f"('{stores['targets']}',)",
-    ]  # fmt: skip
-    return {"root": root, "env": env, "world": world, "stores": stores, "common": common,
-            "clip": tiny_clip_path}  # fmt: skip
+    return tool_world(tmp_path_factory.mktemp("dist"), tiny_clip_path, "dist", threads=1)
 
 
 @pytest.fixture(scope="module")

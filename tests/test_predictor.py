@@ -16,7 +16,7 @@ from vild_d2.text import load_templates, vocabulary_from_names
 from vild_d2.text.encoder import load_clip
 from vild_d2.text.prompts import fill_prompts
 
-from tiny_world import TRAIN_NAMES, make_random_model  # tests/ helper
+from tiny_world import TRAIN_NAMES, counting_text_encodes, make_random_model  # tests/ helper
 
 NAMES_A = ["person", "flag", "helmet"]
 NAMES_B = ["rocket", "space suit"]
@@ -114,15 +114,7 @@ def test_second_build_reads_the_cache_not_clip(toy, tmp_path):
     cfg = load_config(config_file, opts + ["MODEL.VILD.EMBEDDING_CACHE_DIR", str(tmp_path)])
     predictor = ViLDPredictor(cfg)
     clip_model = predictor.model.text_encoder.model  # the real CLIP, loaded
-    calls = []
-    encode_text = clip_model.encode_text
-
-    def counting(tokens):
-        calls.append(len(tokens))
-        return encode_text(tokens)
-
-    clip_model.encode_text = counting
-    try:
+    with counting_text_encodes(clip_model) as calls:
         names = ["zebra", "giraffe"]
         predictor.set_vocabulary(names)
         assert sum(calls) == 2 * len(load_templates())  # cold: every prompt encoded once
@@ -133,8 +125,6 @@ def test_second_build_reads_the_cache_not_clip(toy, tmp_path):
         other.set_vocabulary(names)
         assert calls == []
         assert list(tmp_path.glob("text/*.pt"))
-    finally:
-        del clip_model.encode_text
 
 
 def test_bad_vocabularies_are_refused_clearly(toy):

@@ -21,7 +21,13 @@ from vild_d2.serve import DetectionService, ServerThread, build_app
 from vild_d2.serve.load import run_load
 from vild_d2.text import load_templates
 
-from tiny_world import TINY_SPEC, TRAIN_NAMES, make_random_model, make_world  # tests/ helper
+from tiny_world import (  # tests/ helper
+    TINY_SPEC,
+    TRAIN_NAMES,
+    counting_text_encodes,
+    make_random_model,
+    make_world,
+)
 
 NAMES_A = ["red square", "purple star", "orange heart"]  # "red square" is a base class
 NAMES_B = ["blue circle", "yellow cross", "green heart"]
@@ -157,15 +163,7 @@ def test_concurrent_requests_each_get_their_own_vocabulary(server, reference, to
 def test_same_words_are_not_encoded_twice(server, toy):
     _, _, images = toy
     clip_model = server.service.predictor.model.text_encoder.model  # the real (tiny) CLIP
-    calls = []
-    encode_text = clip_model.encode_text
-
-    def counting(tokens):
-        calls.append(len(tokens))
-        return encode_text(tokens)
-
-    clip_model.encode_text = counting
-    try:
+    with counting_text_encodes(clip_model) as calls:
         names = "grey kite, white boat"  # never encoded before in this module
         assert post(server.url, [image_file(images[0])], vocabulary=names).status_code == 200
         assert sum(calls) == 2 * len(load_templates())  # cold: every prompt once
@@ -177,8 +175,6 @@ def test_same_words_are_not_encoded_twice(server, toy):
         server.service.predictor._vocabularies.clear()
         assert post(server.url, [image_file(images[1])], vocabulary=names).status_code == 200
         assert calls == []  # from the disk cache
-    finally:
-        del clip_model.encode_text
 
 
 def _png(array) -> bytes:

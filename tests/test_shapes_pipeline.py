@@ -151,6 +151,7 @@ def test_side_by_side_runs_branches_at_once_one_core_each(tmp_path):
     def tool(name, code):
         def stage():
             pipe._stage(name, [["-c", code]], [tmp_path / name])
+
         stage.__name__ = f"run_{name}"
         return stage
 
@@ -163,6 +164,7 @@ def test_side_by_side_runs_branches_at_once_one_core_each(tmp_path):
     )
     b = (f"open({str(flag)!r}, 'w').write('1'); print('hello from b'); "
          f"{record.format(str(seen))}; open({str(tmp_path / 'b')!r}, 'w').write('b')")  # fmt: skip
+
     def write(n):
         return f"open({str(tmp_path / n)!r}, 'w').write({n!r})"
 

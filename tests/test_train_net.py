@@ -3,14 +3,13 @@ evaluates."""
 
 import vild_d2  # noqa: F401  (first: compat bridges)
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tiny_world import TINY_OPTS, make_stores, make_world  # tests/ helper
+from tiny_world import tool_world  # tests/ helper
 
 ITERS = 10
 
@@ -19,17 +18,7 @@ ITERS = 10
 def tiny_env(tmp_path_factory, tiny_clip_path):
     """A tiny world at <root>/shapes (the subprocesses register it as shapes_* on import, from
     $DETECTRON2_DATASETS), registered here as ttrain_*, and its distillation store."""
-    root = tmp_path_factory.mktemp("datasets")
-    world = make_world(root, prefix="ttrain")
-    stores = make_stores(world, tiny_clip_path, root / "stores")
-    env = dict(os.environ, DETECTRON2_DATASETS=str(root), OMP_NUM_THREADS="2")
-    common = [
-        *TINY_OPTS,
-        "MODEL.VILD.CLIP_MODEL", tiny_clip_path,
-        "MODEL.VILD.EMBEDDING_CACHE_DIR", str(root / "cache"),
-        "MODEL.VILD.DISTILL.STORES", f"('{stores['targets']}',)",
-    ]  # fmt: skip
-    return {"root": root, "env": env, "world": world, "common": common, "clip": tiny_clip_path}
+    return tool_world(tmp_path_factory.mktemp("datasets"), tiny_clip_path, "ttrain", threads=2)
 
 
 def _train_net(env, *args):

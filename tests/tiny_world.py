@@ -5,6 +5,8 @@ demo, export and benchmark tests."""
 
 import vild_d2  # noqa: F401  (first: compat bridges)
 
+import contextlib
+import os
 from pathlib import Path
 from typing import List, Sequence
 
@@ -134,6 +136,41 @@ def make_stores(world: dict, clip_path: str, base) -> dict:
     make_proposals(rpn, world["train"], base / "proposals")
     make_targets(clip_path, world["train"], base / "proposals", base / "targets")
     return {"rpn": rpn, "proposals": base / "proposals", "targets": base / "targets"}
+
+
+def tool_world(root, clip_path: str, prefix: str, threads: int) -> dict:
+    """A tiny world at <root>/shapes with its distillation stores, for tests that run the
+    tools in subprocesses: they register it as shapes_* from $DETECTRON2_DATASETS (``env``),
+    this process as <prefix>_*; ``common`` are the config options every tool run takes."""
+    world = make_world(root, prefix=prefix)
+    stores = make_stores(world, clip_path, root / "stores")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(root), OMP_NUM_THREADS=str(threads))
+    common = [
+        *TINY_OPTS,
+        "MODEL.VILD.CLIP_MODEL", clip_path,
+        "MODEL.VILD.EMBEDDING_CACHE_DIR", str(root / "cache"),
+        "MODEL.VILD.DISTILL.STORES", f"('{stores['targets']}',)",
+    ]  # fmt: skip
+    return {"root": root, "env": env, "world": world, "stores": stores, "common": common,
+            "clip": clip_path}  # fmt: skip
+
+
+@contextlib.contextmanager
+def counting_text_encodes(clip_model):
+    """Within the block, ``clip_model.encode_text`` calls are recorded: yields the list of
+    their batch sizes (a cached vocabulary encodes nothing)."""
+    calls = []
+    encode_text = clip_model.encode_text
+
+    def counting(tokens):
+        calls.append(len(tokens))
+        return encode_text(tokens)
+
+    clip_model.encode_text = counting
+    try:
+        yield calls
+    finally:
+        del clip_model.encode_text  # the class's method again
 
 
 def make_random_model(
