@@ -87,6 +87,7 @@ class _Branch:
 
     threads: int = 0  # OMP_NUM_THREADS for its tools (0: the environment's)
     log_file: Optional[Path] = None  # None: the terminal
+    threads_file: Optional[Path] = None  # the branch's current share of the cores
 
 
 class ShapesPipeline:
@@ -122,11 +123,12 @@ class ShapesPipeline:
     def side_by_side(self, *branches: Sequence[Callable[[], None]], cores: int = 0):
         """
         Run each branch (a list of stage methods, in order) in its own thread, at the same
-        time, the cores split between them (``cores`` = 0: all of this machine's). Independent
-        stages gain this way where a second intra-op thread gains little: on 2 cores a second
-        torch thread sped a detector step up 1.18x, a second process runs at full speed
-        (docs/SHAPES.md "Stage times"). The first branch writes to the terminal, the others
-        to ``<output>/stages/<first stage>.log``. With one core, the branches run in turn.
+        time, the cores split between them (``cores`` = 0: all of this machine's). When a
+        branch ends, its cores go to the branches still running: a tool that reads
+        ``$VILD_D2_THREADS_FILE`` (the teacher, ``demo/tiny_clip.py``) takes them mid-run. Two
+        processes of one thread each use 2 cores fully, which a second torch thread does not
+        (docs/SHAPES.md "Stage times"). The first branch writes to the terminal, the others to
+        ``<output>/stages/<first stage>.log``. With one core, the branches run in turn.
         """
         cores = cores or self.cores
         if cores < 2 or len(branches) < 2:
@@ -136,14 +138,31 @@ class ShapesPipeline:
         logs = self.out / "stages"
         logs.mkdir(parents=True, exist_ok=True)
 
+        names = [b[0].__name__.replace("run_", "") for b in branches]
+        threads_files = [logs / f"{n}.threads" for n in names]
+        running = set(range(len(branches)))
+        lock = threading.Lock()
+
+        def share_cores():  # under lock: the cores split between the branches still running
+            for j in running:
+                atomic_write(threads_files[j], [str(max(1, cores // len(running))).encode()])
+
         def run(i, stages):
-            name = stages[0].__name__.replace("run_", "")
             self._branch.value = _Branch(
                 threads=max(1, cores // len(branches)),
-                log_file=None if i == 0 else logs / f"{name}.log",
+                log_file=None if i == 0 else logs / f"{names[i]}.log",
+                threads_file=threads_files[i],
             )
-            for stage in stages:
-                stage()
+            try:
+                for stage in stages:
+                    stage()
+            finally:
+                with lock:
+                    running.discard(i)
+                    share_cores()
+
+        with lock:
+            share_cores()
 
         with ThreadPoolExecutor(len(branches)) as pool:
             futures = [pool.submit(run, i, list(b)) for i, b in enumerate(branches)]
@@ -203,6 +222,8 @@ class ShapesPipeline:
             threads = branch.threads or (self.cores if len(group) > 1 else 0)
             threads = max(1, threads // len(group)) if threads else 0
             env = dict(self.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+            if branch.threads_file is not None:  # not in the key: how a stage runs, not what
+                env["VILD_D2_THREADS_FILE"] = str(branch.threads_file)
             running = []
             for i, cmd in enumerate(group):
                 self.log("  + " + " ".join(_quote(c) for c in cmd))

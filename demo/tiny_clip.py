@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -123,6 +124,18 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _follow_threads_file(path: str, log: Callable[[str], None]) -> None:
+    """Take the thread count in ``path`` (the pipeline's share of the cores for this run, which
+    grows when a stage running beside it ends): one thread per core of the share."""
+    try:
+        threads = int(Path(path).read_text())
+    except (OSError, ValueError):
+        return  # not written yet, or being replaced: keep the current count
+    if threads >= 1 and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        log(f"teacher: now {threads} thread(s) ({path})")
 
 
 def object_crops(
@@ -306,7 +319,10 @@ def train_tiny_clip(
     gen = torch.Generator().manual_seed(spec.seed)
     order = torch.empty(0, dtype=torch.long)
     batch_size = min(spec.batch_size, len(images))
+    threads_file = os.environ.get("VILD_D2_THREADS_FILE")
     for step in range(spec.steps):
+        if threads_file and step % 20 == 0:
+            _follow_threads_file(threads_file, log)
         if spec.data == "crops":
             idx = torch.randint(len(images), (spec.batch_size,), generator=gen)
         else:

@@ -142,8 +142,9 @@ def test_stage_cache_keys(tmp_path):
 
 def test_side_by_side_runs_branches_at_once_one_core_each(tmp_path):
     """Independent stages run at the same time, the cores split between them: branch a's tool
-    waits for a file that branch b's tool writes, so run one after the other, a would fail.
-    The second branch's output goes to its log; a failing branch raises once both finished."""
+    waits for a file that branch b's tool writes, so run one after the other, a would fail;
+    when the other branch ends, a's threads file hands it both cores. The second branch's
+    output goes to its log; a failing branch raises once both finished."""
     log = []
     pipe = ShapesPipeline(ShapesOptions(output=str(tmp_path / "out")), tmp_path, log=log.append)
     flag, seen = tmp_path / "b_started", tmp_path / "threads"
@@ -160,6 +161,9 @@ def test_side_by_side_runs_branches_at_once_one_core_each(tmp_path):
         "import time, pathlib\n"
         f"for _ in range(600):\n    if pathlib.Path({str(flag)!r}).exists(): break\n"
         "    time.sleep(0.1)\nelse:\n    raise SystemExit('b never started')\n"
+        "import os\nshare = pathlib.Path(os.environ['VILD_D2_THREADS_FILE'])\n"
+        "for _ in range(600):\n    if share.read_text() == '2': break\n"
+        "    time.sleep(0.1)\nelse:\n    raise SystemExit('the cores never came')\n"
         f"{record.format(str(seen))}; open({str(tmp_path / 'a')!r}, 'w').write('a')"
     )
     b = (f"open({str(flag)!r}, 'w').write('1'); print('hello from b'); "

@@ -23,6 +23,7 @@ from captions import caption, caption_pairs, scene_with_texture, visible_in_wind
 from tiny_clip import (
     TeacherSpec,
     _contrastive_loss,
+    _follow_threads_file,
     _training_data,
     object_crops,
     probe_windows,
@@ -349,3 +350,21 @@ def test_compact_token_table_trains_the_same_model(tmp_path, data):
     used = torch.zeros(len(moved), dtype=torch.bool)
     used[torch.unique(tokens)] = True
     assert moved[used].any() and not moved[~used].any()
+
+
+def test_teacher_takes_the_cores_the_pipeline_hands_it(tmp_path):
+    """$VILD_D2_THREADS_FILE: the teacher follows the thread count written there; a missing or
+    half-written file keeps the current count."""
+    threads = torch.get_num_threads()
+    share, seen = tmp_path / "teacher.threads", []
+    try:
+        torch.set_num_threads(1)
+        _follow_threads_file(str(share), seen.append)  # not written yet
+        share.write_text("")
+        _follow_threads_file(str(share), seen.append)  # being replaced
+        assert torch.get_num_threads() == 1 and seen == []
+        share.write_text("2")
+        _follow_threads_file(str(share), seen.append)
+        assert torch.get_num_threads() == 2 and "now 2 thread(s)" in seen[0]
+    finally:
+        torch.set_num_threads(threads)
