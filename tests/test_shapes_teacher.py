@@ -317,11 +317,12 @@ def test_the_crops_recipe_is_kept():
     # crops, and per step one prompt template for all categories, the crop's class its caption.
     world = WorldSpec(num_train=1, num_val=1, image_size=64)
     spec = TeacherSpec(data="crops", crops_per_class=1)
-    images, captions = _training_data(world, spec)
+    images, captions, every_token = _training_data(world, spec)
     assert images.shape[1:] == (3, spec.image_resolution, spec.image_resolution)
     idx = torch.arange(min(8, len(images)))
     tokens, labels = captions(idx, torch.Generator().manual_seed(0))
     assert tokens.shape == (len(world.classes), spec.context_length)
+    assert set(tokens.unique().tolist()) <= set(every_token.unique().tolist())
     assert labels.shape == idx.shape and labels.max() < len(world.classes)
     with pytest.raises(ValueError, match="'scenes' or 'crops'"):
         TeacherSpec(data="web")
