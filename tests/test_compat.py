@@ -25,6 +25,7 @@ def test_bridges_are_applied_only_when_needed(monkeypatch):
     monkeypatch.setattr(compat, "APPLIED", {})
     compat.apply_bridges()  # everything already bridged: nothing new to do
     assert "numpy aliases" not in compat.APPLIED and "PIL.Image.LINEAR" not in compat.APPLIED
+    assert "create_ddp_model on CPU" not in compat.APPLIED  # wrapped once, not twice
 
     monkeypatch.delattr(np, "float")
     monkeypatch.delattr(Image, "LINEAR")
@@ -79,3 +80,15 @@ def test_tracing_adapter_without_caffe2():
     assert cls is TracingAdapter
     if importlib.util.find_spec("caffe2") is None:  # torch 2.x: the bridge was needed
         assert "detectron2.export" in compat.APPLIED
+
+
+def test_ddp_bridge_wraps_what_the_trainer_calls():
+    """DefaultTrainer.__init__ wraps its model with detectron2.engine.defaults.create_ddp_model;
+    the bridged one leaves a CPU model's device ids out (DDP refuses [local_rank] there).
+    tests/test_distributed.py trains through it in 2 processes."""
+    from detectron2.engine import defaults
+
+    assert "create_ddp_model on CPU" in compat.APPLIED
+    assert defaults.create_ddp_model.vild_d2_bridge
+    model = torch.nn.Linear(2, 2)
+    assert defaults.create_ddp_model(model) is model  # one process: no wrapper, as detectron2

@@ -13,6 +13,9 @@ runs it before anything imports ``detectron2.layers`` or ``detectron2.data``.
 * ``np.float`` / ``np.int`` / ``np.str`` / ``np.object``: removed in numpy 1.24, used by
   ``lvis.LVISEval.accumulate`` and by detectron2 0.6 (class histogram, VOC loader); they were
   always aliases of the builtins.
+* ``create_ddp_model`` on a CPU: detectron2's (which ``DefaultTrainer`` wraps the model with)
+  passes the local rank as a CUDA device id, which DDP refuses for a model on the CPU; the
+  bridge leaves ``device_ids`` out there (multi-process CPU training, ``vild_d2.engine.launch``).
 * ``detectron2.export``: its ``__init__`` imports the Caffe2 exporter, which needs ``caffe2``
   (not in torch 2.x). Applied lazily, by :func:`tracing_adapter_class`: the package is loaded
   without that ``__init__`` (``TracingAdapter`` and the TorchScript helpers need no Caffe2).
@@ -140,11 +143,32 @@ def _bridge_numpy_aliases():
     APPLIED["numpy aliases"] = f"numpy >= 1.24 removed np.{{{','.join(missing)}}}; builtins"
 
 
+def _bridge_ddp_on_cpu():
+    from detectron2 import engine
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    if getattr(original, "vild_d2_bridge", False):
+        return
+
+    def create_ddp_model(model, *, fp16_compression=False, **kwargs):
+        if "device_ids" not in kwargs and next(model.parameters()).device.type == "cpu":
+            kwargs["device_ids"] = None  # a CPU module takes none (DDP refuses [local_rank])
+        return original(model, fp16_compression=fp16_compression, **kwargs)
+
+    create_ddp_model.vild_d2_bridge = True
+    create_ddp_model.__doc__ = original.__doc__
+    # DefaultTrainer.__init__ looks the name up in detectron2.engine.defaults.
+    defaults.create_ddp_model = engine.create_ddp_model = create_ddp_model
+    APPLIED["create_ddp_model on CPU"] = "detectron2 passes a CUDA device id DDP refuses on CPU"
+
+
 def apply_bridges():
     """Apply every bridge whose gap is present; idempotent. Returns :data:`APPLIED`."""
     _bridge_detectron2_c()
     _bridge_pil_linear()
     _bridge_numpy_aliases()
+    _bridge_ddp_on_cpu()  # imports detectron2.engine: after the bridges its import needs
     return APPLIED
 
 

@@ -13,9 +13,7 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
-from detectron2.engine.defaults import create_ddp_model
-from detectron2.engine.train_loop import TrainerBase
+from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import (
     COCOEvaluator,
     DatasetEvaluator,
@@ -84,35 +82,18 @@ def _flatten(node, prefix=""):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with ViLD's mapper, evaluators and vocabulary-saving checkpointer, that
-    also trains data-parallel on CPU processes (gloo)."""
+    """DefaultTrainer with ViLD's mapper, evaluators and vocabulary-saving checkpointer; it
+    trains data-parallel on CPU processes too (gloo; the ``create_ddp_model`` bridge in
+    :mod:`vild_d2.compat`)."""
 
-    def __init__(self, cfg):
-        # DefaultTrainer.__init__ of detectron2 0.6, but for two things: DDP gets no device ids
-        # for a model on the CPU (0.6 passes the local rank as a CUDA device, which DDP refuses
-        # there), and the checkpointer is ours (checkpoints record the vocabulary).
-        TrainerBase.__init__(self)
-        logger_d2 = logging.getLogger("detectron2")
-        if not logger_d2.isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        # broadcast_buffers=False as detectron2's: BN statistics stay per process (or SyncBN).
-        kwargs = {"device_ids": None} if on_cpu else {}
-        model = create_ddp_model(model, broadcast_buffers=False, **kwargs)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
+    def build_hooks(self):
+        # DefaultTrainer.__init__ made a plain DetectionCheckpointer; swap in ours before the
+        # checkpoint hook captures it, so checkpoints record the vocabulary. It saves on rank 0
+        # only (save_to_disk defaults to comm.is_main_process()).
+        self.checkpointer = ViLDCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        # Saves on rank 0 only (save_to_disk defaults to comm.is_main_process()).
-        self.checkpointer = ViLDCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        return super().build_hooks()
 
     @classmethod
     def build_model(cls, cfg):
