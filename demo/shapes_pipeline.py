@@ -85,9 +85,8 @@ class ShapesOptions:
 class _Branch:
     """How the stages of one :meth:`ShapesPipeline.side_by_side` branch run."""
 
-    threads: int = 0  # OMP_NUM_THREADS for its tools (0: the environment's)
     log_file: Optional[Path] = None  # None: the terminal
-    threads_file: Optional[Path] = None  # the branch's current share of the cores
+    threads_file: Optional[Path] = None  # the branch's current share of the cores (None: all)
 
 
 class ShapesPipeline:
@@ -149,7 +148,6 @@ class ShapesPipeline:
 
         def run(i, stages):
             self._branch.value = _Branch(
-                threads=max(1, cores // len(branches)),
                 log_file=None if i == 0 else logs / f"{names[i]}.log",
                 threads_file=threads_files[i],
             )
@@ -190,7 +188,7 @@ class ShapesPipeline:
         ``configs`` they read (with their _BASE_ files) and the keys of the stages ``after``.
         Before running, ``clean`` paths are deleted: the tools resume what they find, and a
         store or training folder made for another key must not be resumed. Inside
-        :meth:`side_by_side`, the commands get that branch's threads and log file.
+        :meth:`side_by_side`, the commands get that branch's share of the cores and log file.
         """
         texts = [(self.repo / c).read_text() for c in _config_chain(self.repo, configs)]
         key = hashlib.sha256(
@@ -219,7 +217,9 @@ class ShapesPipeline:
         groups = [list(commands)] if at_once else [[c] for c in commands]
         start = time.perf_counter()
         for group in groups:
-            threads = branch.threads or (self.cores if len(group) > 1 else 0)
+            # The branch's share of the cores as its tools start (the teacher follows it later).
+            share = int(branch.threads_file.read_text()) if branch.threads_file else 0
+            threads = share or (self.cores if len(group) > 1 else 0)
             threads = max(1, threads // len(group)) if threads else 0
             env = dict(self.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
             if branch.threads_file is not None:  # not in the key: how a stage runs, not what
