@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="ViLD (open-vocabulary detection via vision and language distillation) for Detectron2",
     packages=find_packages(include=["vild_d2", "vild_d2.*"]),
-    package_data={"vild_d2": ["assets/*"]},
+    package_data={"vild_d2": ["assets/*", "official/assets/*"]},
     python_requires=">=3.8",
     install_requires=[
         "torch>=1.10",

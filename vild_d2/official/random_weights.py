@@ -1,0 +1,107 @@
+"""Seeded random weights for the official ViLD graph, reproducible on any machine.
+
+The TF reference tool (`tools/official_reference.py`) loads these into the official graph and the
+parity test rebuilds them from the same seed: only numpy's `Generator` (PCG64) is used, draws are
+float64 and cast to float32, in the order of the variable list.
+
+Scales keep activations O(1) through ResNet + FPN + RPN + heads without any data: kernels are
+He-normal on their fan-in, BN statistics are mildly off-identity (so a wrong eps, mean or variance
+shows up), and the last layers are scaled so that RPN scores, class logits, box deltas and mask
+logits are spread rather than all equal.
+"""
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["CLASSIFIER_KEY", "random_classifier", "random_official_weights"]
+
+CLASSIFIER_KEY = "frcnn_layer_0/fast_rcnn_head/class-predict/kernel"
+
+# Output std, relative to He-normal, of the layers that produce predictions (why: a sigmoid or a
+# box decode of O(1) inputs saturates or throws boxes out of the image).
+_HEAD_GAIN = {
+    "rpn-class": 1.0,
+    "rpn-box": 0.1,
+    "box-predict": 0.1,
+    "mask_fcn_logits": 1.0,
+}
+# Bias std of those layers; every other bias is small.
+_HEAD_BIAS = {"rpn-class": 0.5, "rpn-box": 0.02, "box-predict": 0.02, "mask_fcn_logits": 0.5}
+
+
+def random_classifier(seed: int, num_classes: int = 1203, dim: int = 512) -> np.ndarray:
+    """The frozen text classifier used with `random_official_weights(..., seed)`.
+
+    Drawn from its own stream, `np.random.default_rng([seed, 1])`, standard normal, NOT unit-norm
+    columns (the official head divides by the column norms; this checks that both sides do).
+
+    Returns:
+        (dim, num_classes) float32, the layout of the official `classifier_weight_path` .npy and
+        of `class-predict/kernel`.
+    """
+    rng = np.random.default_rng([seed, 1])
+    return rng.standard_normal((dim, num_classes)).astype(np.float32)
+
+
+def _layer_kind(name: str) -> str:
+    """The layer's own name (`.../rpn-class/kernel` -> `rpn-class`), numbering stripped."""
+    return name.rsplit("/", 2)[-2]
+
+
+def _fan_in(name: str, shape: tuple[int, ...]) -> int:
+    if len(shape) == 2:  # dense (in, out)
+        return shape[0]
+    if "conv5-mask" in name:
+        # Transposed 2x2/2 conv, kernel (kh, kw, out, in): each output pixel sees one tap.
+        return shape[3]
+    return int(np.prod(shape[:-1]))  # conv (kh, kw, in, out)
+
+
+def _draw(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    leaf = name.rsplit("/", 1)[-1]
+    kind = _layer_kind(name)
+    if leaf == "kernel":
+        if kind == "background-class-predict":
+            return rng.standard_normal(shape)  # normalised by its norm in the head
+        std = np.sqrt(2.0 / _fan_in(name, shape)) * _HEAD_GAIN.get(kind, 1.0)
+        return rng.standard_normal(shape) * std
+    if leaf == "bias":
+        return rng.standard_normal(shape) * _HEAD_BIAS.get(kind, 0.05)
+    if leaf == "gamma":
+        return rng.uniform(0.5, 1.0, shape)
+    if leaf == "beta":
+        return rng.standard_normal(shape) * 0.1
+    if leaf == "moving_mean":
+        return rng.standard_normal(shape) * 0.1
+    if leaf == "moving_variance":
+        return rng.uniform(0.5, 1.5, shape)
+    raise ValueError(f"no rule to draw a random value for variable {name!r}")
+
+
+def random_official_weights(
+    variables: Iterable[tuple[str, Sequence[int]]], seed: int
+) -> dict[str, np.ndarray]:
+    """Random float32 values for each official variable, deterministic in `seed`.
+
+    Args:
+        variables: (name, shape) pairs, e.g. `official_variables(50, ensemble)`; the draw order
+            is this order, from `np.random.default_rng(seed)`.
+        seed: the seed.
+
+    Returns:
+        name -> float32 array of that shape. Kernels: He-normal on the fan-in; BN gamma U(0.5, 1),
+        beta N(0, 0.1), moving_mean N(0, 0.1), moving_variance U(0.5, 1.5); biases N(0, 0.05);
+        prediction layers rescaled (see `_HEAD_GAIN`). The classifier kernel comes from
+        `random_classifier(seed, ...)` (own stream) and does not advance the main stream.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, shape in variables:
+        shape = tuple(int(d) for d in shape)
+        if name.endswith("class-predict/kernel") and "background" not in name:
+            value = random_classifier(seed, num_classes=shape[1], dim=shape[0])
+        else:
+            value = _draw(rng, name, shape)
+        out[name] = np.asarray(value, dtype=np.float32).reshape(shape)
+    return out
