@@ -24,7 +24,6 @@ The model is the ``clip`` package's own ``CLIP`` class, saved as a state dict th
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ from clip.model import CLIP
 
 from vild_d2.distill.crops import fast_crops
 from vild_d2.distill.teacher import encode_crops
-from vild_d2.fileio import atomic_write
+from vild_d2.fileio import atomic_torch_save, atomic_write
 from vild_d2.text import TextEncoder, build_clip, load_clip
 from vild_d2.text.prompts import fill_prompts, load_templates
 from vild_d2.data.datasets.shapes import WorldSpec, draw_scene, load_world_spec, visible_box
@@ -361,10 +360,7 @@ def train_tiny_clip(
             full_embedding.weight[used.to(device)] = model.token_embedding.weight
         model.token_embedding = full_embedding
 
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(model.cpu().state_dict(), buffer)
-    atomic_write(out_path, [buffer.getvalue()])
+    atomic_torch_save(model.cpu().state_dict(), out_path)
 
     report = teacher_report(str(out_path), world, spec.heldout_per_class, seed=spec.seed + 1)
     return {

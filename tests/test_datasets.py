@@ -16,7 +16,7 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_FILE_NAMES
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 
-from vild_d2.data.categories import coco_ov_split, lvis_v1_categories
+from vild_d2.text.categories import coco_ov_split, lvis_v1_categories
 from vild_d2.data.datasets import (
     prepare_coco_ovd_json,
     register_coco_2017_val,

@@ -4,6 +4,7 @@ import vild_d2  # noqa: F401  (compat bridges first)
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,11 +45,22 @@ def records(ids, dim=8, seed=0):
     return out
 
 
+def image_files(root, recs):
+    """A small file per record, standing in for the images a store records by identity."""
+    folder = Path(root).parent / f"{Path(root).name}-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{image_id}.jpg" for image_id, _ in recs]
+    for path, (image_id, _) in zip(paths, recs):
+        path.write_bytes(f"image {image_id}".encode())
+    return [str(p) for p in paths]
+
+
 def write_all(root, recs, hdr):
     w = StoreWriter(root, hdr)
     k = hdr["chunk_size"]
     for c in range(-(-len(recs) // k)):
-        w.write_chunk(c, recs[c * k : (c + 1) * k])
+        part = recs[c * k : (c + 1) * k]
+        w.write_chunk(c, part, image_files(root, part))
     return w
 
 
@@ -126,7 +138,8 @@ def test_shards_partition_the_chunks():
 
 def test_incomplete_store(tmp_path):
     w = StoreWriter(tmp_path / "s", header())
-    w.write_chunk(1, records([12, 13]))
+    recs = records([12, 13])
+    w.write_chunk(1, recs, image_files(tmp_path / "s", recs))
     store = DistillStore(str(tmp_path / "s"))
     assert not store.is_complete and store.missing_chunks() == [0, 2]
     with pytest.raises(KeyError, match=r"chunks \[0, 2\] not written"):
@@ -222,7 +235,7 @@ def test_bad_record_shape(tmp_path):
     with pytest.raises(
         ValueError, match=r"image 1: field 'embeddings' has shape \(3, 8\), " r"expected \(2, 8\)"
     ):
-        w.write_chunk(0, bad)
+        w.write_chunk(0, bad, image_files(tmp_path / "s", bad))
     assert not (tmp_path / "s" / "chunk-000000.vds").exists()
 
 
@@ -316,6 +329,7 @@ def test_resume_redoes_a_chunk_of_other_images(tmp_path):
     # Same header (dataset name, image count) but the dataset's order changed: a chunk on disk
     # that holds other images than the dataset's is not trusted.
     w = StoreWriter(tmp_path / "s", header())
-    w.write_chunk(0, records([1, 2]))
+    recs = records([1, 2])
+    w.write_chunk(0, recs, image_files(tmp_path / "s", recs))
     assert w.is_done(0) and w.is_done(0, [1, 2]) and w.is_done(0, [np.int64(1), 2])
     assert not w.is_done(0, [2, 1]) and not w.is_done(0, [1, 3])

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import struct
-import zlib
 
 import pytest
 
@@ -150,34 +149,23 @@ def test_training_check_refuses_another_world_accepts_a_moved_one(worlds, tmp_pa
     use(worlds, "a")
 
 
-def _strip_identity(path):
-    """Rewrite a chunk as the writer before dataset identities made it (no "files")."""
-    raw = path.read_bytes()
-    _, n, _ = struct.unpack("<8sII", raw[:16])
-    index = json.loads(raw[16 : 16 + n])
-    start = -(-(16 + n) // 64) * 64
-    del index["files"]
-    new = json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
-    pad = -(-(16 + len(new)) // 64) * 64 - 16 - len(new)
-    prefix = struct.pack("<8sII", b"VILDCHK1", len(new), zlib.crc32(new))
-    path.write_bytes(prefix + new + b"\0" * pad + raw[start:])
-
-
-def test_store_without_identities_is_accepted_with_a_warning(worlds, tmp_path):
-    from vild_d2.distill.store import check_dataset
-
+def test_store_of_the_previous_format_is_refused_asking_to_rebuild(worlds, tmp_path):
+    """A store written by the format before image identities (version 1) is never read: its
+    header is refused, naming the store and asking to rebuild it, and a resumed run touches
+    nothing."""
     use(worlds, "a")
     out = tmp_path / "props"
     shutil.copytree(worlds["base"] / "props", out)
-    for path in out.glob("chunk-*.vds"):
-        _strip_identity(path)
-    with ListHandler("vild_d2.distill") as log:
-        stats = make_proposals(worlds["rpn"], NAME, out)
-        assert stats["computed"] == 0 and DistillStore(str(out)).verify() == 6
-        assert "cannot verify" in log.text and str(out) in log.text, log.text
-        use(worlds, "b")  # even another world: nothing to compare with
-        assert check_dataset(DistillStore(str(out)), DatasetCatalog.get(NAME), NAME) == 0
-    use(worlds, "a")
+    header = json.loads((out / "header.json").read_text())
+    header["version"] = 1
+    (out / "header.json").write_text(json.dumps(header))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(StoreError, match=r"format version 1.*Rebuild it: delete") as e:
+        DistillStore(str(out))
+    assert str(out) in str(e.value)
+    with pytest.raises(StoreError, match=r"format version 1.*Rebuild it"):
+        make_proposals(worlds["rpn"], NAME, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # --- class 5: resume verifies the chunks it skips --------------------------------------------
@@ -252,7 +240,8 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
         atomic_write(tmp_path / "f.json", [b"{}"])
         w = StoreWriter(tmp_path / "s", {"kind": "x", "num_images": 1, "chunk_size": 1,
                                           "fields": {"v": ["float32", 0]}})  # fmt: skip
-        w.write_chunk(0, [(1, {"v": [1.0]})])
+        (tmp_path / "1.jpg").write_bytes(b"image 1")
+        w.write_chunk(0, [(1, {"v": [1.0]})], [str(tmp_path / "1.jpg")])
     finally:
         os.umask(before)
     for path in (tmp_path / "f.json", tmp_path / "s" / "header.json",

@@ -22,10 +22,11 @@ from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from vild_d2.data import ViLDDatasetMapper, get_training_dicts
+from vild_d2.data import ViLDDatasetMapper
+from vild_d2.engine import get_training_dicts
 from vild_d2.distill import DistillStore, StoreError
 from vild_d2.distill.precompute import iter_proposals
-from vild_d2.distill.store import read_rgb
+from vild_d2.data.images import read_rgb
 from vild_d2.engine import Trainer
 from tiny_world import (  # tests/ helper
     M,
@@ -350,8 +351,8 @@ def test_online_targets_equal_offline(world, stores):
     online = get_training_dicts(train_cfg(world, stores[0], ONLINE="True"))
     for a, b in zip(offline[:2], online[:2]):
         assert a["image_id"] == b["image_id"]
-        boxes_a, boxes_b = np.asarray(a["distill_boxes"]), np.asarray(b["distill_boxes"])
-        emb_a, emb_b = np.asarray(a["distill_embeddings"]), np.asarray(b["distill_embeddings"])
+        boxes_a, boxes_b = a["distill_boxes"].load(), b["distill_boxes"].load()
+        emb_a, emb_b = a["distill_embeddings"].load(), b["distill_embeddings"].load()
         assert np.array_equal(boxes_a, boxes_b)
         assert np.array_equal(emb_a, emb_b)
         assert emb_a.shape == (M, 32) and emb_a.dtype == np.float32
@@ -365,8 +366,8 @@ def test_dicts_hold_lazy_references_not_targets(world, stores):
     for d in dicts:
         assert len(pickle.dumps(d["distill_embeddings"])) < 400
         rec = store[d["image_id"]]
-        assert np.array_equal(np.asarray(d["distill_embeddings"]), rec["embeddings"][:M])
-        assert np.array_equal(np.asarray(d["distill_boxes"]), rec["boxes"][:M])
+        assert np.array_equal(d["distill_embeddings"].load(), rec["embeddings"][:M])
+        assert np.array_equal(d["distill_boxes"].load(), rec["boxes"][:M])
 
 
 def test_corrupt_image_is_named(tmp_path):

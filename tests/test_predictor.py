@@ -13,7 +13,7 @@ from vild_d2 import TextEncoder, ViLDCheckpointer, ViLDPredictor
 from vild_d2.config import load_config
 from vild_d2.engine.predictor import vocabulary_from_cli
 from vild_d2.text import load_templates, vocabulary_from_names
-from vild_d2.text.encoder import load_clip
+from vild_d2.clip_models import load_clip
 from vild_d2.text.prompts import fill_prompts
 
 from tiny_world import TRAIN_NAMES, counting_text_encodes, make_random_model  # tests/ helper

@@ -385,7 +385,7 @@ def test_resolve_from_dataset(encoder, dataset_name):
 
 
 def test_builtin_vocabularies():
-    from vild_d2.data.categories import builtin_vocabulary
+    from vild_d2.text.categories import builtin_vocabulary
 
     # Sizes and splits are the benchmarks' published ones (LVIS v1: 337 rare of 1203).
     sizes = {"lvis": (1203, 337), "coco": (80, None), "coco_ov": (65, 17), "voc": (20, None)}

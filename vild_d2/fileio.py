@@ -3,11 +3,12 @@ and the distillation store: a reader (another process, a resumed run) never sees
 
 import contextlib
 import errno
+import io
 import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["atomic_write", "cache_root"]
+__all__ = ["atomic_torch_save", "atomic_write", "cache_root"]
 
 # A full disk or quota: what to do about it is worth saying.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -99,3 +100,13 @@ def cache_root() -> Path:
     """The package's cache folder: ``$VILD_D2_CACHE``, default ``~/.cache/vild_d2``. Text
     embeddings go to ``<it>/text``, derived dataset files to ``<it>/datasets``."""
     return Path(os.path.expanduser(os.getenv("VILD_D2_CACHE") or "~/.cache/vild_d2"))
+
+
+def atomic_torch_save(obj, path, hint: str = "") -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_write` (readers never see a partial
+    file). torch is imported here, not at module level, so the file helpers stay light."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, [buffer.getvalue()], hint=hint)

@@ -2,7 +2,6 @@
 distillation stores, and the mapper that carries distillation boxes through the augmentations."""
 
 from . import builtin  # noqa: F401  (registers datasets)
-from .build import get_training_dicts
-from .mapper import ViLDDatasetMapper, build_lsj_augmentation
+from .mapper import LazyTarget, ViLDDatasetMapper, build_lsj_augmentation
 
-__all__ = ["ViLDDatasetMapper", "build_lsj_augmentation", "get_training_dicts"]
+__all__ = ["LazyTarget", "ViLDDatasetMapper", "build_lsj_augmentation"]

@@ -8,16 +8,19 @@ Dataset dict fields added by this project (both optional, but given together):
 * ``"distill_embeddings"``: array-like, shape (M, D), float. The CLIP image embedding of each
   box (row i belongs to box i).
 
-With ``MODEL.VILD.DISTILL.STORES`` both are lazy references into precomputed stores, joined
-to the dicts by ``image_id`` when the dataset is loaded (:mod:`vild_d2.distill.targets`); the
-mapper reads them with ``np.asarray``. In training, the mapper
+With ``MODEL.VILD.DISTILL.STORES`` both are :class:`LazyTarget` references into precomputed
+stores, joined to the dicts by ``image_id`` when the dataset is loaded
+(:mod:`vild_d2.distill.targets`); the mapper reads them with an explicit ``load()`` (a disk
+read, or online a CLIP forward). In training, the mapper
 pops both and returns ``dataset_dict["distill"]``, an
 :class:`Instances` of the output image size with fields ``boxes`` (:class:`Boxes`, (M', 4)
 float32, output-image coordinates) and ``embeddings`` (Tensor (M', D) float32), where M' <= M
 after boxes that a crop made empty are dropped. At inference the two fields are dropped.
 """
 
+import abc
 import logging
+
 import numpy as np
 import torch
 
@@ -25,9 +28,26 @@ from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 
-__all__ = ["ViLDDatasetMapper", "build_lsj_augmentation"]
+__all__ = ["LazyTarget", "ViLDDatasetMapper", "build_lsj_augmentation"]
 
 logger = logging.getLogger(__name__)
+
+
+class LazyTarget(abc.ABC):
+    """A dataset-dict value read only when the mapper needs it (a few bytes in the dict until
+    then, so a dataset of 100k images holds no targets in memory)."""
+
+    @abc.abstractmethod
+    def load(self) -> np.ndarray:
+        """The array: (M, 4) boxes or (M, D) embeddings, float32."""
+
+
+def _load_target(value, dtype) -> np.ndarray:
+    """A distillation field as an array: a :class:`LazyTarget` is loaded, anything else (an
+    array, a list) is taken as it is."""
+    if isinstance(value, LazyTarget):
+        value = value.load()
+    return np.asarray(value, dtype=dtype)
 
 DISTILL_BOXES = "distill_boxes"
 DISTILL_EMBEDDINGS = "distill_embeddings"
@@ -145,8 +165,8 @@ def _read_distill_fields(dataset_dict):
         )
     # float64 like detectron2's path for XYXY_ABS gt boxes (transform, then float32), so that a
     # distillation box and a gt box with the same input coordinates come out bit-identical.
-    boxes = np.asarray(dataset_dict.pop(DISTILL_BOXES), dtype=np.float64)
-    embeddings = np.asarray(dataset_dict.pop(DISTILL_EMBEDDINGS), dtype=np.float32)
+    boxes = _load_target(dataset_dict.pop(DISTILL_BOXES), np.float64)
+    embeddings = _load_target(dataset_dict.pop(DISTILL_EMBEDDINGS), np.float32)
     # An empty list has shape (0,): accept it as "no boxes".
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4)

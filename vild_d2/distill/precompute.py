@@ -15,14 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .store import (
-    DistillStore,
-    StoreWriter,
-    check_dataset,
-    chunks_of_shard,
-    proposals_for,
-    read_rgb,
-)
+from ..data.images import read_rgb
+from .store import DistillStore, StoreWriter, check_dataset, chunks_of_shard, proposals_for
 from .teacher import autocast_fp16
 
 __all__ = [

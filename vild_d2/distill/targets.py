@@ -3,9 +3,9 @@ precomputed proposals (``load_proposals_into_dataset``).
 
 Each dict of a training dataset gets the two fields :class:`vild_d2.data.ViLDDatasetMapper`
 transforms with the image: ``distill_boxes`` (M, 4) and ``distill_embeddings`` (M, D). From a
-store they are lazy references (:class:`StoreField`, :class:`OnlineEmbeddings`): a few bytes in
-the dict, read (or, online, computed) only when the mapper asks ``np.asarray`` for them, so a
-dataset of 100k images holds no targets in memory.
+store they are :class:`vild_d2.data.LazyTarget` references (:class:`StoreField`,
+:class:`OnlineEmbeddings`): a few bytes in the dict, read (or, online, computed) only when the
+mapper calls their ``load()``, so a dataset of 100k images holds no targets in memory.
 
 Shape shorthand: M = boxes of an image, D = CLIP embedding width.
 """
@@ -19,14 +19,16 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..clip_models import clip_embed_dim, clip_identity
 from ..config import needs_distillation
-from .store import DistillStore, StoreError, check_dataset, proposals_for, read_rgb
+from ..data import LazyTarget
+from ..data.images import read_rgb
+from .store import DistillStore, StoreError, check_dataset, proposals_for
 from .teacher import CLIPTeacher, crop_settings
 
 __all__ = [
     "OnlineEmbeddings",
     "StoreField",
-    "clip_embed_dim",
     "distill_stores_from_config",
     "load_distill_targets_into_dataset",
     "open_store",
@@ -35,31 +37,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MISSING_POLICIES = ("error", "skip")
-
-# Embedding widths of the clip.available_models() names (their text_projection widths).
-_NAMED_WIDTHS = {
-    "RN50": 1024,
-    "RN101": 512,
-    "RN50x4": 640,
-    "RN50x16": 768,
-    "RN50x64": 1024,
-    "ViT-B/32": 512,
-    "ViT-B/16": 512,
-    "ViT-L/14": 768,
-    "ViT-L/14@336px": 768,
-}
-
-
-def clip_embed_dim(spec: str) -> Optional[int]:
-    """CLIP's embedding width D without loading the model (None if it cannot be told)."""
-    if spec in _NAMED_WIDTHS:
-        return _NAMED_WIDTHS[spec]
-    try:
-        state = torch.load(spec, map_location="cpu", mmap=True, weights_only=True)
-        return int(state["text_projection"].shape[1])
-    except Exception:  # a TorchScript archive or anything else: the header check covers it
-        return None
-
 
 def open_store(root: str) -> DistillStore:
     """The store at ``root``, opened once per process and state of its folder (its chunk
@@ -78,23 +55,23 @@ def _online_teacher(clip_model: str, scales: Tuple[float, ...], device: str) -> 
 
 
 @dataclass(frozen=True)
-class StoreField:
+class StoreField(LazyTarget):
     """One image's ``field`` ("boxes" or "embeddings") in the store at ``root``, its first
-    ``max_boxes`` rows, read when ``np.asarray`` asks: (M, 4) or (M, D) float32."""
+    ``max_boxes`` rows, read by :meth:`load`: (M, 4) or (M, D) float32."""
 
     root: str
     image_id: Any
     field: str
     max_boxes: int
 
-    def __array__(self, dtype=None, copy=None):
+    def load(self) -> np.ndarray:
         rows = open_store(self.root)[self.image_id][self.field][: self.max_boxes]
-        return np.asarray(rows, dtype=dtype or np.float32)
+        return np.asarray(rows, dtype=np.float32)
 
 
 @dataclass(frozen=True)
-class OnlineEmbeddings:
-    """One image's (M, D) float32 targets computed when ``np.asarray`` asks, by the CLIP teacher
+class OnlineEmbeddings(LazyTarget):
+    """One image's (M, D) float32 targets computed by :meth:`load`, by the CLIP teacher
     on the original image and the store's boxes: the same crops, and the same float16-rounded
     numbers, as tools/precompute_clip_embeddings.py would store."""
 
@@ -108,13 +85,13 @@ class OnlineEmbeddings:
     scales: Tuple[float, ...]
     device: str
 
-    def __array__(self, dtype=None, copy=None):
+    def load(self) -> np.ndarray:
         boxes = proposals_for(open_store(self.root), self.image_id, self.max_boxes, self.file_name)
         size = {"height": self.height, "width": self.width}
         image = read_rgb({"file_name": self.file_name, **{k: v for k, v in size.items() if v}})
         teacher = _online_teacher(self.clip_model, self.scales, self.device)
         embeddings = teacher(image, torch.from_numpy(boxes)).half().float().numpy()
-        return np.asarray(embeddings, dtype=dtype or np.float32)
+        return np.asarray(embeddings, dtype=np.float32)
 
 
 def distill_stores_from_config(cfg) -> Optional[List[str]]:
@@ -221,8 +198,6 @@ def _check_store(store: DistillStore, dataset: str, cfg, embed_dim, online: bool
             "CLIP-target stores (tools/precompute_clip_embeddings.py), or set "
             "MODEL.VILD.DISTILL.ONLINE True to compute targets from proposals during training"
         )
-    from ..text.encoder import clip_identity
-
     expected = {
         "clip": clip_identity(cfg.MODEL.VILD.CLIP_MODEL),
         "crops.scales": [float(s) for s in cfg.MODEL.VILD.DISTILL.CROP_SCALES],

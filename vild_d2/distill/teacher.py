@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..text.encoder import Device, clip_identity, load_clip
+from ..clip_models import Device, clip_identity, load_clip
 from .crops import fast_crops
 
 __all__ = ["encode_crops", "CLIPTeacher", "crop_settings", "autocast_fp16"]

@@ -27,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import ViLDCheckpointer
 from ..compat import has_compiled_ops
 from ..config import load_config
-from ..data import ViLDDatasetMapper, get_training_dicts
+from ..data import ViLDDatasetMapper
 from ..evaluation import COCOOpenVocabularyEvaluator
 from ..fileio import atomic_write
+from .training_data import get_training_dicts
 
 __all__ = ["Trainer", "setup", "check_same_config"]
 
@@ -104,7 +105,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """detectron2's loader with :class:`ViLDDatasetMapper`, over the training dicts joined
-        to their distillation stores (:func:`vild_d2.data.get_training_dicts`)."""
+        to their distillation stores (:func:`vild_d2.engine.get_training_dicts`)."""
         mapper = ViLDDatasetMapper(cfg, is_train=True)
         return build_detection_train_loader(cfg, mapper=mapper, dataset=get_training_dicts(cfg))
 

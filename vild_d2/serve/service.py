@@ -19,7 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 
-from ..data.categories import BUILTIN_VOCABULARIES
+from ..text.categories import BUILTIN_VOCABULARIES
 from ..engine.detections import detections_to_json, draw_detections, json_header
 from ..engine.predictor import ViLDPredictor
 from ..text import Vocabulary

@@ -1,6 +1,8 @@
 """ViLD-text classifier: class names -> CLIP prompt-ensemble embeddings -> :class:`Vocabulary`."""
 
-from .encoder import VIT_B_32, TextEncoder, build_clip, build_text_encoder, clip_identity, load_clip
+from ..clip_models import VIT_B_32, build_clip, clip_identity, load_clip
+from .categories import BUILTIN_VOCABULARIES, BuiltinVocabulary, builtin_vocabulary
+from .encoder import TextEncoder, build_text_encoder
 from .prompts import DEFAULT_TEMPLATES_PATH, article, fill_prompts, load_templates, process_name
 from .vocabulary import (
     Vocabulary,
@@ -15,6 +17,9 @@ from .vocabulary import (
 )
 
 __all__ = [
+    "BUILTIN_VOCABULARIES",
+    "BuiltinVocabulary",
+    "builtin_vocabulary",
     "DEFAULT_TEMPLATES_PATH",
     "load_templates",
     "process_name",

@@ -1,13 +1,10 @@
 """CLIP text encoder for the ViLD-text classifier: prompt ensembles with an on-disk cache."""
 
 import hashlib
-import io
 import json
 import logging
-import pickle
-import urllib.error
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence
 
 import clip
 import torch
@@ -15,70 +12,13 @@ import torch.nn.functional as F
 from clip.model import CLIP
 from tqdm import tqdm
 
-from ..fileio import atomic_write, cache_root
+from ..clip_models import Device, clip_identity, load_clip
+from ..fileio import atomic_torch_save, cache_root
 from .prompts import fill_prompts, load_templates, process_name
 
-__all__ = ["clip_identity", "load_clip", "TextEncoder", "build_text_encoder", "build_clip"]
+__all__ = ["TextEncoder", "build_text_encoder"]
 
 logger = logging.getLogger(__name__)
-
-Device = Union[str, torch.device]
-
-
-def clip_identity(spec: str) -> str:
-    """What identifies the CLIP weights of ``spec`` (a ``clip.available_models()`` name, or a
-    local checkpoint: "abs_path|size|mtime_ns", so a rewritten file changes the identity)."""
-    if spec in clip.available_models():
-        return spec
-    path = Path(spec).expanduser()
-    if path.is_file():
-        st = path.stat()
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    raise FileNotFoundError(
-        f"CLIP model {spec!r} is neither a known model name nor an existing checkpoint file; "
-        f"known names: {clip.available_models()}"
-    )
-
-
-# What torch.load and clip's build_model raise on bytes that are not a CLIP checkpoint (a text
-# file gives KeyError: 101, a truncated one EOFError or RuntimeError, another model KeyError).
-_UNREADABLE = (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError, TypeError,
-               IndexError, AttributeError, UnicodeDecodeError, OSError)  # fmt: skip
-
-
-def load_clip(spec: str, device: Device = "cpu") -> Tuple[CLIP, str]:
-    """Load CLIP (eval mode) from a model name or a local checkpoint; returns (model, identity).
-
-    Raises:
-        RuntimeError: a named model that is not downloaded yet cannot be downloaded (offline).
-        ValueError: a local file that is not a CLIP checkpoint.
-    """
-    identity = clip_identity(spec)
-    if spec in clip.available_models():
-        try:
-            model, _ = clip.load(spec, device=device, jit=False)
-        except (urllib.error.URLError, OSError) as e:  # offline, proxy, DNS, a full disk...
-            raise RuntimeError(
-                f"CLIP {spec!r} is not in ~/.cache/clip and could not be downloaded "
-                f"({type(e).__name__}: {e}). A named CLIP is downloaded on first use; without "
-                "internet, copy the checkpoint from a machine that has it (clip.load there "
-                f"writes ~/.cache/clip/{Path(clip.clip._MODELS[spec]).name}) and pass its path "
-                "instead of the name (--clip / MODEL.VILD.CLIP_MODEL /path/to/file.pt)"
-            ) from e
-    else:
-        path = str(Path(spec).expanduser())
-        try:
-            model, _ = clip.load(path, device=device, jit=False)
-        except _UNREADABLE as e:  # torch.load / build_model on other bytes: open-ended errors
-            raise ValueError(
-                f"{path} is not a CLIP checkpoint that clip.load reads (an OpenAI JIT archive "
-                f"or a state dict of clip.model.CLIP): {type(e).__name__}: {e}"
-            ) from e
-    # build_model casts weights to fp16, which CPU matmuls do not support well: use fp32 there.
-    if torch.device(device).type == "cpu":
-        model = model.float()
-    return model.eval(), identity
-
 
 class TextEncoder:
     """Encodes class names into ViLD-text classifier embeddings with CLIP's text tower.
@@ -179,7 +119,7 @@ class TextEncoder:
 
         embeddings = self._compute(names, synonyms)
         if path is not None:
-            _atomic_save(embeddings, path)
+            atomic_torch_save(embeddings, path)
         return embeddings
 
     def _compute(
@@ -264,57 +204,3 @@ def _prompt_batches(variants: List[List[str]], templates: List[str], batch_size:
                     owner, prompts = [], []
     if prompts:
         yield torch.tensor(owner), prompts
-
-
-def _atomic_save(obj, path: Path) -> None:
-    """torch.save to ``path`` atomically (readers never see a partial file)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, [buffer.getvalue()])
-
-
-# ViT-B/32's dimensions (what clip.load("ViT-B/32") builds), for random-weight stand-ins.
-VIT_B_32 = dict(
-    embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-    vision_patch_size=32, transformer_width=512, transformer_layers=12,
-)  # fmt: skip
-
-
-def build_clip(
-    *,
-    embed_dim: int,
-    image_resolution: int,
-    vision_layers,
-    vision_width: int,
-    vision_patch_size: Optional[int],
-    transformer_width: int,
-    transformer_layers: int,
-    context_length: int = 77,
-) -> CLIP:
-    """
-    A random-weight ``clip.model.CLIP`` whose saved state dict ``clip.load(path)`` rebuilds as
-    the same model: a ViT image tower (``vision_layers`` an int, with ``vision_patch_size``) or
-    CLIP's ModifiedResNet (a tuple of per-stage blocks, patch size None). The one place the
-    tests, the benchmark and the shapes demo's teacher make a CLIP.
-
-    ``clip.model.build_model`` infers the attention heads as width // 64, so the text width (and
-    a ViT's width) must be a multiple of 64.
-    """
-    vit = isinstance(vision_layers, int)
-    if transformer_width % 64 or (vit and vision_width % 64):
-        raise ValueError(
-            f"transformer_width={transformer_width}, vision_width={vision_width}: clip.load "
-            "infers attention heads as width // 64, so these widths must be multiples of 64"
-        )
-    return CLIP(
-        embed_dim=embed_dim,
-        image_resolution=image_resolution,
-        vision_layers=vision_layers if vit else tuple(vision_layers),
-        vision_width=vision_width,
-        vision_patch_size=vision_patch_size if vit else None,
-        context_length=context_length,
-        vocab_size=49408,
-        transformer_width=transformer_width,
-        transformer_heads=transformer_width // 64,
-        transformer_layers=transformer_layers,
-    )

@@ -9,7 +9,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .encoder import TextEncoder, _atomic_save
+from ..fileio import atomic_torch_save
+from .categories import BUILTIN_VOCABULARIES, builtin_vocabulary
+from .encoder import TextEncoder
 
 __all__ = [
     "FORMAT",
@@ -108,7 +110,7 @@ class Vocabulary:
 
     def save(self, path: str) -> None:
         """Write to ``path`` (parent dirs created; atomic, so no partial file is ever seen)."""
-        _atomic_save(self.state_dict(), Path(path).expanduser())
+        atomic_torch_save(self.state_dict(), Path(path).expanduser())
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
@@ -213,8 +215,6 @@ def resolve_vocabulary(
         return Vocabulary.load(spec)
     if spec in DatasetCatalog.list():
         return vocabulary_from_dataset(spec, encoder, use_synonyms=use_synonyms)
-    from ..data.categories import BUILTIN_VOCABULARIES, builtin_vocabulary
-
     if spec in BUILTIN_VOCABULARIES:
         builtin = builtin_vocabulary(spec)
         synonyms = builtin.synonyms if use_synonyms else None

@@ -19,7 +19,7 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.datasets.coco import load_coco_json
 
 from ...fileio import atomic_write
-from ..categories import coco_ov_split
+from ...text.categories import coco_ov_split
 from .common import dataset_cache_dir, keep_categories, register_dataset, require_files
 
 __all__ = [

@@ -12,7 +12,7 @@ from typing import List
 
 from detectron2.data.datasets.lvis import load_lvis_json
 
-from ..categories import lvis_v1_categories
+from ...text.categories import lvis_v1_categories
 from .common import keep_categories, register_dataset, require_files
 
 __all__ = ["LVIS_V1_LAYOUT", "lvis_v1_base_categories", "register_lvis_v1_ovd"]

@@ -17,7 +17,7 @@ from detectron2.data.datasets.coco import load_coco_json
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 
-from ..categories import builtin_vocabulary
+from ...text.categories import builtin_vocabulary
 from .coco_ovd import COCO_LAYOUT, COCO_SOURCE
 from .common import register_dataset, require_files
 

@@ -1,4 +1,5 @@
-"""The training dataset dicts: detectron2's, joined to their distillation stores."""
+"""The training dataset dicts: detectron2's, joined to their distillation stores where the
+trainer builds its loader (the data layer knows nothing of stores)."""
 
 from typing import List
 

@@ -1,0 +1,222 @@
+"""The package's shape, read from its source: subpackages import one way (no cycle, not even
+through a function-level import), and setup.py declares every distribution the package imports
+(the core in install_requires, each extra's subpackage in its extra)."""
+
+import ast
+import importlib.metadata
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Set, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "vild_d2"
+
+# Subpackages (or modules) whose third-party imports belong to an extra of setup.py.
+EXTRA_OF = {"serve": "serve", "export": "export"}
+# Imported but deliberately not declared: there is no official detectron2 on PyPI; the README
+# and setup.py say to install it first (tools/install_detectron2.py).
+UNDECLARED_BY_DESIGN = {"detectron2"}
+
+
+def _imports(path: Path, package_dir: Path) -> List[Tuple[str, int]]:
+    """(absolute module name, line) of every import in a file of the package at
+    ``package_dir``, at any depth (function-level ones included), relative imports resolved."""
+    parts = list(path.relative_to(package_dir.parent).parts[:-1])  # the file's own package
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = parts[: len(parts) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+                if node.module is None:  # from . import x: each x may be a module
+                    out += [(f"{name}.{a.name}", node.lineno) for a in node.names]
+                    continue
+            else:
+                name = node.module
+            out.append((name, node.lineno))
+    return out
+
+
+def _unit(module: str, package: str) -> Optional[str]:
+    """The layer a module of ``package`` belongs to: its subpackage or top-level module."""
+    parts = module.split(".")
+    if parts[0] != package or len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def import_graph(package_dir: Path) -> Dict[str, Dict[str, List[str]]]:
+    """{unit: {imported unit: ["file:line", ...]}} between the units of a package (the package
+    root's __init__, which gathers the public names, is left out)."""
+    package = package_dir.name
+    graph: Dict[str, Dict[str, List[str]]] = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir)
+        if rel == Path("__init__.py"):
+            continue
+        unit = rel.parts[0].removesuffix(".py")
+        graph.setdefault(unit, {})
+        for module, line in _imports(path, package_dir):
+            other = _unit(module, package)
+            if other is not None and other != unit:
+                where = f"{path.relative_to(package_dir.parent)}:{line}"
+                graph[unit].setdefault(other, []).append(where)
+    return graph
+
+
+def find_cycle(graph: Dict[str, Dict[str, List[str]]]) -> Optional[List[str]]:
+    """A cycle of units [a, b, ..., a], or None."""
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+
+    def visit(u: str) -> Optional[List[str]]:
+        state[u] = 1
+        stack.append(u)
+        for v in sorted(graph.get(u, {})):
+            if state.get(v) == 1:
+                return stack[stack.index(v) :] + [v]
+            if v not in state:
+                found = visit(v)
+                if found:
+                    return found
+        stack.pop()
+        state[u] = 2
+        return None
+
+    for u in sorted(graph):
+        if u not in state:
+            found = visit(u)
+            if found:
+                return found
+    return None
+
+
+def describe(graph, cycle: List[str]) -> str:
+    return " -> ".join(cycle) + "; " + "; ".join(
+        f"{a} -> {b} at {', '.join(graph[a][b][:3])}" for a, b in zip(cycle, cycle[1:])
+    )
+
+
+def test_subpackages_import_one_way():
+    graph = import_graph(PACKAGE)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle between vild_d2's subpackages: " + describe(graph, cycle)
+
+
+def _write(root: Path, files: Dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_cycle_check_finds_a_function_level_cycle(tmp_path):
+    """The check can fail: a cycle hidden in a function-level import is found, and named."""
+    pkg = _write(
+        tmp_path / "pkg",
+        {
+            "__init__.py": "",
+            "data/__init__.py": "from .build import x\n",
+            "data/build.py": "from ..distill.targets import y\nx = 1\n",
+            "distill/__init__.py": "",
+            "distill/targets.py": "y = 2\n\ndef f():\n    from ..text import z\n",
+            "text/__init__.py": "def g():\n    from pkg.data import x\n",
+            "fileio.py": "",
+        },
+    )
+    graph = import_graph(pkg)
+    assert graph["data"] == {"distill": ["pkg/data/build.py:1"]}
+    cycle = find_cycle(graph)
+    assert cycle == ["data", "distill", "text", "data"], cycle
+    assert "pkg/distill/targets.py:4" in describe(graph, cycle)
+    # Without the function-level import, no cycle.
+    (pkg / "text/__init__.py").write_text("")
+    assert find_cycle(import_graph(pkg)) is None
+
+
+# --- declared dependencies ------------------------------------------------------------------
+
+
+def _requirement_name(spec: str) -> str:
+    for sep in "<>=!~[; ":
+        spec = spec.split(sep)[0]
+    return _normal(spec)
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def declared(setup_py: Path) -> Tuple[Set[str], Dict[str, Set[str]]]:
+    """(install_requires, {extra: requirements}) as distribution names, read from setup.py's
+    INSTALL_REQUIRES / EXTRAS_REQUIRE literals."""
+    values = {}
+    for node in ast.parse(setup_py.read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("INSTALL_REQUIRES", "EXTRAS_REQUIRE"):
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+    core = {_requirement_name(r) for r in values["INSTALL_REQUIRES"]}
+    extras = {k: {_requirement_name(r) for r in v} for k, v in values["EXTRAS_REQUIRE"].items()}
+    return core, extras
+
+
+def undeclared_imports(package_dir: Path, setup_py: Path) -> List[str]:
+    """Every third-party import of the package whose distribution setup.py does not declare
+    where the importing module needs it: "file:line: module (distribution) needs ...". """
+    core, extras = declared(setup_py)
+    distributions = importlib.metadata.packages_distributions()
+    problems = []
+    for path in sorted(package_dir.rglob("*.py")):
+        unit = path.relative_to(package_dir).parts[0].removesuffix(".py")
+        extra = EXTRA_OF.get(unit)
+        allowed = core | (extras.get(extra, set()) if extra else set())
+        for module, line in _imports(path, package_dir):
+            top = module.split(".")[0]
+            if top == package_dir.name or top in sys.stdlib_module_names:
+                continue
+            if top in UNDECLARED_BY_DESIGN:
+                continue
+            dists = {_normal(d) for d in distributions.get(top, [top])}
+            if not dists & allowed:
+                where = f"{path.relative_to(package_dir.parent)}:{line}"
+                needs = f"extra [{extra}] or install_requires" if extra else "install_requires"
+                problems.append(f"{where}: {module} ({', '.join(sorted(dists))}) not in {needs}")
+    return problems
+
+
+def test_setup_declares_what_the_package_imports():
+    problems = undeclared_imports(PACKAGE, ROOT / "setup.py")
+    assert not problems, "setup.py does not declare:\n" + "\n".join(problems)
+
+
+def test_dependency_check_finds_an_undeclared_import(tmp_path):
+    """The check can fail: a core module importing an extra's distribution, and an import of
+    a distribution declared nowhere, are both named."""
+    pkg = _write(
+        tmp_path / "pkg",
+        {
+            "__init__.py": "import numpy\n",
+            "serve/__init__.py": "import gradio\n",  # fine: the serve extra
+            "core.py": "def f():\n    import gradio\n",  # core needs it: undeclared
+            "other.py": "import pytest\n",  # declared nowhere
+        },
+    )
+    setup_py = tmp_path / "setup.py"
+    setup_py.write_text(
+        'INSTALL_REQUIRES = ["numpy>=1"]\nEXTRAS_REQUIRE = {"serve": ["gradio>=6"]}\n'
+    )
+    problems = undeclared_imports(pkg, setup_py)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("pkg/core.py:2: gradio (gradio) not in install_requires")
+    assert problems[1].startswith("pkg/other.py:1: pytest (pytest) not in install_requires")
+
+
+@pytest.mark.parametrize("subpackage", sorted(EXTRA_OF))
+def test_every_extra_names_a_part_of_the_package(subpackage):
+    assert (PACKAGE / subpackage).is_dir() or (PACKAGE / f"{subpackage}.py").is_file()
+    assert EXTRA_OF[subpackage] in declared(ROOT / "setup.py")[1]
