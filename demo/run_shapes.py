@@ -22,7 +22,7 @@ from pathlib import Path
 import vild_d2  # noqa: F401  (first: compatibility bridges)
 from shapes_picture import (  # demo/ sibling modules (this script's folder is on sys.path)
     distill_boxes,
-    draw_detections,
+    draw_prediction_grid,
     load_predictions,
     novel_detections,
     novel_recall,
@@ -145,7 +145,7 @@ def main(argv=None):
     print(f"\nshapes_val ({len(args.novel)} novel categories = APr):\n{results_table(rows)}\n")
     shown = args.variant if args.command == "demo" else "vild_ensemble"
     recall = _print_novel(pipeline, shown)
-    picture = draw_detections(
+    picture = draw_prediction_grid(
         pipeline.world / "annotations" / "val.json",
         pipeline.world / "images",
         load_predictions(pipeline.out / shown / "inference" / "shapes_val"),

@@ -17,10 +17,11 @@ from torchvision.ops import box_iou, nms
 
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
+from vild_d2.engine import detections
 
 __all__ = [
     "load_predictions",
-    "draw_detections",
+    "draw_prediction_grid",
     "novel_recall",
     "novel_detections",
     "training_objects",
@@ -28,8 +29,9 @@ __all__ = [
     "distill_boxes",
 ]
 
-NOVEL_COLOUR = (1.0, 0.1, 0.9)  # magenta: a novel category (never seen with a box)
-BASE_COLOUR = (0.95, 0.95, 0.95)
+# Novel categories (never seen with a box) in the library's magenta, as floats for overlays.
+NOVEL_COLOR = tuple(c / 255 for c in detections.NOVEL_COLOR)
+BASE_COLOR = (0.95, 0.95, 0.95)
 
 
 def load_predictions(inference_dir: Path) -> Dict[int, List[dict]]:
@@ -93,7 +95,7 @@ def _one_per_object(preds: List[dict], iou: float) -> List[dict]:
     return [preds[i] for i in nms(_xyxy([p["bbox"] for p in preds]), scores, iou).tolist()]
 
 
-def draw_detections(
+def draw_prediction_grid(
     gt_json: Path,
     image_root: Path,
     predictions: Dict[int, List[dict]],
@@ -130,11 +132,11 @@ def draw_detections(
                 f"{p['score']:.2f}"
                 for p in preds
             ]
-            colours = [NOVEL_COLOUR if p["category_id"] in novel else BASE_COLOUR for p in preds]
+            colors = [NOVEL_COLOR if p["category_id"] in novel else BASE_COLOR for p in preds]
             vis.overlay_instances(
                 boxes=boxes,
                 labels=labels,
-                assigned_colors=colours,
+                assigned_colors=colors,
             )
         tiles.append(vis.output.get_image()[:, :, ::-1])
     h, w = tiles[0].shape[:2]

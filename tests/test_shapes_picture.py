@@ -10,7 +10,7 @@ import torch
 from shapes_picture import (
     _one_per_object,
     distill_boxes,
-    draw_detections,
+    draw_prediction_grid,
     novel_detections,
     novel_recall,
     training_objects,
@@ -64,7 +64,7 @@ def test_picture_is_written(tmp_path):
     (tmp_path / "val").mkdir()
     cv2.imwrite(str(tmp_path / "val" / "000000.png"), np.zeros((64, 64, 3), np.uint8))
     preds = {7: [{"image_id": 7, "category_id": 1, "bbox": [2, 2, 16, 16], "score": 0.9}]}
-    out = draw_detections(_gt(tmp_path), tmp_path, preds, tmp_path / "p.png", num_images=1)
+    out = draw_prediction_grid(_gt(tmp_path), tmp_path, preds, tmp_path / "p.png", num_images=1)
     image = cv2.imread(str(out))
     assert image.shape[:2] == (64 * 4 + 4, 64 * 4 * 4 + 16)  # 4x scale, 4 columns, borders
 

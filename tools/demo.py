@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Detect any vocabulary with a trained ViLD model: pictures (and JSON) for images or a video.
 
-    python tools/demo.py --config-file configs/Toy/vild.yaml --input photo.jpg dir/ "*.png" \\
-        --vocabulary custom --custom-vocabulary "red star,blue cross" --output out/ --json \\
+    python tools/demo.py --config-file configs/Shapes/vild_ensemble.yaml \\
+        --input photo.jpg dir/ "*.png" --vocabulary custom \\
+        --custom-vocabulary "red star,blue cross" --output out/ --json \\
         --opts MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu
 
 Outputs never replace an input or each other. An --output that would replace an input (the

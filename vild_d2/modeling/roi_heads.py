@@ -61,7 +61,7 @@ class ViLDROIHeads(StandardROIHeads):
     ):
         """
         Args:
-            variant: one of "text", "vild", "ensemble".
+            variant: one of "text", "image", "vild", "ensemble" (:data:`vild_d2.config.VARIANTS`).
             distill_weight: weight w of the L1 distillation loss.
             ensemble_lambda: lambda of ViLD-ensemble's score.
             objectness_weight: ViLD-image's exponent of sigmoid(objectness) in its score.

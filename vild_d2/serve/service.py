@@ -22,7 +22,7 @@ from detectron2.structures import Instances
 from ..text.categories import BUILTIN_VOCABULARIES
 from ..engine.detections import detections_to_json, draw_detections, json_header
 from ..engine.predictor import ViLDPredictor
-from ..text import Vocabulary
+from ..text import Vocabulary, parse_names
 
 __all__ = ["BadInput", "DetectionService", "Detections", "Limits", "parse_names_text"]
 
@@ -92,17 +92,15 @@ class Detections:
 
 
 def parse_names_text(text: str) -> List[str]:
-    """``"red star, blue cross"`` (commas or new lines) -> names; empty items are an error."""
-    items = [n.strip() for n in re.split(r"[,\n]", (text or "").strip())]
-    if not any(items):
+    """A request's typed names by :func:`vild_d2.text.parse_names` (the tools' rule); no name
+    at all, or an empty item between names, is a 400."""
+    try:
+        names = parse_names(text)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if not names:
         raise BadInput("empty vocabulary: type class names separated by commas, or pick one")
-    empty = [i + 1 for i, n in enumerate(items) if not n]
-    if empty:
-        raise BadInput(
-            f"empty class name (item {empty[0]} of {len(items)}) in {text[:200]!r}: remove the "
-            "extra comma"
-        )
-    return items
+    return names
 
 
 def decode_image(data: bytes, name: str, limits: Limits) -> np.ndarray:

@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -135,8 +136,24 @@ class Vocabulary:
 
 
 def parse_names(text: str) -> List[str]:
-    """``"red star, blue cross"`` -> ``["red star", "blue cross"]`` (empty items dropped)."""
-    return [n.strip() for n in text.split(",") if n.strip()]
+    """Typed class names, the one rule of every entry point (tools, predictor, server):
+    ``"red star, blue cross"`` (commas or new lines) -> ``["red star", "blue cross"]``.
+
+    Returns [] for a text with no name at all (the caller says whether that is allowed).
+
+    Raises:
+        ValueError: an empty item between names ("red star,,blue cross"), naming it.
+    """
+    items = [n.strip() for n in re.split(r"[,\n]", (text or "").strip())]
+    if not any(items):
+        return []
+    empty = [i + 1 for i, n in enumerate(items) if not n]
+    if empty:
+        raise ValueError(
+            f"empty class name (item {empty[0]} of {len(items)}) in {text[:200]!r}: remove the "
+            "extra comma"
+        )
+    return items
 
 
 def novel_mask(names: Sequence[str], novel_names: Sequence[str]) -> torch.Tensor:
