@@ -18,7 +18,10 @@ $(STAMP): requirements.lock setup.py tools/install_detectron2.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# The linter and formatter check first (pyproject.toml), then the whole suite.
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 # The shapes world end to end (demo/run_shapes.py): world, tiny CLIP teacher, base RPN,

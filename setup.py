@@ -38,7 +38,7 @@ EXTRAS_REQUIRE = {
 setup(
     name="vild_d2",
     version="0.1.0",
-    description="ViLD (open-vocabulary detection via vision and language distillation) for Detectron2",
+    description="ViLD (open-vocabulary detection by vision and language distillation), Detectron2",
     packages=find_packages(include=["vild_d2", "vild_d2.*"]),
     package_data={"vild_d2": ["assets/*", "official/assets/*"]},
     python_requires=">=3.8",

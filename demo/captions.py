@@ -78,7 +78,7 @@ class Seen:
 
     @property
     def extent(self) -> str:
-        """"whole", "most", "half" or "part"."""
+        """ "whole", "most", "half" or "part"."""
         if self.fraction >= WHOLE:
             return "whole"
         return "most" if self.fraction >= MOST else "half" if self.fraction >= HALF else "part"
@@ -172,8 +172,10 @@ def caption(
     if not seen:
         if slivers:
             colour = slivers[0].name.split(" ")[0]
-            forms = [f"a {{}} background with a bit of {colour}.",
-                     f"a {{}} background and the edge of something {colour}."]  # fmt: skip
+            forms = [
+                f"a {{}} background with a bit of {colour}.",
+                f"a {{}} background and the edge of something {colour}.",
+            ]
         else:
             forms = [
                 "a {} background.",
@@ -195,8 +197,9 @@ def caption(
                 continue
             done.add(o.name)
             n = whole[o.name]
-            phrases.append(f"{article(o.name)} {o.name}" if n == 1 else
-                           f"{_NUMBERS[n]} {_plural(o.name)}")  # fmt: skip
+            phrases.append(
+                f"{article(o.name)} {o.name}" if n == 1 else f"{_NUMBERS[n]} {_plural(o.name)}"
+            )
         else:
             word = str(rng.choice(_CUT[o.extent]))
             phrases.append(f"{word} {article(o.name)} {o.name}")
@@ -208,8 +211,10 @@ def caption(
     listed = _join(phrases + ["more shapes"] if truncated else phrases)
     forms = ["{}.", "a photo of {}.", "a picture of {}.", "an image showing {}."]
     if background is not None and background_share >= 0.3:
-        forms += ["{} on a " + background + " background.", "a photo of {} on a " + background
-                  + " background."]  # fmt: skip
+        forms += [
+            "{} on a " + background + " background.",
+            "a photo of {} on a " + background + " background.",
+        ]
     all_whole = all(o.extent == "whole" for o in seen) and not truncated
     count = sum(whole.values())
     if all_whole and count >= 2:

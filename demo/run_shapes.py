@@ -17,7 +17,6 @@ import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import vild_d2  # noqa: F401  (first: compatibility bridges)
 from shapes_picture import (  # demo/ sibling modules (this script's folder is on sys.path)
@@ -40,38 +39,76 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["demo", "ablation"])
     p.add_argument("--output", default="output/shapes")
-    p.add_argument("--datasets", default=None, help="datasets root (default: $DETECTRON2_DATASETS"
-                   " or ./datasets); the world is written to <datasets>/shapes")  # fmt: skip
+    p.add_argument(
+        "--datasets",
+        default=None,
+        help="datasets root (default: $DETECTRON2_DATASETS"
+        " or ./datasets); the world is written to <datasets>/shapes",
+    )
     p.add_argument("--seed", type=int, default=0, help="world (and teacher) seed")
     p.add_argument("--novel", nargs="+", default=list(DEFAULT_NOVEL), help="novel categories")
-    p.add_argument("--variant", default="vild_ensemble", choices=list(VARIANTS)[2:],
-                   help="the ViLD variant `demo` trains")  # fmt: skip
+    p.add_argument(
+        "--variant",
+        default="vild_ensemble",
+        choices=list(VARIANTS)[2:],
+        help="the ViLD variant `demo` trains",
+    )
     p.add_argument("--num-train", type=int, default=WorldSpec.num_train)
     p.add_argument("--num-val", type=int, default=WorldSpec.num_val)
     p.add_argument("--teacher-steps", type=int, default=ShapesOptions.teacher_steps)
-    p.add_argument("--teacher-data", default=ShapesOptions.teacher_data, choices=("scenes", "crops"),
-                   help="the teacher's pre-training data: CLIP-like captioned windows of scenes, "
-                        "or (the first teacher) object crops with the detection prompts")
-    p.add_argument("--teacher-temperature", type=float, nargs=2, metavar=("START", "END"),
-                   default=ShapesOptions.teacher_temperature,
-                   help="scenes: the teacher's temperature schedule (demo/tiny_clip.py)")
-    p.add_argument("--teacher", default="", metavar="FILE",
-                   help="use this CLIP checkpoint as the teacher instead of training one")
+    p.add_argument(
+        "--teacher-data",
+        default=ShapesOptions.teacher_data,
+        choices=("scenes", "crops"),
+        help="the teacher's pre-training data: CLIP-like captioned windows of scenes, "
+        "or (the first teacher) object crops with the detection prompts",
+    )
+    p.add_argument(
+        "--teacher-temperature",
+        type=float,
+        nargs=2,
+        metavar=("START", "END"),
+        default=ShapesOptions.teacher_temperature,
+        help="scenes: the teacher's temperature schedule (demo/tiny_clip.py)",
+    )
+    p.add_argument(
+        "--teacher",
+        default="",
+        metavar="FILE",
+        help="use this CLIP checkpoint as the teacher instead of training one",
+    )
     p.add_argument("--teacher-device", default="", help="where the teacher trains (e.g. cuda)")
     p.add_argument("--teacher-crops", type=int, default=240, help="training crops per category")
     p.add_argument("--iters", type=int, default=0, help="detector iterations (0 = config's)")
-    p.add_argument("--rpn-iters", type=int, default=0,
-                   help="base-RPN iterations (0 = configs/Shapes/rpn.yaml's)")
+    p.add_argument(
+        "--rpn-iters",
+        type=int,
+        default=0,
+        help="base-RPN iterations (0 = configs/Shapes/rpn.yaml's)",
+    )
     p.add_argument("--proposals", type=int, default=100, help="distilled proposals per image")
-    p.add_argument("--processes", type=int, default=0,
-                   help="processes per detector run (data parallel) and targets shards "
-                        "(0 = one per core, at most 2)")  # fmt: skip
-    p.add_argument("--check", nargs="+", action="append", default=[],
-                   metavar=("NAME VARIANT", "KEY VALUE"),
-                   help="also train VARIANT with config overrides as row NAME (repeatable), "
-                        "e.g. --check vild_w1 vild MODEL.VILD.DISTILL_WEIGHT 1.0")  # fmt: skip
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                   help="config overrides for every detector run (KEY VALUE ...)")  # fmt: skip
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="processes per detector run (data parallel) and targets shards "
+        "(0 = one per core, at most 2)",
+    )
+    p.add_argument(
+        "--check",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME VARIANT", "KEY VALUE"),
+        help="also train VARIANT with config overrides as row NAME (repeatable), "
+        "e.g. --check vild_w1 vild MODEL.VILD.DISTILL_WEIGHT 1.0",
+    )
+    p.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides for every detector run (KEY VALUE ...)",
+    )
     return p.parse_args(argv)
 
 
@@ -87,8 +124,10 @@ def _print_novel_detections(pipeline: ShapesPipeline, variants) -> dict:
     """What each model's novel-category detections lie on: where its APr is lost besides the
     objects it misses."""
     gt = pipeline.world / "annotations" / "val.json"
-    print("novel-category val detections (score >= 0.3) on: a correct object / an object of "
-          "another category / part of an object / background")  # fmt: skip
+    print(
+        "novel-category val detections (score >= 0.3) on: a correct object / an object of "
+        "another category / part of an object / background"
+    )
     counts = {}
     for v in variants:
         counts[v] = novel_detections(
@@ -140,8 +179,10 @@ def main(argv=None):
 
     teacher = pipeline.teacher_summary()
     if teacher:
-        print(f"teacher zero-shot accuracy on held-out crops: {100 * teacher['accuracy']:.1f}% "
-              f"(novel {100 * teacher['accuracy_novel']:.1f}%)")  # fmt: skip
+        print(
+            f"teacher zero-shot accuracy on held-out crops: {100 * teacher['accuracy']:.1f}% "
+            f"(novel {100 * teacher['accuracy_novel']:.1f}%)"
+        )
     print(f"\nshapes_val ({len(args.novel)} novel categories = APr):\n{results_table(rows)}\n")
     shown = args.variant if args.command == "demo" else "vild_ensemble"
     recall = _print_novel(pipeline, shown)
@@ -185,8 +226,10 @@ def main(argv=None):
         atomic_write(pipeline.out / "ablation.json", [json.dumps(doc, indent=1).encode()])
         table = results_table(rows) + f"\n\nMade by `{command}`"
         if teacher:
-            table += (f"; teacher zero-shot accuracy {100 * teacher['accuracy']:.1f}% "
-                      f"(novel {100 * teacher['accuracy_novel']:.1f}%)")  # fmt: skip
+            table += (
+                f"; teacher zero-shot accuracy {100 * teacher['accuracy']:.1f}% "
+                f"(novel {100 * teacher['accuracy_novel']:.1f}%)"
+            )
         atomic_write(pipeline.out / "ablation.md", [(table + ".\n").encode()])
         print(f"wrote {pipeline.out / 'ablation.json'} and {pipeline.out / 'ablation.md'}")
     summary = {

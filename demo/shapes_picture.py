@@ -50,8 +50,9 @@ def load_predictions(inference_dir: Path) -> Dict[int, List[dict]]:
 
 def _xyxy(xywh: Sequence[Sequence[float]]) -> torch.Tensor:
     """(N, 4) float64 XYXY boxes from XYWH ones (the LVIS json's and results' format)."""
-    return BoxMode.convert(torch.tensor(xywh, dtype=torch.float64).view(-1, 4),
-                           BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)  # fmt: skip
+    return BoxMode.convert(
+        torch.tensor(xywh, dtype=torch.float64).view(-1, 4), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS
+    )
 
 
 # What a box lies on, from its best IoU with any object: an index into KINDS.
@@ -77,8 +78,10 @@ def novel_recall(
     for image_id, objects in anns.items():
         preds = [p for p in predictions.get(image_id, []) if p["score"] >= score_thresh]
         ious = box_iou(_xyxy([a["bbox"] for a in objects]), _xyxy([p["bbox"] for p in preds]))
-        same = torch.tensor([[a["category_id"] == p["category_id"] for p in preds]
-                             for a in objects], dtype=torch.bool).view(ious.shape)  # fmt: skip
+        same = torch.tensor(
+            [[a["category_id"] == p["category_id"] for p in preds] for a in objects],
+            dtype=torch.bool,
+        ).view(ious.shape)
         for ann, found in zip(objects, ((ious >= 0.5) & same).any(1).tolist()):
             row = out[novel[ann["category_id"]]]
             row["objects"] += 1
@@ -125,8 +128,9 @@ def draw_prediction_grid(
         preds = _one_per_object(preds, iou=0.3)
         vis = Visualizer(bgr[:, :, ::-1], scale=scale)
         if preds:
-            boxes = np.array([BoxMode.convert(p["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
-                              for p in preds])  # fmt: skip
+            boxes = np.array(
+                [BoxMode.convert(p["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS) for p in preds]
+            )
             labels = [
                 f"{names[p['category_id']]}{'*' if p['category_id'] in novel else ''} "
                 f"{p['score']:.2f}"
@@ -276,8 +280,9 @@ def novel_detections(
         anns = objects[image_id]
         ious = box_iou(_xyxy([p["bbox"] for p in preds]), _xyxy([a["bbox"] for a in anns]))
         best = ious.max(1).values if anns else torch.zeros(len(preds), dtype=ious.dtype)
-        same = torch.tensor([[p["category_id"] == a["category_id"] for a in anns]
-                             for p in preds], dtype=torch.bool).view(ious.shape)  # fmt: skip
+        same = torch.tensor(
+            [[p["category_id"] == a["category_id"] for a in anns] for p in preds], dtype=torch.bool
+        ).view(ious.shape)
         kind = _kind(best)  # "object" = on another category's object, unless ...
         kind[((ious >= 0.5) & same).any(1)] = 3  # ... one of its own: correct
         counts += torch.bincount(kind, minlength=4)

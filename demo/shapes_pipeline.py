@@ -103,8 +103,10 @@ class ShapesPipeline:
             if options.teacher_file
             else self.out / "teacher" / "tiny_clip.pt"
         )
-        self.vocab = {"base": self.out / "vocabulary" / "base.pth",
-                      "all": self.out / "vocabulary" / "all.pth"}  # fmt: skip
+        self.vocab = {
+            "base": self.out / "vocabulary" / "base.pth",
+            "all": self.out / "vocabulary" / "all.pth",
+        }
         self.proposals_store = self.out / "stores" / "proposals_train"
         self.targets_store = self.out / "stores" / "clip_train"
         # Flushed: the stage lines must interleave with the tools' own output in a log file.
@@ -234,8 +236,13 @@ class ShapesPipeline:
                     self.log(f"    (its output: {log_file})")
                     log_file.parent.mkdir(parents=True, exist_ok=True)
                 out = open(log_file, "ab") if log_file is not None else None
-                proc = subprocess.Popen([sys.executable, *cmd], cwd=self.repo, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT if out else None)  # fmt: skip
+                proc = subprocess.Popen(
+                    [sys.executable, *cmd],
+                    cwd=self.repo,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT if out else None,
+                )
                 running.append((cmd, log_file, out, proc))
             failed = []
             for cmd, log_file, out, proc in running:  # every one ends before an error is raised
@@ -260,9 +267,19 @@ class ShapesPipeline:
         return WorldSpec(seed=o.seed, num_train=o.num_train, num_val=o.num_val, novel=o.novel)
 
     def run_world(self):
-        cmd = ["tools/make_shapes_world.py", "--root", str(self.world), "--seed",
-               str(self.o.seed), "--num-train", str(self.o.num_train), "--num-val",
-               str(self.o.num_val), "--novel", *self.o.novel]  # fmt: skip
+        cmd = [
+            "tools/make_shapes_world.py",
+            "--root",
+            str(self.world),
+            "--seed",
+            str(self.o.seed),
+            "--num-train",
+            str(self.o.num_train),
+            "--num-val",
+            str(self.o.num_val),
+            "--novel",
+            *self.o.novel,
+        ]
         # The world folder is shared by every run with this datasets root: trust it only if
         # it is this run's world.
         self._stage(
@@ -281,22 +298,46 @@ class ShapesPipeline:
             self.log(f"[teacher] given: {self.teacher}")
             return
         temperature = self.o.teacher_temperature
-        cmd = ["demo/tiny_clip.py", "--world", str(self.world), "--output",
-               str(self.teacher), "--steps", str(self.o.teacher_steps), "--seed",
-               str(self.o.seed), "--data", self.o.teacher_data,
-               *(["--device", self.o.teacher_device] if self.o.teacher_device else []),
-               *(["--temperature", *map(str, temperature)]
-                 if temperature and self.o.teacher_data == "scenes" else []),
-               "--crops-per-class", str(self.o.teacher_crops),
-               "--heldout-per-class", str(max(2, self.o.teacher_crops // 6))]  # fmt: skip
+        cmd = [
+            "demo/tiny_clip.py",
+            "--world",
+            str(self.world),
+            "--output",
+            str(self.teacher),
+            "--steps",
+            str(self.o.teacher_steps),
+            "--seed",
+            str(self.o.seed),
+            "--data",
+            self.o.teacher_data,
+            *(["--device", self.o.teacher_device] if self.o.teacher_device else []),
+            *(
+                ["--temperature", *map(str, temperature)]
+                if temperature and self.o.teacher_data == "scenes"
+                else []
+            ),
+            "--crops-per-class",
+            str(self.o.teacher_crops),
+            "--heldout-per-class",
+            str(max(2, self.o.teacher_crops // 6)),
+        ]
         self._stage("teacher", [cmd], [self.teacher], after=["world"], clean=[self.teacher])
 
     def run_vocabulary(self):
         cmds = [
-            ["tools/build_text_classifier.py", "--clip", str(self.teacher), "--dataset", dataset,
-             "--cache-dir", str(self.out / "cache"), "--output", str(self.vocab[which])]
+            [
+                "tools/build_text_classifier.py",
+                "--clip",
+                str(self.teacher),
+                "--dataset",
+                dataset,
+                "--cache-dir",
+                str(self.out / "cache"),
+                "--output",
+                str(self.vocab[which]),
+            ]
             for which, dataset in (("base", "shapes_train_base"), ("all", "shapes_val"))
-        ]  # fmt: skip
+        ]
         vocab = list(self.vocab.values())
         self._stage("vocabulary", cmds, vocab, after=["teacher"], clean=vocab)
 
@@ -304,25 +345,43 @@ class ShapesPipeline:
         self, variant: str, *extra: str, name: str = "", overrides: Sequence[str] = ()
     ) -> List[str]:
         opts = [
-            "MODEL.VILD.CLIP_MODEL", str(self.teacher),
-            "MODEL.VILD.EMBEDDING_CACHE_DIR", str(self.out / "cache"),
-            "MODEL.VILD.TRAIN_VOCABULARY", str(self.vocab["base"]),
-            "MODEL.VILD.TEST_VOCABULARY", str(self.vocab["all"]),
-            "MODEL.VILD.DISTILL.STORES", f"('{self.targets_store}',)",
-            "OUTPUT_DIR", str(self.out / (name or variant)),
-        ]  # fmt: skip
+            "MODEL.VILD.CLIP_MODEL",
+            str(self.teacher),
+            "MODEL.VILD.EMBEDDING_CACHE_DIR",
+            str(self.out / "cache"),
+            "MODEL.VILD.TRAIN_VOCABULARY",
+            str(self.vocab["base"]),
+            "MODEL.VILD.TEST_VOCABULARY",
+            str(self.vocab["all"]),
+            "MODEL.VILD.DISTILL.STORES",
+            f"('{self.targets_store}',)",
+            "OUTPUT_DIR",
+            str(self.out / (name or variant)),
+        ]
         # The RPN has its own schedule (rpn.yaml, --rpn-iters): --iters is the detectors'.
         iters = self.o.rpn_iters if variant == "rpn" else self.o.iters
         if iters:
-            opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS",
-                     f"({max(1, int(iters * 0.8))},)", "SOLVER.WARMUP_ITERS",
-                     str(min(100, max(1, iters // 5)))]  # fmt: skip
+            opts += [
+                "SOLVER.MAX_ITER",
+                str(iters),
+                "SOLVER.STEPS",
+                f"({max(1, int(iters * 0.8))},)",
+                "SOLVER.WARMUP_ITERS",
+                str(min(100, max(1, iters // 5))),
+            ]
         if variant != "rpn" and self.processes > 1:  # the RPN trains beside the teacher
             # data parallel (tools/train_net.py on a CPU: gloo), the same global batch
             extra = ("--num-gpus", str(self.processes), *extra)
         config = f"configs/Shapes/{variant}.yaml"
-        return ["tools/train_net.py", "--config-file", config, *extra, *opts, *self.o.extra_opts,
-                *overrides]  # fmt: skip
+        return [
+            "tools/train_net.py",
+            "--config-file",
+            config,
+            *extra,
+            *opts,
+            *self.o.extra_opts,
+            *overrides,
+        ]
 
     def run_rpn(self):
         cmd = self._train_cmd("rpn")
@@ -337,10 +396,22 @@ class ShapesPipeline:
 
     def run_proposals(self):
         rpn_weights = str(self.out / "rpn" / "model_final.pth")
-        proposals = ["tools/precompute_proposals.py", "--config-file", "configs/Shapes/rpn.yaml",
-                     "--dataset", "shapes_train_base", "--output", str(self.proposals_store),
-                     "--num-proposals", str(self.o.proposals), "--num-workers", "1",
-                     "MODEL.WEIGHTS", rpn_weights, *self.o.extra_opts]  # fmt: skip
+        proposals = [
+            "tools/precompute_proposals.py",
+            "--config-file",
+            "configs/Shapes/rpn.yaml",
+            "--dataset",
+            "shapes_train_base",
+            "--output",
+            str(self.proposals_store),
+            "--num-proposals",
+            str(self.o.proposals),
+            "--num-workers",
+            "1",
+            "MODEL.WEIGHTS",
+            rpn_weights,
+            *self.o.extra_opts,
+        ]
         self._stage(
             "proposals",
             [proposals],
@@ -350,10 +421,21 @@ class ShapesPipeline:
         )
 
     def run_targets(self):
-        targets = ["tools/precompute_clip_embeddings.py", "--proposals",
-                   str(self.proposals_store), "--dataset", "shapes_train_base", "--clip",
-                   str(self.teacher), "--output", str(self.targets_store), "--max-proposals",
-                   str(self.o.proposals), "--num-workers", "1"]  # fmt: skip
+        targets = [
+            "tools/precompute_clip_embeddings.py",
+            "--proposals",
+            str(self.proposals_store),
+            "--dataset",
+            "shapes_train_base",
+            "--clip",
+            str(self.teacher),
+            "--output",
+            str(self.targets_store),
+            "--max-proposals",
+            str(self.o.proposals),
+            "--num-workers",
+            "1",
+        ]
         n = self.processes  # shards of one store, written at once (the same bytes as one)
         self._stage(
             "targets",
@@ -374,8 +456,14 @@ class ShapesPipeline:
         results = self.results_file(name)
         if variant == "clip_on_crops":
             weights = self.weights("supervised_base")
-            cmd = self._train_cmd(variant, "--eval-only", "MODEL.WEIGHTS", str(weights),
-                                  name=name, overrides=overrides)  # fmt: skip
+            cmd = self._train_cmd(
+                variant,
+                "--eval-only",
+                "MODEL.WEIGHTS",
+                str(weights),
+                name=name,
+                overrides=overrides,
+            )
             after = ["supervised_base", "vocabulary"]
         else:
             cmd = self._train_cmd(variant, name=name, overrides=overrides)
@@ -450,7 +538,8 @@ def results_table(rows: Dict[str, Dict[str, Dict[str, float]]]) -> str:
     head += " | " + " | ".join(f"mask {m}" for m in METRICS) + " |"
     lines = [head, "|---" * (1 + 2 * len(METRICS)) + "|"]
     for variant, res in rows.items():
-        cells = [f"{res.get(t, {}).get(m, float('nan')):.1f}" for t in ("bbox", "segm")
-                 for m in METRICS]  # fmt: skip
+        cells = [
+            f"{res.get(t, {}).get(m, float('nan')):.1f}" for t in ("bbox", "segm") for m in METRICS
+        ]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -45,23 +45,38 @@ print("PER_STEP", (stamps[-1] - stamps[0]) / ({steps} - 1))
 """
     # log() is called at step 1, every 100 and the last: first and last bracket steps-1 steps.
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'demo'}{os.pathsep}{REPO}")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     return float(re.search(r"PER_STEP ([\d.e-]+)", out).group(1))
 
 
 def detector_iter_seconds(run: Path, teacher: str, iters: int, processes: int) -> float:
     """Seconds per iteration from detectron2's 'Overall training speed' line."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "tools/train_net.py", "--config-file",
-               "configs/Shapes/vild_ensemble.yaml",
-               *(["--num-gpus", str(processes)] if processes > 1 else []),
-               "MODEL.VILD.CLIP_MODEL", teacher,
-               "MODEL.VILD.EMBEDDING_CACHE_DIR", str(run / "cache"),
-               "MODEL.VILD.TRAIN_VOCABULARY", str(run / "vocabulary" / "base.pth"),
-               "MODEL.VILD.TEST_VOCABULARY", str(run / "vocabulary" / "all.pth"),
-               "MODEL.VILD.DISTILL.STORES", f"('{run / 'stores' / 'clip_train'}',)",
-               "SOLVER.MAX_ITER", str(iters), "DATASETS.TEST", "()", "OUTPUT_DIR", tmp]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "tools/train_net.py",
+            "--config-file",
+            "configs/Shapes/vild_ensemble.yaml",
+            *(["--num-gpus", str(processes)] if processes > 1 else []),
+            "MODEL.VILD.CLIP_MODEL",
+            teacher,
+            "MODEL.VILD.EMBEDDING_CACHE_DIR",
+            str(run / "cache"),
+            "MODEL.VILD.TRAIN_VOCABULARY",
+            str(run / "vocabulary" / "base.pth"),
+            "MODEL.VILD.TEST_VOCABULARY",
+            str(run / "vocabulary" / "all.pth"),
+            "MODEL.VILD.DISTILL.STORES",
+            f"('{run / 'stores' / 'clip_train'}',)",
+            "SOLVER.MAX_ITER",
+            str(iters),
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            tmp,
+        ]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).stdout
         out += open(Path(tmp) / "log.txt").read()
     return float(re.search(r"Overall training speed: .*\(([\d.]+) s / it\)", out).group(1))
@@ -69,17 +84,34 @@ def detector_iter_seconds(run: Path, teacher: str, iters: int, processes: int) -
 
 def targets_seconds(run: Path, teacher: str, shards: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        base = [sys.executable, "tools/precompute_clip_embeddings.py", "--proposals",
-                str(run / "stores" / "proposals_train"), "--dataset", "shapes_train_base",
-                "--clip", teacher, "--output", str(Path(tmp) / "store"), "--max-proposals",
-                "100", "--num-workers", "1"]  # fmt: skip
+        base = [
+            sys.executable,
+            "tools/precompute_clip_embeddings.py",
+            "--proposals",
+            str(run / "stores" / "proposals_train"),
+            "--dataset",
+            "shapes_train_base",
+            "--clip",
+            teacher,
+            "--output",
+            str(Path(tmp) / "store"),
+            "--max-proposals",
+            "100",
+            "--num-workers",
+            "1",
+        ]
         env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if shards > 1 else {}))
         start = time.perf_counter()
         procs = [
-            subprocess.Popen(base + ["--shard", str(i), "--num-shards", str(shards)], cwd=REPO,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.Popen(
+                base + ["--shard", str(i), "--num-shards", str(shards)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             for i in range(shards)
-        ]  # fmt: skip
+        ]
         if any(p.wait() for p in procs):
             raise RuntimeError("a targets shard failed")
         return time.perf_counter() - start

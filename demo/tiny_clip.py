@@ -468,8 +468,9 @@ def teacher_report(
     correct = (emb @ text.t()).argmax(1) == labels
     part_emb = embed(parts)
     caption_emb = F.normalize(
-        model.encode_text(clip.tokenize([c[0] for c in pairs.captions], context_length=length))
-        .float(),
+        model.encode_text(
+            clip.tokenize([c[0] for c in pairs.captions], context_length=length)
+        ).float(),
         dim=1,
     )
     return {
@@ -477,8 +478,9 @@ def teacher_report(
         "accuracy_base": float(correct[~novel[labels]].float().mean()),
         "accuracy_novel": float(correct[novel[labels]].float().mean()),
         "heldout_crops": len(crops),
-        "accuracy_context_1_5": float(((embed(wide) @ text.t()).argmax(1) == wide_labels)
-                                      .float().mean()),  # fmt: skip
+        "accuracy_context_1_5": float(
+            ((embed(wide) @ text.t()).argmax(1) == wide_labels).float().mean()
+        ),
         "top_prob_objects": top_prob(emb),
         "top_prob_background": top_prob(embed(background)),
         "top_prob_parts": top_prob(part_emb),
@@ -511,23 +513,42 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", required=True, help="shapes world folder (with world.json)")
     p.add_argument("--output", required=True, help="checkpoint path; a .json summary goes beside")
-    p.add_argument("--data", choices=("scenes", "crops"), default=TeacherSpec.data,
-                   help="training data: captioned windows of scenes (CLIP-like) or object crops "
-                   "with the detection prompts (the old recipe)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        choices=("scenes", "crops"),
+        default=TeacherSpec.data,
+        help="training data: captioned windows of scenes (CLIP-like) or object crops "
+        "with the detection prompts (the old recipe)",
+    )
     p.add_argument("--steps", type=int, default=TeacherSpec.steps)
-    p.add_argument("--crops-per-class", type=int, default=TeacherSpec.crops_per_class,
-                   help="training pairs per category (scenes: windows of every kind)")
+    p.add_argument(
+        "--crops-per-class",
+        type=int,
+        default=TeacherSpec.crops_per_class,
+        help="training pairs per category (scenes: windows of every kind)",
+    )
     p.add_argument("--heldout-per-class", type=int, default=TeacherSpec.heldout_per_class)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--device", default="cpu", help="where the model trains (the pairs are made "
-                   "on the CPU either way), e.g. cuda")  # fmt: skip
-    p.add_argument("--temperature", type=float, nargs=2, metavar=("START", "END"),
-                   help="scenes: softmax temperature schedule (TeacherSpec.temperature); "
-                   "default: learnt from 0.07")  # fmt: skip
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: measure the checkpoint at --output (teacher_report), "
-                   "print the figures and merge them into its .json summary")  # fmt: skip
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model trains (the pairs are made " "on the CPU either way), e.g. cuda",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        nargs=2,
+        metavar=("START", "END"),
+        help="scenes: softmax temperature schedule (TeacherSpec.temperature); "
+        "default: learnt from 0.07",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: measure the checkpoint at --output (teacher_report), "
+        "print the figures and merge them into its .json summary",
+    )
     return p.parse_args(argv)
 
 

@@ -18,16 +18,23 @@ def _cfg(clip_path, tmp_path, *opts):
     return load_config(
         "configs/Shapes/clip_on_crops.yaml",
         [
-            "MODEL.VILD.CLIP_MODEL", clip_path,
-            "MODEL.VILD.EMBEDDING_CACHE_DIR", str(tmp_path / "cache"),
-            "MODEL.VILD.TEST_VOCABULARY", "",
-            "DATASETS.TEST", "()",
-            "DATASETS.TRAIN", "()",
-            "MODEL.VILD.TRAIN_VOCABULARY", "voc",
-            "MODEL.WEIGHTS", "",
+            "MODEL.VILD.CLIP_MODEL",
+            clip_path,
+            "MODEL.VILD.EMBEDDING_CACHE_DIR",
+            str(tmp_path / "cache"),
+            "MODEL.VILD.TEST_VOCABULARY",
+            "",
+            "DATASETS.TEST",
+            "()",
+            "DATASETS.TRAIN",
+            "()",
+            "MODEL.VILD.TRAIN_VOCABULARY",
+            "voc",
+            "MODEL.WEIGHTS",
+            "",
             *opts,
         ],
-    )  # fmt: skip
+    )
 
 
 def test_scores_are_the_teachers_crop_probabilities(tiny_clip_path, tmp_path):

@@ -447,5 +447,10 @@ def test_every_config_dataset_is_registered():
     configs = sorted(Path("configs").rglob("*.yaml"))
     used = {n for c in configs for n in _config_datasets(c)}
     assert {"vild_lvis_v1_train_base", "vild_lvis_v1_val", "vild_coco_2017_ov_train_base"} <= used
-    assert {"vild_coco_2017_ov_val", "vild_coco_2017_val", "vild_voc_2007_test", "vild_objects365_v2_val"} <= used
+    assert {
+        "vild_coco_2017_ov_val",
+        "vild_coco_2017_val",
+        "vild_voc_2007_test",
+        "vild_objects365_v2_val",
+    } <= used
     assert used <= set(DatasetCatalog.list())

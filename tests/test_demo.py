@@ -43,11 +43,20 @@ def _demo(config_file, opts, *args):
 def test_demo_on_a_real_photo_with_json(toy, tmp_path):
     root, config_file, opts, photos = toy
     proc = _demo(
-        config_file, opts,
-        "--input", str(photos / "astronaut.png"),
-        "--vocabulary", "custom", "--custom-vocabulary", "person, flag,helmet",
-        "--confidence-threshold", "0.2", "--output", str(tmp_path), "--json",
-    )  # fmt: skip
+        config_file,
+        opts,
+        "--input",
+        str(photos / "astronaut.png"),
+        "--vocabulary",
+        "custom",
+        "--custom-vocabulary",
+        "person, flag,helmet",
+        "--confidence-threshold",
+        "0.2",
+        "--output",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     drawn = cv2.imread(str(tmp_path / "astronaut.png"))
     assert drawn is not None and drawn.shape == (512, 512, 3)  # the photo's size (scale 1)
@@ -74,9 +83,18 @@ def test_demo_on_a_real_photo_with_json(toy, tmp_path):
 def test_demo_on_a_folder_with_a_corrupt_file(toy, tmp_path):
     root, config_file, opts, photos = toy
     proc = _demo(
-        config_file, opts, "--input", str(photos), "--vocabulary", "voc",
-        "--confidence-threshold", "0.0", "--output", str(tmp_path), "--json",
-    )  # fmt: skip
+        config_file,
+        opts,
+        "--input",
+        str(photos),
+        "--vocabulary",
+        "voc",
+        "--confidence-threshold",
+        "0.0",
+        "--output",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]  # 1 = some inputs failed
     assert "FAILED" in proc.stderr and "broken.jpg" in proc.stderr
     assert "2 processed, 1 failed" in proc.stdout
@@ -101,9 +119,20 @@ def test_demo_on_a_video(toy, tmp_path):
     writer.release()
     demo = _load_demo()
     status = demo.main(
-        ["--config-file", config_file, "--video-input", str(video), "--output",
-         str(tmp_path / "out"), "--json", "--confidence-threshold", "0.0", "--opts", *opts]
-    )  # fmt: skip
+        [
+            "--config-file",
+            config_file,
+            "--video-input",
+            str(video),
+            "--output",
+            str(tmp_path / "out"),
+            "--json",
+            "--confidence-threshold",
+            "0.0",
+            "--opts",
+            *opts,
+        ]
+    )
     assert status == 0
     result = cv2.VideoCapture(str(tmp_path / "out" / "in.mp4"))
     frames = 0

@@ -17,7 +17,7 @@ def config_paths(text: str) -> List[str]:
 
 
 def missing_config_paths(root: Path, patterns: Iterable[str]) -> List[str]:
-    """"file:line: path" for each named config path that does not exist under ``root``."""
+    """ "file:line: path" for each named config path that does not exist under ``root``."""
     missing = []
     for pattern in patterns:
         for file in sorted(root.glob(pattern)):

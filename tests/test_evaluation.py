@@ -322,14 +322,20 @@ def test_trainer_test_evaluates_each_dataset_with_its_vocabulary(
     cfg.merge_from_list(
         TINY_OPTS
         + [
-            "MODEL.VILD.CLIP_MODEL", tiny_clip_path,
-            "MODEL.VILD.PROMPT_TEMPLATES", str(templates),
-            "MODEL.VILD.EMBEDDING_CACHE_DIR", str(tmp_path / "embeddings"),
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "-1.0",  # random weights: keep every box
-            "DATASETS.TEST", f"('{coco}', '{voc}')",
-            "OUTPUT_DIR", str(tmp_path / "output"),
+            "MODEL.VILD.CLIP_MODEL",
+            tiny_clip_path,
+            "MODEL.VILD.PROMPT_TEMPLATES",
+            str(templates),
+            "MODEL.VILD.EMBEDDING_CACHE_DIR",
+            str(tmp_path / "embeddings"),
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            "-1.0",  # random weights: keep every box
+            "DATASETS.TEST",
+            f"('{coco}', '{voc}')",
+            "OUTPUT_DIR",
+            str(tmp_path / "output"),
         ]
-    )  # fmt: skip
+    )
     model = Trainer.build_model(cfg).eval()
     before = list(model.vocabulary.names)
     seen = {coco: [], voc: []}

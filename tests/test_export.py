@@ -105,11 +105,25 @@ def test_onnx_without_the_onnx_package_says_what_to_install(predictor, tmp_path,
 def test_export_tool(tmp_path, tiny_clip_path):
     config_file, opts = make_random_model(tmp_path / "toy", tiny_clip_path)
     proc = subprocess.run(
-        [sys.executable, "tools/export_model.py", "--config-file", config_file,
-         "--vocabulary", "custom", "--custom-vocabulary", "cat,dog", "--format", "torchscript",
-         "--output", str(tmp_path / "out"), "--opts", *opts],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "tools/export_model.py",
+            "--config-file",
+            config_file,
+            "--vocabulary",
+            "custom",
+            "--custom-vocabulary",
+            "cat,dog",
+            "--format",
+            "torchscript",
+            "--output",
+            str(tmp_path / "out"),
+            "--opts",
+            *opts,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "model.ts").is_file()
     assert json.loads((tmp_path / "out" / "vocabulary.json").read_text())["names"] == ["cat", "dog"]

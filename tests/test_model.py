@@ -100,7 +100,11 @@ def _predictor(**kwargs):
 # ---------------------------------------------------------------------------------------------
 # Math against independent float64 computations
 def _ref_logits(pred, x, class_embeddings, temperature=0.01):
-    x, W, b = x.double(), pred.cls_score.projection.weight.double(), pred.cls_score.projection.bias.double()
+    x, W, b = (
+        x.double(),
+        pred.cls_score.projection.weight.double(),
+        pred.cls_score.projection.bias.double(),
+    )
     region = x @ W.t() + b
     region = region / region.norm(dim=1, keepdim=True)
     cls = torch.cat([class_embeddings.double(), pred.cls_score.background.double()[None]])
@@ -572,8 +576,11 @@ def test_checkpoint_from_before_the_text_classifier_module_loads(vocab_files, tm
     model = build_model(cfg).eval()
     old = {}
     for key, value in model.state_dict().items():
-        old[key.replace("box_predictor.cls_score.projection.", "box_predictor.projection.")
-            .replace("box_predictor.cls_score.background", "box_predictor.background")] = value
+        old[
+            key.replace("box_predictor.cls_score.projection.", "box_predictor.projection.").replace(
+                "box_predictor.cls_score.background", "box_predictor.background"
+            )
+        ] = value
     assert "roi_heads.box_predictor.projection.weight" in old  # the old layout
     torch.save({"model": old}, tmp_path / "old.pth")
 

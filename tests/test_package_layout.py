@@ -96,8 +96,10 @@ def find_cycle(graph: Dict[str, Dict[str, List[str]]]) -> Optional[List[str]]:
 
 
 def describe(graph, cycle: List[str]) -> str:
-    return " -> ".join(cycle) + "; " + "; ".join(
-        f"{a} -> {b} at {', '.join(graph[a][b][:3])}" for a, b in zip(cycle, cycle[1:])
+    return (
+        " -> ".join(cycle)
+        + "; "
+        + "; ".join(f"{a} -> {b} at {', '.join(graph[a][b][:3])}" for a, b in zip(cycle, cycle[1:]))
     )
 
 
@@ -167,7 +169,7 @@ def declared(setup_py: Path) -> Tuple[Set[str], Dict[str, Set[str]]]:
 
 def undeclared_imports(package_dir: Path, setup_py: Path) -> List[str]:
     """Every third-party import of the package whose distribution setup.py does not declare
-    where the importing module needs it: "file:line: module (distribution) needs ...". """
+    where the importing module needs it: "file:line: module (distribution) needs ..."."""
     core, extras = declared(setup_py)
     distributions = importlib.metadata.packages_distributions()
     problems = []

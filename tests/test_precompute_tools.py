@@ -62,9 +62,13 @@ def world(tmp_path_factory, tiny_clip_path):
 
 def proposal_cfg(world, *opts):
     return tiny_config(
-        "configs/Shapes/rpn.yaml", world["clip"], world["base"] / "cache",
-        "MODEL.WEIGHTS", world["rpn"].MODEL.WEIGHTS, *opts,
-    )  # fmt: skip
+        "configs/Shapes/rpn.yaml",
+        world["clip"],
+        world["base"] / "cache",
+        "MODEL.WEIGHTS",
+        world["rpn"].MODEL.WEIGHTS,
+        *opts,
+    )
 
 
 def proposals_of(world, out, **kwargs):
@@ -189,9 +193,14 @@ def test_proposals_are_top_m_in_original_coordinates(world, stores):
 def test_proposals_of_a_resized_image_are_in_original_coordinates(world):
     # The tiny world's test-time resize is the identity (64 x 64): test a real one, 1.5x.
     cfg = proposal_cfg(
-        world, "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "200",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "1000",
-    )  # fmt: skip
+        world,
+        "INPUT.MIN_SIZE_TEST",
+        "96",
+        "INPUT.MAX_SIZE_TEST",
+        "200",
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        "1000",
+    )
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
@@ -269,10 +278,17 @@ def test_rerun_with_other_settings_is_refused(world, stores):
 def train_cfg(world, store, **distill):
     opts = [x for k, v in distill.items() for x in (f"MODEL.VILD.DISTILL.{k}", v)]
     cfg = tiny_config(
-        "configs/Shapes/vild.yaml", world["clip"], world["base"] / "cache",
-        "DATASETS.TRAIN", f"('{world['dataset']}',)", "DATASETS.TEST", "()",
-        "MODEL.VILD.DISTILL.STORES", f"('{store}',)", *opts,
-    )  # fmt: skip
+        "configs/Shapes/vild.yaml",
+        world["clip"],
+        world["base"] / "cache",
+        "DATASETS.TRAIN",
+        f"('{world['dataset']}',)",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.VILD.DISTILL.STORES",
+        f"('{store}',)",
+        *opts,
+    )
     cfg.defrost()
     return cfg
 

@@ -40,8 +40,14 @@ pytestmark = pytest.mark.skipif(
 def setting(tmp_path_factory, tiny_clip_path):
     """(config file, opts, image, typed names, the novel ones among them, threshold)."""
     if SHAPES_MODEL:
-        names = ["red star", "orange heart", "purple triangle", "yellow circle", "blue cross",
-                 "green square"]  # fmt: skip
+        names = [
+            "red star",
+            "orange heart",
+            "purple triangle",
+            "yellow circle",
+            "blue cross",
+            "green square",
+        ]
         image = Path("datasets/shapes/images/val/000000.png")
         opts = ["MODEL.WEIGHTS", SHAPES_MODEL, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05"]
         world_novel = set(MetadataCatalog.get("shapes_val").novel_classes)
@@ -74,8 +80,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1400"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1400",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     yield driver
@@ -131,8 +142,13 @@ def test_page_finds_a_novel_class_from_typed_names(server, browser, setting, tmp
     assert "Error" not in _status(driver)
 
     pictures = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#pictures img"), "the picture")
-    assert _wait(lambda: driver.execute_script("return arguments[0].naturalWidth", pictures[0]),
-                 "the picture to load") > 0  # fmt: skip
+    assert (
+        _wait(
+            lambda: driver.execute_script("return arguments[0].naturalWidth", pictures[0]),
+            "the picture to load",
+        )
+        > 0
+    )
     # The table's cells (a virtual grid: only its visible rows exist, enough here).
     table = {}
     for cell in driver.find_elements(By.CSS_SELECTOR, "#table [role=gridcell]"):
@@ -141,8 +157,10 @@ def test_page_finds_a_novel_class_from_typed_names(server, browser, setting, tmp
     assert len(table) == len(kept)
     assert {r[1] for r in table.values()} == expected  # column 1: the class
     assert all((r[2] == "yes") == (r[1] in novel) for r in table.values())  # 2: novel
-    assert any("download" in (a.get_attribute("download") or "") or a.get_attribute("href")
-               for a in driver.find_elements(By.CSS_SELECTOR, "#json a"))  # fmt: skip
+    assert any(
+        "download" in (a.get_attribute("download") or "") or a.get_attribute("href")
+        for a in driver.find_elements(By.CSS_SELECTOR, "#json a")
+    )
 
     shot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "serve_page.png"
     shot.parent.mkdir(parents=True, exist_ok=True)

@@ -19,18 +19,45 @@ VARIANTS = ["supervised_base", "clip_on_crops", "vild_text", "vild_image", "vild
 CHECK = ["--check", "vild_w2", "vild", "MODEL.VILD.DISTILL_WEIGHT", "2.0"]
 NOVEL = ["red circle", "blue star", "green heart"]  # not the default: --novel must reach the world
 TINY = [
-    "--seed", "2", "--novel", *NOVEL,
-    "--num-train", "8", "--num-val", "4", "--teacher-steps", "3", "--teacher-crops", "2",
-    "--iters", "4", "--rpn-iters", "4", "--proposals", "16",
+    "--seed",
+    "2",
+    "--novel",
+    *NOVEL,
+    "--num-train",
+    "8",
+    "--num-val",
+    "4",
+    "--teacher-steps",
+    "3",
+    "--teacher-crops",
+    "2",
+    "--iters",
+    "4",
+    "--rpn-iters",
+    "4",
+    "--proposals",
+    "16",
     *CHECK,
-    "--opts", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-]  # fmt: skip
+    "--opts",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+]
 
 
 def _run(command, tmp_path):
     env = dict(os.environ, VILD_D2_CACHE=str(tmp_path / "cache"))
-    args = [sys.executable, "demo/run_shapes.py", command, "--output", str(tmp_path / "out"),
-            "--datasets", str(tmp_path / "ds"), *TINY]  # fmt: skip
+    args = [
+        sys.executable,
+        "demo/run_shapes.py",
+        command,
+        "--output",
+        str(tmp_path / "out"),
+        "--datasets",
+        str(tmp_path / "ds"),
+        *TINY,
+    ]
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result.stdout
@@ -120,8 +147,9 @@ def test_stage_cache_keys(tmp_path):
     def stage(text, after=(), valid=None):
         stale.mkdir(exist_ok=True)
         cmd = ["-c", f"open({str(out)!r}, 'a').write({text!r})"]
-        pipe._stage("s", [cmd], [out], after=after, clean=[stale], configs=["configs/x.yaml"],
-                    valid=valid)  # fmt: skip
+        pipe._stage(
+            "s", [cmd], [out], after=after, clean=[stale], configs=["configs/x.yaml"], valid=valid
+        )
         return log[-1]
 
     assert "done" in stage("1") and not stale.exists()
@@ -166,8 +194,10 @@ def test_side_by_side_runs_branches_at_once_one_core_each(tmp_path):
         "    time.sleep(0.1)\nelse:\n    raise SystemExit('the cores never came')\n"
         f"{record.format(str(seen))}; open({str(tmp_path / 'a')!r}, 'w').write('a')"
     )
-    b = (f"open({str(flag)!r}, 'w').write('1'); print('hello from b'); "
-         f"{record.format(str(seen))}; open({str(tmp_path / 'b')!r}, 'w').write('b')")  # fmt: skip
+    b = (
+        f"open({str(flag)!r}, 'w').write('1'); print('hello from b'); "
+        f"{record.format(str(seen))}; open({str(tmp_path / 'b')!r}, 'w').write('b')"
+    )
 
     def write(n):
         return f"open({str(tmp_path / n)!r}, 'w').write({n!r})"
@@ -227,7 +257,7 @@ def test_default_teacher_is_the_frozen_clip_like_recipe(tmp_path):
     seen = {}
     for data in ("scenes", "crops"):
         pipe = ShapesPipeline(ShapesOptions(output=str(tmp_path), teacher_data=data), tmp_path)
-        pipe._stage = lambda name, commands, *a, **k: seen.setdefault(data, commands[0])
+        pipe._stage = lambda name, commands, *a, data=data, **k: seen.setdefault(data, commands[0])
         pipe.run_teacher()
     scenes, crops = seen["scenes"], seen["crops"]
     assert scenes[scenes.index("--data") + 1] == "scenes"

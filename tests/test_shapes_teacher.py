@@ -92,8 +92,13 @@ def test_checkpoint_loads_with_clip_load(teacher):
     tokens = clip.tokenize(["a photo of a red star."], context_length=model.context_length)
     assert model.float().encode_text(tokens).shape == (1, TeacherSpec.embed_dim)
     assert 0.0 <= summary["accuracy"] <= 1.0 and summary["data"] == "scenes"
-    for key in ("top_prob_background", "top_prob_parts", "top_prob_objects", "top1_parts",
-                "accuracy_context_1_5"):  # fmt: skip
+    for key in (
+        "top_prob_background",
+        "top_prob_parts",
+        "top_prob_objects",
+        "top1_parts",
+        "accuracy_context_1_5",
+    ):
         assert 0.0 <= summary[key] <= 1.0, key
     assert -1.0 <= summary["cosine_object_text"] <= 1.0
     assert -1.0 <= summary["cosine_caption"] <= 1.0
@@ -103,9 +108,20 @@ def test_checkpoint_loads_with_clip_load(teacher):
 def test_text_classifier_tool_reads_the_teacher(teacher, tmp_path):
     path, _, _ = teacher
     out = tmp_path / "vocab.pth"
-    cmd = [sys.executable, "tools/build_text_classifier.py", "--clip", str(path),
-           "--names", "red star,blue square", "--novel", "red star", "--cache-dir", "",
-           "--output", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "tools/build_text_classifier.py",
+        "--clip",
+        str(path),
+        "--names",
+        "red star,blue square",
+        "--novel",
+        "red star",
+        "--cache-dir",
+        "",
+        "--output",
+        str(out),
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     vocab = Vocabulary.load(str(out))
     assert vocab.names == ["red star", "blue square"]
@@ -126,10 +142,18 @@ def test_text_classifier_tool_reads_the_teacher(teacher, tmp_path):
 
 def test_train_tool_reports_a_missing_world(tmp_path):
     result = subprocess.run(
-        [sys.executable, "demo/tiny_clip.py", "--world", str(tmp_path), "--output",
-         str(tmp_path / "t.pt")],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "demo/tiny_clip.py",
+            "--world",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "t.pt"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "no shapes world at" in result.stderr and "world.json missing" in result.stderr
     assert not (tmp_path / "t.pt").exists()
@@ -264,8 +288,10 @@ def test_captions_name_only_what_the_window_shows(annotated_scenes):
         for _, mask in objects:  # around each object, and on a quarter of it
             ys, xs = np.nonzero(mask)
             x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-            windows += [(max(0, x0 - 3), max(0, y0 - 3), x1 + 3, y1 + 3),
-                        (x0, y0, (x0 + x1 + 1) // 2, (y0 + y1 + 1) // 2)]  # fmt: skip
+            windows += [
+                (max(0, x0 - 3), max(0, y0 - 3), x1 + 3, y1 + 3),
+                (x0, y0, (x0 + x1 + 1) // 2, (y0 + y1 + 1) // 2),
+            ]
         for _ in range(20):
             side = int(rng.integers(6, size + 1))
             x0, y0 = rng.integers(0, size - side + 1, size=2)

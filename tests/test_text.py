@@ -427,11 +427,21 @@ def test_build_text_classifier_cli(tiny_clip_path, tmp_path):
     templates = tmp_path / "templates.txt"
     templates.write_text("\n".join(TEMPLATES) + "\n")
     cmd = [
-        sys.executable, str(REPO / "tools" / "build_text_classifier.py"),
-        "--clip", tiny_clip_path, "--names", "traffic_light, apple,stoplight",
-        "--novel", "stoplight", "--templates", str(templates),
-        "--cache-dir", str(tmp_path / "cache"), "--output", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "tools" / "build_text_classifier.py"),
+        "--clip",
+        tiny_clip_path,
+        "--names",
+        "traffic_light, apple,stoplight",
+        "--novel",
+        "stoplight",
+        "--templates",
+        str(templates),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(out),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "K=3" in res.stdout and "D=32" in res.stdout and str(out) in res.stdout

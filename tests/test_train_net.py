@@ -89,8 +89,17 @@ def test_training_vocabulary_must_match_training_classes(tiny_env, tmp_path):
     shuffled = str(tmp_path / "shuffled.pth")
     Vocabulary(base[::-1], torch.randn(len(base), 8)).save(shuffled)
     train = tiny_env["world"]["train"]
-    opts = [*tiny_env["common"], "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", "()",
-            "MODEL.VILD.TRAIN_VOCABULARY", shuffled, "MODEL.VILD.TEST_VOCABULARY", shuffled]
+    opts = [
+        *tiny_env["common"],
+        "DATASETS.TRAIN",
+        f"('{train}',)",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.VILD.TRAIN_VOCABULARY",
+        shuffled,
+        "MODEL.VILD.TEST_VOCABULARY",
+        shuffled,
+    ]
     cfg = load_config("configs/Shapes/vild.yaml", opts)
     with pytest.raises(ValueError, match=f"{train}.*first difference at index 0"):
         Trainer.build_model(cfg)
@@ -128,12 +137,19 @@ def test_each_test_dataset_is_evaluated_with_its_own_classes(tiny_env, tmp_path)
     val, train = world["val"], world["train"]  # 36 and 30 classes
     cfg = load_config(
         "configs/Shapes/vild.yaml",
-        [*tiny_env["common"], "DATASETS.TRAIN", f"('{train}',)",
-         "DATASETS.TEST", f"('{val}', '{train}')"],
-    )  # fmt: skip
+        [
+            *tiny_env["common"],
+            "DATASETS.TRAIN",
+            f"('{train}',)",
+            "DATASETS.TEST",
+            f"('{val}', '{train}')",
+        ],
+    )
     cfg.defrost()
     model = Trainer.build_model(cfg)
-    custom = Vocabulary(["cat", "dog"], torch.randn(2, model.roi_heads.box_predictor.cls_score.embed_dim))
+    custom = Vocabulary(
+        ["cat", "dog"], torch.randn(2, model.roi_heads.box_predictor.cls_score.embed_dim)
+    )
     model.set_vocabulary(custom)
 
     class VocabularySeen(DatasetEvaluator):

@@ -34,25 +34,61 @@ M = 40  # distillation boxes per image
 
 # configs/Shapes/* at test size: 64-pixel images, small RPN and heads, few steps, no workers.
 TINY_OPTS = [
-    "INPUT.MIN_SIZE_TRAIN", "(56, 64, 72)", "INPUT.MAX_SIZE_TRAIN", "128",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "400", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "400", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
-    "MODEL.ROI_BOX_HEAD.NUM_CONV", "1", "MODEL.ROI_BOX_HEAD.FC_DIM", "128",
-    "MODEL.ROI_MASK_HEAD.NUM_CONV", "1", "MODEL.VILD.DISTILL.MAX_BOXES", str(M),
-    "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(56, 64, 72)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "128",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    "400",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "200",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "400",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "100",
+    "MODEL.ROI_BOX_HEAD.NUM_CONV",
+    "1",
+    "MODEL.ROI_BOX_HEAD.FC_DIM",
+    "128",
+    "MODEL.ROI_MASK_HEAD.NUM_CONV",
+    "1",
+    "MODEL.VILD.DISTILL.MAX_BOXES",
+    str(M),
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "50",
     # A slow start: the x100 cosine logits give large early gradients.
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0025", "SOLVER.WARMUP_ITERS", "100",
-    "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(15,)", "SOLVER.CHECKPOINT_PERIOD", "1000",
-]  # fmt: skip
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.BASE_LR",
+    "0.0025",
+    "SOLVER.WARMUP_ITERS",
+    "100",
+    "SOLVER.MAX_ITER",
+    "20",
+    "SOLVER.STEPS",
+    "(15,)",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "1000",
+]
 
 
 def save_random_clip(path: str, *, embed_dim: int = 32, seed: int = 0, **dims) -> str:
     """A tiny random-weight ViT CLIP checkpoint that ``clip.load(path)`` reads; returns path."""
     spec = dict(
-        embed_dim=embed_dim, image_resolution=32, vision_layers=1, vision_width=64,
-        vision_patch_size=16, transformer_width=64, transformer_layers=1,
-    )  # fmt: skip
+        embed_dim=embed_dim,
+        image_resolution=32,
+        vision_layers=1,
+        vision_width=64,
+        vision_patch_size=16,
+        transformer_width=64,
+        transformer_layers=1,
+    )
     spec.update(dims)
     torch.manual_seed(seed)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -71,8 +107,12 @@ def make_world(datasets_root, prefix: str = "shapes", spec: WorldSpec = TINY_SPE
 
 def tiny_config(config_file: str, clip_path: str, cache_dir, *opts: str):
     """``config_file`` (a configs/Shapes/* file) at test size, with the tiny CLIP."""
-    clip = ["MODEL.VILD.CLIP_MODEL", str(clip_path), "MODEL.VILD.EMBEDDING_CACHE_DIR",
-            str(cache_dir)]  # fmt: skip
+    clip = [
+        "MODEL.VILD.CLIP_MODEL",
+        str(clip_path),
+        "MODEL.VILD.EMBEDDING_CACHE_DIR",
+        str(cache_dir),
+    ]
     return load_config(config_file, [*TINY_OPTS, *clip, *opts])
 
 
@@ -83,9 +123,12 @@ def make_proposals(cfg, dataset: str, out, *, chunk_size: int = 2, **kwargs) -> 
     model.eval()
     dicts = DatasetCatalog.get(dataset)
     header = proposals_header(
-        dataset, len(dicts), chunk_size=chunk_size, max_proposals=M,
+        dataset,
+        len(dicts),
+        chunk_size=chunk_size,
+        max_proposals=M,
         model={"weights": cfg.MODEL.WEIGHTS},
-    )  # fmt: skip
+    )
     mapper = DatasetMapper(cfg, is_train=False)
     return run_precompute(
         StoreWriter(str(out), header),
@@ -104,9 +147,13 @@ def make_targets(
     teacher = CLIPTeacher(clip_path, scales=scales)
     dicts = DatasetCatalog.get(dataset)
     header = embeddings_header(
-        dataset, len(dicts), chunk_size=chunk_size, max_proposals=M,
-        teacher_settings=teacher.settings(), proposals=proposals,
-    )  # fmt: skip
+        dataset,
+        len(dicts),
+        chunk_size=chunk_size,
+        max_proposals=M,
+        teacher_settings=teacher.settings(),
+        proposals=proposals,
+    )
     return run_precompute(
         StoreWriter(str(out), header),
         dicts,
@@ -147,12 +194,21 @@ def tool_world(root, clip_path: str, prefix: str, threads: int) -> dict:
     env = dict(os.environ, DETECTRON2_DATASETS=str(root), OMP_NUM_THREADS=str(threads))
     common = [
         *TINY_OPTS,
-        "MODEL.VILD.CLIP_MODEL", clip_path,
-        "MODEL.VILD.EMBEDDING_CACHE_DIR", str(root / "cache"),
-        "MODEL.VILD.DISTILL.STORES", f"('{stores['targets']}',)",
-    ]  # fmt: skip
-    return {"root": root, "env": env, "world": world, "stores": stores, "common": common,
-            "clip": clip_path}  # fmt: skip
+        "MODEL.VILD.CLIP_MODEL",
+        clip_path,
+        "MODEL.VILD.EMBEDDING_CACHE_DIR",
+        str(root / "cache"),
+        "MODEL.VILD.DISTILL.STORES",
+        f"('{stores['targets']}',)",
+    ]
+    return {
+        "root": root,
+        "env": env,
+        "world": world,
+        "stores": stores,
+        "common": common,
+        "clip": clip_path,
+    }
 
 
 @contextlib.contextmanager
@@ -187,13 +243,19 @@ def make_random_model(
     config_file = f"configs/Shapes/{variant}.yaml"
     opts: Sequence[str] = [
         *TINY_OPTS,
-        "MODEL.VILD.CLIP_MODEL", str(clip_path),
-        "MODEL.VILD.EMBEDDING_CACHE_DIR", str(cache),
-        "MODEL.VILD.TRAIN_VOCABULARY", str(train_file),
-        "MODEL.VILD.DISTILL.STORES", "()",
-        "DATASETS.TRAIN", "()",
-        "DATASETS.TEST", "()",
-    ]  # fmt: skip
+        "MODEL.VILD.CLIP_MODEL",
+        str(clip_path),
+        "MODEL.VILD.EMBEDDING_CACHE_DIR",
+        str(cache),
+        "MODEL.VILD.TRAIN_VOCABULARY",
+        str(train_file),
+        "MODEL.VILD.DISTILL.STORES",
+        "()",
+        "DATASETS.TRAIN",
+        "()",
+        "DATASETS.TEST",
+        "()",
+    ]
     torch.manual_seed(seed)
     model = build_model(load_config(config_file, opts))
     ViLDCheckpointer(model, str(root)).save("model")

@@ -2,7 +2,8 @@
 """Build a ViLD-text classifier (a saved :class:`vild_d2.text.Vocabulary`) from class names.
 
 Examples:
-    python tools/build_text_classifier.py --clip ViT-B/32 --dataset vild_lvis_v1_val --output lvis.pth
+    python tools/build_text_classifier.py --clip ViT-B/32 --dataset vild_lvis_v1_val \
+        --output lvis.pth
     python tools/build_text_classifier.py --clip clip.pt --names "cat,dog,zebra" --novel zebra \
         --output animals.pth
 """
@@ -34,8 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--novel", default="", help="comma-separated novel class names")
     p.add_argument("--templates", default="", help='prompt templates file ("" = the 63 ViLD ones)')
     p.add_argument("--synonyms", action="store_true", help="average dataset class_synonyms in")
-    p.add_argument("--cache-dir", default="auto", help='embedding cache ("auto" = $VILD_D2_CACHE '
-                   'or ~/.cache/vild_d2; "" = none)')
+    p.add_argument(
+        "--cache-dir",
+        default="auto",
+        help='embedding cache ("auto" = $VILD_D2_CACHE ' 'or ~/.cache/vild_d2; "" = none)',
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", required=True, help="output vocabulary file (.pth)")
     return p.parse_args(argv)

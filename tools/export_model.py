@@ -2,7 +2,8 @@
 """Export a trained ViLD model with a chosen vocabulary baked in (TorchScript or ONNX).
 
     python tools/export_model.py --config-file configs/Shapes/vild_ensemble.yaml \\
-        --vocabulary coco --format torchscript --output exported/ --opts MODEL.WEIGHTS model_final.pth
+        --vocabulary coco --format torchscript --output exported/ \\
+        --opts MODEL.WEIGHTS model_final.pth
 
 Writes ``model.ts`` (or ``model.onnx``) and ``vocabulary.json`` (the class names, in the order of
 ``pred_classes``), traced on ``--sample-image`` (default: scikit-image's astronaut photo), then

@@ -74,9 +74,7 @@ class ViLDCheckpointer(DetectionCheckpointer):
     keeps working: the heads it lacks are new, as detectron2 users expect, and logged.
     """
 
-    def __init__(
-        self, model, save_dir="", *, save_to_disk=None, complete=False, **checkpointables
-    ):
+    def __init__(self, model, save_dir="", *, save_to_disk=None, complete=False, **checkpointables):
         module = model.module if isinstance(model, DistributedDataParallel) else model
         if hasattr(module, "set_vocabulary"):
             checkpointables.setdefault("vocabulary", _VocabularyState(module))
@@ -114,16 +112,21 @@ class ViLDCheckpointer(DetectionCheckpointer):
         problems: List[str] = []
         for name, shape_ckpt, shape_model in incompatible.incorrect_shapes:
             if is_vild or self.complete or not name.startswith(_CLASS_HEADS):
-                problems.append(f"{name}: {tuple(shape_ckpt)} in the checkpoint, "
-                                f"{tuple(shape_model)} in the model")  # fmt: skip
+                problems.append(
+                    f"{name}: {tuple(shape_ckpt)} in the checkpoint, "
+                    f"{tuple(shape_model)} in the model"
+                )
         missing = [k for k in incompatible.missing_keys if k in parameters]
         shape_skipped = {name for name, _, _ in incompatible.incorrect_shapes}
         missing = [k for k in missing if k not in shape_skipped]
         if is_vild or self.complete:
             problems += [f"{k}: not in the checkpoint" for k in missing]
         elif has_backbone:
-            problems += [f"{k}: not in the checkpoint (another backbone?)" for k in missing
-                         if k.startswith("backbone.")]  # fmt: skip
+            problems += [
+                f"{k}: not in the checkpoint (another backbone?)"
+                for k in missing
+                if k.startswith("backbone.")
+            ]
         if problems:
             shown = "\n  ".join(problems[:12])
             more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""

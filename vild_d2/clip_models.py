@@ -42,8 +42,18 @@ def clip_identity(spec: str) -> str:
 
 # What torch.load and clip's build_model raise on bytes that are not a CLIP checkpoint (a text
 # file gives KeyError: 101, a truncated one EOFError or RuntimeError, another model KeyError).
-_UNREADABLE = (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError, TypeError,
-               IndexError, AttributeError, UnicodeDecodeError, OSError)  # fmt: skip
+_UNREADABLE = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    KeyError,
+    EOFError,
+    ValueError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    UnicodeDecodeError,
+    OSError,
+)
 
 
 def load_clip(spec: str, device: Device = "cpu") -> Tuple[CLIP, str]:
@@ -107,9 +117,14 @@ def clip_embed_dim(spec: str) -> Optional[int]:
 
 # ViT-B/32's dimensions (what clip.load("ViT-B/32") builds), for random-weight stand-ins.
 VIT_B_32 = dict(
-    embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-    vision_patch_size=32, transformer_width=512, transformer_layers=12,
-)  # fmt: skip
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    vision_patch_size=32,
+    transformer_width=512,
+    transformer_layers=12,
+)
 
 
 def build_clip(

@@ -100,7 +100,7 @@ def _define_missing_torch_ops():
         return
 
     def nms_rotated(boxes, scores, iou_threshold):
-        getattr(sys.modules["detectron2._C"], "nms_rotated")  # raises CompiledOpsUnavailable
+        return sys.modules["detectron2._C"].nms_rotated  # raises CompiledOpsUnavailable
 
     _TORCH_OPS = torch.library.Library("detectron2", "DEF")
     _TORCH_OPS.define("nms_rotated(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor")

@@ -24,4 +24,3 @@ def read_rgb(dataset_dict: dict) -> torch.Tensor:
         )
     # read_image can return a read-only view; torch needs a writable array.
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
-

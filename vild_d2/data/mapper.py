@@ -49,6 +49,7 @@ def _load_target(value, dtype) -> np.ndarray:
         value = value.load()
     return np.asarray(value, dtype=dtype)
 
+
 DISTILL_BOXES = "distill_boxes"
 DISTILL_EMBEDDINGS = "distill_embeddings"
 

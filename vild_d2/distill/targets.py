@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 MISSING_POLICIES = ("error", "skip")
 
+
 def open_store(root: str) -> DistillStore:
     """The store at ``root``, opened once per process and state of its folder (its chunk
     indices are read on open; a chunk written since changes the folder's mtime)."""
@@ -178,9 +179,16 @@ def load_distill_targets_into_dataset(
         d["distill_boxes"] = StoreField(root, image_id, "boxes", node.MAX_BOXES)
         if node.ONLINE:
             d["distill_embeddings"] = OnlineEmbeddings(
-                root, image_id, node.MAX_BOXES, d["file_name"], d.get("height"),
-                d.get("width"), cfg.MODEL.VILD.CLIP_MODEL, scales, node.ONLINE_DEVICE,
-            )  # fmt: skip
+                root,
+                image_id,
+                node.MAX_BOXES,
+                d["file_name"],
+                d.get("height"),
+                d.get("width"),
+                cfg.MODEL.VILD.CLIP_MODEL,
+                scales,
+                node.ONLINE_DEVICE,
+            )
         else:
             d["distill_embeddings"] = StoreField(root, image_id, "embeddings", node.MAX_BOXES)
     return dataset_dicts

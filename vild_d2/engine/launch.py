@@ -89,8 +89,16 @@ def launch(
             main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout
         )
     logger.info(f"No CUDA: {world_size} CPU processes with the gloo backend at {dist_url}")
-    worker_args = (main_func, world_size, num_gpus_per_machine, machine_rank, host, port, args,
-                   timeout)  # fmt: skip
+    worker_args = (
+        main_func,
+        world_size,
+        num_gpus_per_machine,
+        machine_rank,
+        host,
+        port,
+        args,
+        timeout,
+    )
     if num_gpus_per_machine == 1:
         # This machine's one process is this one: a spawned copy would only add a start-up.
         return _cpu_worker(0, *worker_args)
@@ -152,15 +160,15 @@ def _check_port_free(port: int, dist_url: str) -> None:
         ) from e
 
 
-def _cpu_worker(local_rank, main_func, world_size, per_machine, machine_rank, host, port, args,
-                timeout):  # fmt: skip
+def _cpu_worker(
+    local_rank, main_func, world_size, per_machine, machine_rank, host, port, args, timeout
+):
     rank = machine_rank * per_machine + local_rank
     if "OMP_NUM_THREADS" not in os.environ:
         # N processes with torch's default thread count each would oversubscribe the cores.
         torch.set_num_threads(max(1, usable_cpus() // per_machine))
     store = _rendezvous(host, port, rank, world_size, timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                            timeout=timeout)  # fmt: skip
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     # As detectron2's worker: the group of this machine's ranks, for comm.get_local_rank().
     assert comm._LOCAL_PROCESS_GROUP is None
     for i in range(world_size // per_machine):
@@ -184,8 +192,9 @@ def _rendezvous(host: str, port: int, rank: int, world_size: int, timeout: timed
     seconds = timeout.total_seconds()
     where = f"tcp://{host}:{port}"
     try:
-        store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
-                              wait_for_workers=False)  # fmt: skip
+        store = dist.TCPStore(
+            host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+        )
     except Exception as e:  # connection refused / timed out / address in use: open-ended
         what = f"could not listen on {where}" if rank == 0 else f"could not reach {where}"
         raise RendezvousError(

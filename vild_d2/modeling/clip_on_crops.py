@@ -99,8 +99,9 @@ class CLIPOnCropsRCNN(GeneralizedRCNN):
     def set_vocabulary(self, vocabulary: Union[Vocabulary, str, Sequence[str]]) -> Vocabulary:
         """Classify crops into ``vocabulary`` (same forms as ``ViLDRCNN.set_vocabulary``)."""
         vocab = resolve_vocabulary(vocabulary, self.text_encoder, use_synonyms=self.use_synonyms)
-        check_same_width(vocab, self.teacher.embed_dim, "CLIP-on-crops vocabulary",
-                         self.teacher.clip_model)  # fmt: skip
+        check_same_width(
+            vocab, self.teacher.embed_dim, "CLIP-on-crops vocabulary", self.teacher.clip_model
+        )
         self._vocabulary = vocab
         return vocab
 

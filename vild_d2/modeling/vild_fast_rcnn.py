@@ -89,8 +89,14 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
             temperature=cfg.MODEL.VILD.TEMPERATURE,
             text_encoder=encoder,
         )
-        for key in ("num_classes", "cls_agnostic_bbox_reg", "use_fed_loss", "use_sigmoid_ce",
-                    "get_fed_loss_cls_weights", "fed_loss_num_classes"):  # fmt: skip
+        for key in (
+            "num_classes",
+            "cls_agnostic_bbox_reg",
+            "use_fed_loss",
+            "use_sigmoid_ce",
+            "get_fed_loss_cls_weights",
+            "fed_loss_num_classes",
+        ):
             ret.pop(key, None)  # ours, or newer detectron2 options ViLD's softmax CE never uses
         return ret
 

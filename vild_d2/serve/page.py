@@ -46,11 +46,16 @@ def build_page(service: DetectionService, json_dir: str = None) -> gr.Blocks:
         path.write_text(json.dumps(answer))
         novel = set(answer["novel_classes"])
         rows = [
-            [image["file_name"], d["category_name"], "yes" if d["category_name"] in novel else "",
-             d["score"], ", ".join(f"{v:.1f}" for v in d["bbox"])]
+            [
+                image["file_name"],
+                d["category_name"],
+                "yes" if d["category_name"] in novel else "",
+                d["score"],
+                ", ".join(f"{v:.1f}" for v in d["bbox"]),
+            ]
             for image in answer["images"]
             for d in image["detections"]
-        ]  # fmt: skip
+        ]
         t = result.timing_ms
         status = (
             f"**{len(rows)} detections** in {len(files)} image(s), {len(result.vocabulary)} "
@@ -87,16 +92,22 @@ def build_page(service: DetectionService, json_dir: str = None) -> gr.Blocks:
                     elem_id="names",
                 )
                 threshold = gr.Slider(
-                    0.0, 1.0, value=service.threshold, step=0.01, label="Score threshold",
+                    0.0,
+                    1.0,
+                    value=service.threshold,
+                    step=0.01,
+                    label="Score threshold",
                     elem_id="threshold",
-                )  # fmt: skip
+                )
                 button = gr.Button("Detect", variant="primary", elem_id="detect")
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
                 pictures = gr.Gallery(
-                    label="Detections", columns=1, object_fit="contain",
+                    label="Detections",
+                    columns=1,
+                    object_fit="contain",
                     elem_id="pictures",
-                )  # fmt: skip
+                )
                 table = gr.Dataframe(
                     headers=TABLE_HEADERS, label="Detections", interactive=False, elem_id="table"
                 )

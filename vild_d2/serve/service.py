@@ -4,7 +4,6 @@ detecting with a :class:`vild_d2.ViLDPredictor`, and the answer in the layout of
 
 import io
 import logging
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field

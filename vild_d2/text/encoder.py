@@ -20,6 +20,7 @@ __all__ = ["TextEncoder", "build_text_encoder"]
 
 logger = logging.getLogger(__name__)
 
+
 class TextEncoder:
     """Encodes class names into ViLD-text classifier embeddings with CLIP's text tower.
 
@@ -128,16 +129,22 @@ class TextEncoder:
         # Prompts are made and encoded a batch at a time and summed per class as they come, so
         # memory is bounded by the batch and the (K, D) sums, not by K x 63 prompts (a 21k-name
         # vocabulary is 1.3M prompts).
-        variants = [_variants(n, synonyms[k] if synonyms is not None else ()) for k, n in
-                    enumerate(names)]  # fmt: skip
+        variants = [
+            _variants(n, synonyms[k] if synonyms is not None else ()) for k, n in enumerate(names)
+        ]
         total = sum(len(v) for v in variants) * len(self.templates)
         logger.info(
             "Encoding %d classes (%d prompts) with CLIP %s", len(names), total, self.identity
         )
         model = self.model
         sums = counts = None
-        bar = tqdm(total=total, desc="text embeddings", unit="prompt", mininterval=2.0,
-                   disable=total < 20 * self.batch_size)  # fmt: skip
+        bar = tqdm(
+            total=total,
+            desc="text embeddings",
+            unit="prompt",
+            mininterval=2.0,
+            disable=total < 20 * self.batch_size,
+        )
         with torch.no_grad(), bar:
             for owner, prompts in _prompt_batches(variants, self.templates, self.batch_size):
                 # The model's own context length (77 for OpenAI's CLIPs; small ones may use less).

@@ -174,8 +174,13 @@ def vocabulary_from_names(
     """Encode ``names``; ``novel`` is a (K,) bool mask or a list of the novel names."""
     if novel is not None and not isinstance(novel, torch.Tensor):
         novel = novel_mask(names, novel)
-    return Vocabulary(list(names), encoder.encode(names, synonyms), novel, encoder.identity,
-                      source=f"{len(names)} names encoded by CLIP {encoder.clip_model}")
+    return Vocabulary(
+        list(names),
+        encoder.encode(names, synonyms),
+        novel,
+        encoder.identity,
+        source=f"{len(names)} names encoded by CLIP {encoder.clip_model}",
+    )
 
 
 def vocabulary_from_dataset(

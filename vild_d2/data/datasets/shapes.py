@@ -147,9 +147,21 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.nda
     elif shape == "cross":
         a, b = 0.33, 0.95
         pts = np.array(
-            [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a],
-             [-b, a], [-b, -a], [-a, -a]]
-        )  # fmt: skip
+            [
+                [-a, -b],
+                [a, -b],
+                [a, -a],
+                [b, -a],
+                [b, a],
+                [a, a],
+                [a, b],
+                [-a, b],
+                [-a, a],
+                [-b, a],
+                [-b, -a],
+                [-a, -a],
+            ]
+        )
     elif shape == "heart":
         t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
         x = 16 * np.sin(t) ** 3
@@ -200,9 +212,10 @@ def background_texture(rng: np.random.Generator, size: int) -> Tuple[np.ndarray,
         amplitude = rng.uniform(10, 35)
         grey = base + amplitude * np.sign(wave)
         texture.update(
-            kind="checker" if checker else "stripes", amplitude=float(amplitude),
+            kind="checker" if checker else "stripes",
+            amplitude=float(amplitude),
             period=float(period),
-        )  # fmt: skip
+        )
     tint = rng.uniform(-12, 12, size=3).astype(np.float32)
     sigma = rng.uniform(4, 22)
     texture["noise"] = float(sigma)
@@ -306,10 +319,17 @@ def generate_shapes_world(root: str, spec: WorldSpec = WorldSpec(), progress=Non
     root = Path(root)
     freq = spec.frequencies
     categories = [
-        {"id": i + 1, "name": n, "synonyms": [n], "frequency": freq[n], "def": n,
-         "image_count": 0, "instance_count": 0}
+        {
+            "id": i + 1,
+            "name": n,
+            "synonyms": [n],
+            "frequency": freq[n],
+            "def": n,
+            "image_count": 0,
+            "instance_count": 0,
+        }
         for i, n in enumerate(spec.classes)
-    ]  # fmt: skip
+    ]
     cat_id = {n: i + 1 for i, n in enumerate(spec.classes)}
     for split_index, (split, count) in enumerate(
         (("train", spec.num_train), ("val", spec.num_val))
@@ -329,9 +349,13 @@ def generate_shapes_world(root: str, spec: WorldSpec = WorldSpec(), progress=Non
                 if ann is None:
                     continue
                 annotations.append(
-                    {"id": len(annotations) + 1, "image_id": image_id,
-                     "category_id": cat_id[name], **ann}
-                )  # fmt: skip
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": cat_id[name],
+                        **ann,
+                    }
+                )
             images.append(
                 {
                     "id": image_id,

@@ -134,7 +134,8 @@ def register_objects365_v2_val(root: str, name: str = "vild_objects365_v2_val") 
 
 
 def register_transfer_datasets(root: str) -> List[str]:
-    """``vild_coco_2017_val``, ``vild_voc_2007_test`` and ``vild_objects365_v2_val`` under ``root``."""
+    """``vild_coco_2017_val``, ``vild_voc_2007_test`` and ``vild_objects365_v2_val`` under
+    ``root``."""
     return [
         register_coco_2017_val(root),
         register_voc_2007_test(root),

@@ -209,4 +209,3 @@ def json_id(image_id):
     if isinstance(image_id, np.integer):
         return int(image_id)
     return image_id
-

@@ -102,7 +102,10 @@ def check_dataset(
     if known:
         logger.info(
             "Store %s: the %d image files of %r it holds checked (%d hashed) in %.1f s",
-            store.root, len(known), dataset, len(hashed), time.perf_counter() - start,
-        )  # fmt: skip
+            store.root,
+            len(known),
+            dataset,
+            len(hashed),
+            time.perf_counter() - start,
+        )
     return len(hashed)
-

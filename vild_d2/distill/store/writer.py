@@ -78,7 +78,8 @@ class StoreWriter:
             raise StoreError(
                 f"{self.root} was made with other settings; refusing to mix them. "
                 + "; ".join(
-                    f"{k}: store has {get_dotted(existing, k)!r}, this run {get_dotted(header, k)!r}"
+                    f"{k}: store has {get_dotted(existing, k)!r}, "
+                    f"this run {get_dotted(header, k)!r}"
                     for k in diff
                 )
                 + ". Use another --output, or delete the store to start over."
@@ -205,4 +206,3 @@ class StoreWriter:
             [prefix, index, b"\0" * pad, *blobs],
             hint=self._write_hint(),
         )
-

@@ -133,8 +133,10 @@ def test_training_check_refuses_another_world_accepts_a_moved_one(worlds, tmp_pa
     with pytest.raises(StoreError) as e:
         check_dataset(targets, dicts[1:], NAME)  # training may drop images: a subset
     second_b = dicts[1]["file_name"]
-    assert str(targets.root) in str(e.value) and second_b in str(e.value) and first_b not in str(
-        e.value
+    assert (
+        str(targets.root) in str(e.value)
+        and second_b in str(e.value)
+        and first_b not in str(e.value)
     )
     # The same image count is compared when the dicts are the whole dataset (precompute).
     with pytest.raises(StoreError, match=r"6 images.* 4 images"):
@@ -238,14 +240,19 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     before = os.umask(umask)
     try:
         atomic_write(tmp_path / "f.json", [b"{}"])
-        w = StoreWriter(tmp_path / "s", {"kind": "x", "num_images": 1, "chunk_size": 1,
-                                          "fields": {"v": ["float32", 0]}})  # fmt: skip
+        w = StoreWriter(
+            tmp_path / "s",
+            {"kind": "x", "num_images": 1, "chunk_size": 1, "fields": {"v": ["float32", 0]}},
+        )
         (tmp_path / "1.jpg").write_bytes(b"image 1")
         w.write_chunk(0, [(1, {"v": [1.0]})], [str(tmp_path / "1.jpg")])
     finally:
         os.umask(before)
-    for path in (tmp_path / "f.json", tmp_path / "s" / "header.json",
-                 tmp_path / "s" / "chunk-000000.vds"):  # fmt: skip
+    for path in (
+        tmp_path / "f.json",
+        tmp_path / "s" / "header.json",
+        tmp_path / "s" / "chunk-000000.vds",
+    ):
         assert oct(os.stat(path).st_mode & 0o777) == oct(mode), path
 
 
@@ -269,9 +276,24 @@ def test_shard_flags_after_config_opts(worlds, tmp_path, monkeypatch):
         tool.parse_args([*flags, "--output", "x", *opts, "--shrad", "1"])
     clip_tool = _tool("precompute_clip_embeddings")
     args = clip_tool.parse_args(
-        ["--proposals", "p", "--dataset", NAME, "--scales", "1", "2", "--clip", "c", "--output",
-         "o", "--shard", "1", "--num-shards", "2"]
-    )  # fmt: skip
+        [
+            "--proposals",
+            "p",
+            "--dataset",
+            NAME,
+            "--scales",
+            "1",
+            "2",
+            "--clip",
+            "c",
+            "--output",
+            "o",
+            "--shard",
+            "1",
+            "--num-shards",
+            "2",
+        ]
+    )
     assert (args.shard, args.num_shards, args.scales) == (1, 2, [1.0, 2.0])
 
     # The tool itself, in-process (its loggers left as they are), shard 1 of 2.
@@ -279,8 +301,24 @@ def test_shard_flags_after_config_opts(worlds, tmp_path, monkeypatch):
     monkeypatch.setattr(tool, "setup_logger", lambda name=None, **kw: logging.getLogger(name))
     out = tmp_path / "props"
     tool.main(
-        [*flags, "--output", str(out), "--num-proposals", str(M), "--chunk-size", "2",
-         "--batch-size", "2", "--num-workers", "0", "--no-fp16",
-         *opts, "--shard", "1", "--num-shards", "2"]
-    )  # fmt: skip
+        [
+            *flags,
+            "--output",
+            str(out),
+            "--num-proposals",
+            str(M),
+            "--chunk-size",
+            "2",
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "0",
+            "--no-fp16",
+            *opts,
+            "--shard",
+            "1",
+            "--num-shards",
+            "2",
+        ]
+    )
     assert sorted(os.listdir(out)) == ["chunk-000001.vds", "header.json"]

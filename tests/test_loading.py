@@ -1,10 +1,9 @@
-"""Bad input that used to pass silently or fail in words nobody can act on: checkpoints that
+"""Loading what a run needs, and the errors that name what and where: checkpoints that would
 leave parameters untrained, files that are not checkpoints, an offline named CLIP, truncated
 annotation files, a vocabulary of another width, the cache variable, vocabulary memory."""
 
 import vild_d2  # noqa: F401  (first: compat bridges)
 
-import json
 import urllib.error
 from pathlib import Path
 
@@ -79,8 +78,13 @@ def test_new_heads_from_a_supervised_detector_are_expected_when_training(vocab_f
     the backbone loads, the text classifier starts new; evaluating such weights does not."""
     torch.manual_seed(0)
     supervised = build_model(
-        _cfg(vocab_files, **{"MODEL.META_ARCHITECTURE": "GeneralizedRCNN",
-                             "MODEL.ROI_HEADS.NAME": "StandardROIHeads"})  # fmt: skip
+        _cfg(
+            vocab_files,
+            **{
+                "MODEL.META_ARCHITECTURE": "GeneralizedRCNN",
+                "MODEL.ROI_HEADS.NAME": "StandardROIHeads",
+            },
+        )
     )
     assert "roi_heads.box_predictor.cls_score.weight" in supervised.state_dict()  # linear
     torch.save({"model": supervised.state_dict()}, tmp_path / "supervised.pth")
@@ -103,11 +107,21 @@ def test_eval_only_refuses_untrained_heads_through_train_net(vocab_files, tmp_pa
     cfg = _cfg(vocab_files, dim=2 * DIM, **{"DATASETS.TRAIN": "()", "DATASETS.TEST": "()"})
     (tmp_path / "cfg.yaml").write_text(cfg.dump())
     result = subprocess.run(
-        [sys.executable, "tools/train_net.py", "--config-file", str(tmp_path / "cfg.yaml"),
-         "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "d16.pth"), "OUTPUT_DIR",
-         str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "tools/train_net.py",
+            "--config-file",
+            str(tmp_path / "cfg.yaml"),
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(tmp_path / "d16.pth"),
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode != 0
     assert "IncompatibleCheckpointError" in result.stderr and "d16.pth" in result.stderr
 
@@ -133,7 +147,9 @@ def test_named_clip_offline_says_how_to_pass_a_file(monkeypatch):
     with pytest.raises(RuntimeError) as e:
         load_clip("ViT-B/32")
     msg = str(e.value)
-    assert "could not be downloaded" in msg and "ViT-B-32.pt" in msg and "MODEL.VILD.CLIP_MODEL" in msg
+    assert (
+        "could not be downloaded" in msg and "ViT-B-32.pt" in msg and "MODEL.VILD.CLIP_MODEL" in msg
+    )
 
 
 def test_truncated_annotation_file_is_named(tmp_path):
@@ -196,9 +212,15 @@ def test_training_names_an_unreadable_image(tmp_path):
     cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
     image.write_bytes(image.read_bytes()[:300])  # truncated mid-stream
     mapper = ViLDDatasetMapper(is_train=True, augmentations=[], image_format="BGR")
-    record = {"file_name": str(image), "height": 64, "width": 64, "image_id": 1,
-              "annotations": [], "distill_boxes": np.zeros((0, 4), np.float32),
-              "distill_embeddings": np.zeros((0, 8), np.float32)}  # fmt: skip
+    record = {
+        "file_name": str(image),
+        "height": 64,
+        "width": 64,
+        "image_id": 1,
+        "annotations": [],
+        "distill_boxes": np.zeros((0, 4), np.float32),
+        "distill_embeddings": np.zeros((0, 8), np.float32),
+    }
     with pytest.raises(OSError) as e:
         mapper(record)
     assert str(image) in str(e.value) and "training stops" in str(e.value)

@@ -1,4 +1,4 @@
-"""Hardening of tools/demo.py and ViLDPredictor against bad input: outputs never replace inputs
+"""tools/demo.py's outputs and ViLDPredictor's inputs: outputs never replace inputs
 or each other, one bad image does not stop a batch and results are on disk after each image,
 huge images are drawn small, and the predictor refuses images it would misread."""
 
@@ -140,8 +140,19 @@ def test_bad_images_are_reported_and_the_others_processed(toy, tmp_path):
     _image(folder / "d_good.png", (200, 0, 0))
     out = tmp_path / "out"
     config_file, opts = toy
-    cmd = [sys.executable, "tools/demo.py", "--config-file", config_file, "--input", str(folder),
-           "--output", str(out), "--json", "--opts", *opts]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "tools/demo.py",
+        "--config-file",
+        config_file,
+        "--input",
+        str(folder),
+        "--output",
+        str(out),
+        "--json",
+        "--opts",
+        *opts,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr[-3000:]  # 1 = some inputs failed
     assert "2 processed, 2 failed" in proc.stdout
@@ -234,8 +245,11 @@ def test_predictor_accepts_bgr_uint8_images(predictor):
 @pytest.mark.parametrize(
     "make, error, message",
     [
-        (lambda: np.full((32, 32, 3), 0.5, np.float32), ValueError,
-         r"expected a BGR uint8 \(H, W, 3\).*got float32.*\(img \* 255\)\.clip\(0, 255\)"),
+        (
+            lambda: np.full((32, 32, 3), 0.5, np.float32),
+            ValueError,
+            r"expected a BGR uint8 \(H, W, 3\).*got float32.*\(img \* 255\)\.clip\(0, 255\)",
+        ),
         (lambda: np.full((32, 32, 3), 300, np.uint16), ValueError, r"got uint16"),
         (lambda: np.zeros((32, 32), np.uint8), ValueError, r"\(H, W, 3\).*grayscale.*cvtColor"),
         (lambda: np.zeros((32, 32, 1), np.uint8), ValueError, r"grayscale.*COLOR_GRAY2BGR"),
