@@ -1,6 +1,6 @@
-"""tools/benchmark.py and its helpers (vild_d2/utils/benchmark.py): --quick runs every task end
-to end and writes the JSON layout of docs/benchmarks/cpu_2core.json; ratios are ratios of
-medians measured in turns in the same run. Nothing here asserts a speed."""
+"""tools/benchmark.py and its modules (benchmarks/): --quick runs every task end to end and
+writes the JSON layout of docs/benchmarks/cpu_2core.json; ratios are ratios of medians measured
+in turns in the same run. Nothing here asserts a speed."""
 
 import importlib.util
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vild_d2.utils.benchmark import TASKS, round_robin
+from benchmarks.common import TASKS, round_robin
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((ROOT / "docs/benchmarks/cpu_2core.json").read_text())

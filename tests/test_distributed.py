@@ -32,7 +32,7 @@ import torch
 from vild_d2 import ViLDCheckpointer
 from vild_d2.engine import Trainer, launch
 from vild_d2.engine.launch import usable_cpus
-from vild_d2.utils.benchmark import train_in_processes
+from benchmarks.train_processes import train_in_processes
 from tiny_world import M, TINY_OPTS, tiny_config, tool_world  # tests/ helper
 
 VARIANTS = {"text": "vild_text", "vild": "vild", "ensemble": "vild_ensemble"}

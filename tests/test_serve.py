@@ -18,9 +18,9 @@ from PIL import Image
 from vild_d2 import ViLDPredictor
 from vild_d2.config import load_config
 from vild_d2.serve import DetectionService, ServerThread, build_app
-from vild_d2.serve.load import run_load
 from vild_d2.text import load_templates
 
+from benchmarks.serve import run_load  # the load benchmark (not installed)
 from tiny_world import (  # tests/ helper
     TINY_SPEC,
     TRAIN_NAMES,

@@ -8,10 +8,11 @@
     python tools/benchmark.py --out serve.json --quick --task serve  # tools/serve.py under load
 
 Tasks (``--task``, default ``all``): inference, train, vocabulary, crops; what each measures and
-how the models are made to do alike work is in vild_d2/utils/benchmark.py. The scale-out tasks
-train_processes (iterations/s in 1 and 2 processes) and precompute (the CLIP-targets job end to
-end vs the CLIP forward alone) run only when named. The JSON holds the
-sections of the tasks that ran (docs/benchmarks/cpu_2core.json: all of them).
+how the models are made to do alike work is in benchmarks/ (one module per task, beside tools/;
+not installed with vild_d2). The scale-out tasks train_processes (iterations/s in 1 and 2
+processes) and precompute (the CLIP-targets job end to end vs the CLIP forward alone), and serve
+(the web server under load), run only when named. The JSON holds the sections of the tasks that
+ran (docs/benchmarks/cpu_2core.json: all of them).
 """
 
 import argparse
@@ -22,21 +23,21 @@ import tempfile
 import time
 from pathlib import Path
 
+# benchmarks/ is not installed with vild_d2: it is found beside tools/, in the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import vild_d2  # noqa: F401  (first: compat bridges)
 import torch
 
-from vild_d2.utils.benchmark import (
-    SCALE_TASKS,
-    TASKS,
-    BenchmarkSetup,
-    benchmark_crops,
-    benchmark_inference,
-    benchmark_precompute,
-    benchmark_train,
-    benchmark_train_processes,
-    benchmark_vocabulary,
-)
-from vild_d2.serve.load import benchmark_serve
+from benchmarks.common import SCALE_TASKS, TASKS
+from benchmarks.crops import benchmark_crops
+from benchmarks.inference import benchmark_inference
+from benchmarks.models import BenchmarkSetup
+from benchmarks.precompute import benchmark_precompute
+from benchmarks.serve import benchmark_serve
+from benchmarks.train import benchmark_train
+from benchmarks.train_processes import benchmark_train_processes
+from benchmarks.vocabulary import benchmark_vocabulary
 
 BENCHMARKS = {
     "inference": benchmark_inference,
@@ -47,7 +48,7 @@ BENCHMARKS = {
     "precompute": benchmark_precompute,
 }
 assert tuple(BENCHMARKS) == TASKS + SCALE_TASKS
-# The web server under load (vild_d2/serve/load.py), only when named.
+# The web server under load (benchmarks/serve.py), only when named.
 BENCHMARKS["serve"] = benchmark_serve
 
 # The report's layout (docs/benchmarks/cpu_2core.json): sections in this order, absent ones
@@ -68,8 +69,12 @@ SETUP_LAYOUT = (
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--task", default="all", choices=["all", *BENCHMARKS],
-                   help="what to measure (all: every task but the scale-out ones)")
+    p.add_argument(
+        "--task",
+        default="all",
+        choices=["all", *BENCHMARKS],
+        help="what to measure (all: every task but the scale-out ones)",
+    )
     p.add_argument("--quick", action="store_true", help="small model and tiny CLIP (for tests)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", type=int, default=0, help="short image side (default 512; quick 96)")

@@ -3,7 +3,7 @@
 
     python tools/gpu_check.py --wheels wheels/ --out gpu_check.json
 
-Measures, each as a ratio of medians taken in the same run (vild_d2/utils/benchmark.py):
+Measures, each as a ratio of medians taken in the same run (benchmarks/, beside tools/):
 
 * crops: the CUDA RoIAlign crop path vs the PIL reference (crops/s);
 * clip: a random-weight CLIP of ViT-B/32's size, fp16, crops/s;
@@ -65,7 +65,7 @@ def install(wheels: str) -> None:
 
 
 def check_crops(setup):
-    from vild_d2.utils.benchmark import benchmark_crops
+    from benchmarks.crops import benchmark_crops
 
     return benchmark_crops(setup)
 
@@ -76,7 +76,7 @@ def check_clip(setup):
 
     from vild_d2.distill import encode_crops
     from vild_d2.text import VIT_B_32, build_clip
-    from vild_d2.utils.benchmark import round_robin
+    from benchmarks.common import round_robin
 
     torch.manual_seed(0)
     model = build_clip(**VIT_B_32).cuda().eval()
@@ -90,7 +90,7 @@ def check_train_fp16(setup):
     import torch
     from detectron2.utils.events import EventStorage
 
-    from vild_d2.utils.benchmark import round_robin, training_input
+    from benchmarks.common import round_robin, training_input
 
     model = setup.vild
     model.train()
@@ -116,7 +116,7 @@ def check_train_fp16(setup):
 
 
 def check_inference(setup):
-    from vild_d2.utils.benchmark import benchmark_inference
+    from benchmarks.inference import benchmark_inference
 
     return benchmark_inference(setup)
 
@@ -125,7 +125,7 @@ def check_ddp(setup):
     """1 vs 2 processes (NCCL); and the official head's SyncBN (torch's, CUDA only) in 2."""
     import torch
 
-    from vild_d2.utils.benchmark import benchmark_train_processes
+    from benchmarks.train_processes import benchmark_train_processes
 
     if torch.cuda.device_count() < 2:
         return {"ddp": f"skipped: {torch.cuda.device_count()} GPU"}
@@ -142,7 +142,7 @@ def main(argv=None):
         return 0
     if args.wheels:
         install(args.wheels)
-    sys.path.insert(0, str(ROOT))  # vild_d2 from this checkout, installed or not
+    sys.path.insert(0, str(ROOT))  # vild_d2 from this checkout, installed or not; benchmarks/
     import torch
 
     report = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
@@ -150,7 +150,7 @@ def main(argv=None):
         report["checks"] = {c: "skipped: no CUDA" for c in args.checks}
     else:
         import vild_d2  # noqa: F401  (compat bridges before detectron2)
-        from vild_d2.utils.benchmark import BenchmarkSetup
+        from benchmarks.models import BenchmarkSetup
 
         report["device"] = torch.cuda.get_device_name()
         report["gpus"] = torch.cuda.device_count()

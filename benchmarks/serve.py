@@ -1,7 +1,7 @@
-"""Load on the server: N concurrent clients on 127.0.0.1 for a bounded time, against the same
-work done by calling the predictor directly in one process (the limit). Every answer is
-checked against the predictor's own for its vocabulary: an error or a mixed-up vocabulary is
-counted, never hidden. The ``serve`` task of ``tools/benchmark.py``."""
+"""The ``serve`` task: the web server (``tools/serve.py``'s API) under load. N concurrent clients
+on 127.0.0.1 for a bounded time, against the same work done by calling the predictor directly
+in one process (the limit). Every answer is checked against the predictor's own for its
+vocabulary: an error or a mixed-up vocabulary is counted, never hidden."""
 
 import io
 import statistics
@@ -11,12 +11,13 @@ from typing import List, Sequence
 
 import httpx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from ..engine.detections import detections_to_json
-from ..engine.predictor import ViLDPredictor
-from .app import ServerThread, build_app
-from .service import DetectionService, Limits, decode_image
+from vild_d2 import ViLDPredictor
+from vild_d2.config import load_config
+from vild_d2.serve import DetectionService, Detections, ServerThread, build_app
+
+from .models import BenchmarkSetup
 
 __all__ = ["run_load", "benchmark_serve"]
 
@@ -44,6 +45,13 @@ def _key(detections: Sequence[dict]) -> list:
     return [(d["category_name"], d["score"]) for d in detections]
 
 
+def _decode(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> BGR uint8 (H, W, 3), as the server decodes an upload (PIL, EXIF
+    rotation applied), so that the direct calls see the very pixels the server sees."""
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+
+
 def run_load(
     url: str,
     predictor: ViLDPredictor,
@@ -64,14 +72,18 @@ def run_load(
         requests, requests/s, p50/p95 latency (ms); for the server also errors (non-200 or no
         answer) and mixed_up (an answer that differs from the predictor's for its vocabulary).
     """
-    decoded = [decode_image(data, f"image{i}", Limits()) for i, data in enumerate(images)]
+    decoded = [_decode(data) for data in images]
     jobs = [(i, list(v)) for i in range(len(images)) for v in vocabularies]
 
     def direct(i, names):
+        # The server's work without HTTP: the predictor, the threshold, the answer's JSON.
         vocab = predictor.resolve_vocabulary(names)
         instances = predictor(decoded[i], vocabulary=vocab)["instances"].to("cpu")
         instances = instances[instances.scores >= threshold]
-        return detections_to_json(instances, vocab.names)
+        answer = Detections(
+            vocab, predictor.novel_mask(vocab), threshold, [(f"image{i}", decoded[i], instances)]
+        )
+        return answer.to_json()["images"][0]["detections"]
 
     expected = {(i, tuple(v)): _key(direct(i, v)) for i, v in jobs}  # also warms the caches
 
@@ -136,12 +148,10 @@ def run_load(
     }
 
 
-def benchmark_serve(setup) -> dict:
+def benchmark_serve(setup: BenchmarkSetup) -> dict:
     """The ``serve`` task of ``tools/benchmark.py``: the benchmark's ViLD model (random weights)
     behind the API on 127.0.0.1, :func:`run_load` with two vocabularies over its photos
     (quick: 4 clients x 5 s; else 8 clients x 30 s)."""
-    from ..config import load_config
-
     predictor = ViLDPredictor(load_config(setup.config_file, setup.opts))
     images = []
     for bgr in setup.images:
