@@ -12,12 +12,17 @@ VARIANTS = ("text", "image", "vild", "ensemble")
 
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     """A frozen config: detectron2's defaults + the ViLD node + ``config_file`` + ``opts``
-    (``KEY VALUE ...`` overrides). The one way the tools and the predictor build a config."""
+    (``KEY VALUE ...`` overrides). The one way the tools and the predictor build a config; it
+    registers the datasets of ``MODEL.VILD.DATASET_FILES``."""
     cfg = get_cfg()
     add_vild_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     cfg.freeze()
+    if cfg.MODEL.VILD.DATASET_FILES:  # here, so that every tool registers them
+        from .data import register_dataset_files
+
+        register_dataset_files(cfg.MODEL.VILD.DATASET_FILES)
     return cfg
 
 
@@ -46,6 +51,10 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.TEST_VOCABULARY = ""
     # Prompt templates file ("{}" = class name, "{article}" = a/an). "" = the 63 ViLD templates.
     _C.MODEL.VILD.PROMPT_TEMPLATES = ""
+    # Your own datasets: YAML dataset files (docs/OWN_DATA.md), each registering
+    # <name>_train_base and <name>_val when the config is loaded (vild_d2.config.load_config,
+    # which every tool calls), e.g. ("my_parts.yaml",).
+    _C.MODEL.VILD.DATASET_FILES = ()
     # Average each class's synonyms (dataset metadata "class_synonyms") into its embedding.
     _C.MODEL.VILD.USE_SYNONYMS = False
     # Where text embeddings are cached (under <it>/text), keyed by (CLIP model, templates,
@@ -92,3 +101,4 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.LSJ.IMAGE_SIZE = 1024
     _C.MODEL.VILD.LSJ.MIN_SCALE = 0.1
     _C.MODEL.VILD.LSJ.MAX_SCALE = 2.0
+    from .official.config import add_official_config; add_official_config(_C)  # noqa: E702

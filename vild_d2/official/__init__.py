@@ -12,3 +12,37 @@ __all__ = [
     "random_official_weights",
     "resnet_variables",
 ]
+
+# The official architecture as detectron2 modules (registered on import), its config node and
+# the weight converter.
+from .anchors import OfficialAnchorGenerator  # noqa: E402
+from .backbone import TFFPN, build_tf_resnet, build_tf_resnet_fpn_backbone  # noqa: E402
+from .box_coding import OfficialBox2BoxTransform, clip_boxes_official  # noqa: E402
+from .config import add_official_config  # noqa: E402
+from .convert import convert_official_weights, official_vocabulary  # noqa: E402
+from .heads import OfficialBoxHead, OfficialMaskHead  # noqa: E402
+from .meta_arch import OfficialViLDRCNN  # noqa: E402
+from .poolers import OfficialROIPooler, official_roi_levels  # noqa: E402
+from .roi_heads import OfficialViLDROIHeads, official_detections  # noqa: E402
+from .rpn import OfficialRPN, OfficialRPNHead  # noqa: E402
+
+__all__ += [
+    "OfficialAnchorGenerator",
+    "TFFPN",
+    "build_tf_resnet",
+    "build_tf_resnet_fpn_backbone",
+    "OfficialBox2BoxTransform",
+    "clip_boxes_official",
+    "add_official_config",
+    "convert_official_weights",
+    "official_vocabulary",
+    "OfficialBoxHead",
+    "OfficialMaskHead",
+    "OfficialViLDRCNN",
+    "OfficialROIPooler",
+    "official_roi_levels",
+    "OfficialViLDROIHeads",
+    "official_detections",
+    "OfficialRPN",
+    "OfficialRPNHead",
+]

@@ -1,0 +1,109 @@
+"""``OfficialViLDRCNN`` (META_ARCHITECTURE): :class:`vild_d2.modeling.ViLDRCNN` with the
+official input pipeline.
+
+* every image: RGB, / 255, ImageNet mean/std (MODEL.PIXEL_MEAN / PIXEL_STD on the 0-255 scale,
+  divided by 255 here), zero-padded to a fixed IMAGE_SIZE x IMAGE_SIZE canvas (larger
+  training images to the backbone's size divisibility);
+* test time: the image (the original one: set INPUT.MIN_SIZE_TEST 0 so the mapper leaves it)
+  is first resized, its longer side to IMAGE_SIZE, with TF's legacy bilinear resize;
+* the RPN and the box post-processing clip to the whole canvas, [0, IMAGE_SIZE - 1], as the
+  official code does (its ``image_info[1]`` is the canvas); detections are then mapped back to
+  the input image as detectron2 does (``detector_postprocess``).
+"""
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import ImageList, Instances
+
+from ..modeling import ViLDRCNN
+from .preprocessing import legacy_resize_bilinear, official_scaled_size
+
+__all__ = ["OfficialViLDRCNN"]
+
+
+@META_ARCH_REGISTRY.register()
+class OfficialViLDRCNN(ViLDRCNN):
+    """ViLD with the official (TensorFlow) preprocessing; see the module docstring."""
+
+    @configurable
+    def __init__(self, *, image_size: int = 1024, **kwargs):
+        """
+        Args:
+            image_size: the square canvas (and the test-time longer side), 1024 officially.
+            kwargs: as :class:`ViLDRCNN`.
+        """
+        super().__init__(**kwargs)
+        self.image_size = int(image_size)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["image_size"] = cfg.MODEL.VILD.OFFICIAL.IMAGE_SIZE
+        return ret
+
+    def _normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) 0-255 image in the input format -> RGB, / 255, mean/std normalised."""
+        image = image.to(self.device).float()
+        if self.input_format == "BGR":
+            image = image.flip(0)
+        mean = self.pixel_mean / 255.0
+        std = self.pixel_std / 255.0
+        if self.input_format == "BGR":  # PIXEL_MEAN / PIXEL_STD follow the input format
+            mean, std = mean.flip(0), std.flip(0)
+        return (image * (1.0 / 255.0) - mean) / std
+
+    def _canvas(self, images: List[torch.Tensor]) -> ImageList:
+        """Pad to the fixed canvas; its size is every image's clipping size."""
+        div = self.backbone.size_divisibility
+        side = max([self.image_size, *(max(x.shape[-2:]) for x in images)])
+        side = int(math.ceil(side / div) * div)
+        tensor = torch.stack(
+            [F.pad(x, (0, side - x.shape[-1], 0, side - x.shape[-2])) for x in images]
+        )
+        return ImageList(tensor, [(side, side)] * len(images))
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Training (and :meth:`ViLDRCNN.forward`): the mapper's images, normalised, padded."""
+        return self._canvas([self._normalize(x["image"]) for x in batched_inputs])
+
+    def preprocess_for_inference(self, batched_inputs: List[Dict]
+                                 ) -> Tuple[ImageList, List[Tuple[int, int]]]:  # fmt: skip
+        """Normalise, resize (longer side to the canvas, legacy bilinear), pad. Returns the
+        canvas ImageList and each resized image's (h, w)."""
+        images, sizes = [], []
+        for x in batched_inputs:
+            image = self._normalize(x["image"])
+            size = official_scaled_size(image.shape[-2], image.shape[-1], self.image_size)
+            if size != tuple(image.shape[-2:]):
+                image = legacy_resize_bilinear(image, size)
+            images.append(image)
+            sizes.append(size)
+        return self._canvas(images), sizes
+
+    def inference(self, batched_inputs, detected_instances=None, do_postprocess=True):
+        """As :meth:`GeneralizedRCNN.inference`. Without post-processing, the Instances are in
+        the resized image's pixels and carry its size (what ``detector_postprocess`` needs)."""
+        assert not self.training
+        images, sizes = self.preprocess_for_inference(batched_inputs)
+        features = self.backbone(images.tensor)
+        if detected_instances is None:
+            proposals, _ = self.proposal_generator(images, features, None)
+            results, _ = self.roi_heads(images, features, proposals, None)
+        else:
+            detected_instances = [x.to(self.device) for x in detected_instances]
+            results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
+        results = [Instances(size, **r.get_fields()) for r, size in zip(results, sizes)]
+        if not do_postprocess:
+            return results
+        processed = []
+        for r, x in zip(results, batched_inputs):
+            height = x.get("height", x["image"].shape[-2])
+            width = x.get("width", x["image"].shape[-1])
+            processed.append({"instances": detector_postprocess(r, height, width)})
+        return processed

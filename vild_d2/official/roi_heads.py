@@ -1,0 +1,171 @@
+"""The official ViLD RoI heads: ``OfficialViLDROIHeads`` (MODEL.ROI_HEADS.NAME).
+
+Shape shorthand: R = RoIs (all images), K = classes of the test vocabulary, D = CLIP width.
+
+As :class:`vild_d2.modeling.ViLDROIHeads` (the same variants, losses and text classifier) with
+the official pieces: RoI pooling over P2..P6 (:class:`OfficialROIPooler`), the official box
+coding with weights (10, 10, 5, 5), and the official post-processing: softmax over background
++ K (background dropped after, not renormalised), ViLD-ensemble's geometric mean, boxes clipped
+to [0, size - 1], per class the top ``pre_nms_topk_per_class`` scores, NMS, then the top
+``topk_per_image`` over all classes. The official classifier's column 0 is the background
+(vild_d2's is its last): :meth:`official_class_logits` gives the official layout.
+"""
+
+from typing import List, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import batched_nms
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+from detectron2.structures import Boxes, Instances
+
+from ..modeling import ViLDOutputLayers, ViLDROIHeads, ensemble_scores
+from .box_coding import OfficialBox2BoxTransform, clip_boxes_official
+from .poolers import OfficialROIPooler
+
+__all__ = ["OfficialViLDOutputLayers", "OfficialViLDROIHeads", "official_detections"]
+
+
+class OfficialViLDOutputLayers(ViLDOutputLayers):
+    """:class:`ViLDOutputLayers` with the official box coding ((dy, dx, dh, dw) deltas, "+1")."""
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["box2box_transform"] = OfficialBox2BoxTransform(cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS)
+        return ret
+
+
+def official_detections(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    clip_size: Tuple[int, int],
+    score_thresh: float,
+    nms_thresh: float,
+    pre_nms_topk_per_class: int,
+    topk: int,
+) -> Instances:
+    """
+    One image's official post-processing (projects/vild/ops/postprocess_ops.py, nms v1).
+
+    Args:
+        boxes: (R, 4) decoded class-agnostic XYXY boxes.
+        scores: (R, K) class scores (no background column).
+        clip_size: (H, W): boxes are clipped to [0, W - 1] x [0, H - 1].
+    Returns:
+        Instances of ``clip_size`` with ``pred_boxes``, ``scores``, ``pred_classes`` (0..K-1),
+        at most ``topk``, by decreasing score.
+    """
+    boxes = clip_boxes_official(boxes.float(), clip_size)
+    scores = scores.float()
+    num_rois, num_classes = scores.shape
+    keep_mask = scores > score_thresh
+    if num_rois > pre_nms_topk_per_class:  # per class, only its top-k boxes enter its NMS
+        kth = scores.topk(pre_nms_topk_per_class, dim=0).values[-1]
+        keep_mask &= scores >= kth[None]
+    rois, classes = keep_mask.nonzero(as_tuple=True)
+    cand_scores = scores[rois, classes]
+    order = cand_scores.argsort(descending=True)
+    rois, classes, cand_scores = rois[order], classes[order], cand_scores[order]
+    # NMS decides a box from the higher-scored boxes of its class only, so the survivors among
+    # the n best candidates are exact; the first n that yields topk survivors gives the answer
+    # (1.2M candidates for 1000 RoIs x 1203 classes: NMS on all of them is slow on a CPU).
+    n = min(len(cand_scores), 8 * topk)
+    while True:
+        keep = batched_nms(boxes[rois[:n]], cand_scores[:n], classes[:n], nms_thresh)
+        if len(keep) >= topk or n == len(cand_scores):
+            break
+        n = min(len(cand_scores), 4 * n)
+    keep = keep[:topk]
+    result = Instances(clip_size)
+    result.pred_boxes = Boxes(boxes[rois[keep]])
+    result.scores = cand_scores[keep]
+    result.pred_classes = classes[keep]
+    return result
+
+
+@ROI_HEADS_REGISTRY.register()
+class OfficialViLDROIHeads(ViLDROIHeads):
+    """ViLD RoI heads with the official pooling, box coding and post-processing."""
+
+    @configurable
+    def __init__(self, *, pre_nms_topk_per_class: int = 1000, **kwargs):
+        """
+        Args:
+            pre_nms_topk_per_class: per class, boxes kept before its NMS (official 1000).
+            kwargs: as :class:`ViLDROIHeads`.
+        """
+        super().__init__(**kwargs)
+        self.pre_nms_topk_per_class = pre_nms_topk_per_class
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["pre_nms_topk_per_class"] = cfg.MODEL.VILD.OFFICIAL.PRE_NMS_TOPK_PER_CLASS
+        return ret
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        features = cfg.MODEL.ROI_HEADS.IN_FEATURES
+        ret["box_pooler"] = OfficialROIPooler(
+            cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
+            [1.0 / input_shape[f].stride for f in features],
+        )
+        ret["box_predictor"] = OfficialViLDOutputLayers(cfg, ret["box_head"].output_shape)
+        return ret
+
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape):
+        ret = super()._init_mask_head(cfg, input_shape)
+        if cfg.MODEL.MASK_ON:
+            features = cfg.MODEL.ROI_HEADS.IN_FEATURES
+            ret["mask_pooler"] = OfficialROIPooler(
+                cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION,
+                [1.0 / input_shape[f].stride for f in features],
+            )
+        return ret
+
+    def official_class_logits(self, box_features: torch.Tensor) -> torch.Tensor:
+        """(R, C) box-head features -> (R, 1 + K) logits in the official layout: background
+        first, then the test classes, cosine x (1 / temperature)."""
+        logits = self.box_predictor.cls_score(box_features)
+        return torch.cat([logits[:, -1:], logits[:, :-1]], dim=1)
+
+    def _forward_box(self, features, proposals: List[Instances], distill=None):
+        if self.training:
+            return super()._forward_box(features, proposals, distill)
+        features = [features[f] for f in self.box_in_features]
+        pooled = self.box_pooler(features, [p.proposal_boxes for p in proposals])
+        predictions = self.box_predictor(self.box_head(pooled))
+        scores = self._class_scores(pooled, predictions, proposals)
+        boxes = self.box_predictor.predict_boxes(predictions, proposals)
+        sizes = [len(p) for p in proposals]
+        return [
+            official_detections(
+                b,
+                s,
+                p.image_size,
+                self.box_predictor.test_score_thresh,
+                self.box_predictor.test_nms_thresh,
+                self.pre_nms_topk_per_class,
+                self.box_predictor.test_topk_per_image,
+            )  # fmt: skip
+            for b, s, p in zip(boxes, scores.split(sizes), proposals)
+        ]
+
+    def _class_scores(self, pooled, predictions, proposals) -> torch.Tensor:
+        """(R, K) scores of the variant, no background column."""
+        logits = predictions[0]
+        if self.variant == "image":  # the untrained background is left out (ViLDROIHeads)
+            probs = logits[:, :-1].softmax(-1)
+            objectness = torch.cat([p.objectness_logits for p in proposals]).sigmoid()
+            return probs * objectness[:, None].to(probs.dtype) ** self.objectness_weight
+        text_probs = logits.softmax(-1)[:, :-1]  # background dropped, not renormalised
+        if self.variant != "ensemble":
+            return text_probs
+        classifier = self.box_predictor.cls_score
+        image_probs = classifier.image_probs(self.embed_image_branch(pooled))
+        return ensemble_scores(
+            text_probs, image_probs, classifier.test_is_base, self.ensemble_lambda
+        )

@@ -1,0 +1,144 @@
+"""The official RPN (modeling/architecture/heads.py RpnHead, ops/roi_ops.py).
+
+Head: two 3x3 convs (with bias) shared by all levels, each followed by a batch norm OF ITS
+LEVEL and a ReLU, then 1x1 convs for A objectness logits and 4A deltas (dy, dx, dh, dw per
+anchor). Proposals, per level: sigmoid, decode (official coding), clip to [0, size - 1], top
+``pre_nms_topk`` by score, NMS, at most ``post_nms_topk`` kept; then the top ``post_nms_topk`` of
+all levels. No minimum box size, and no empty-box filter (detectron2 drops empty boxes).
+"""
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, nms
+from detectron2.modeling.anchor_generator import build_anchor_generator
+from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
+from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
+from detectron2.structures import Boxes, Instances
+from torch import nn
+
+from .box_coding import OfficialBox2BoxTransform, clip_boxes_official
+from .layers import norm_from_config
+
+__all__ = ["OfficialRPNHead", "OfficialRPN", "official_rpn_proposals"]
+
+
+@RPN_HEAD_REGISTRY.register()
+class OfficialRPNHead(nn.Module):
+    """Shared convs, per-level norms (MODEL.RPN.HEAD_NAME "OfficialRPNHead")."""
+
+    @configurable
+    def __init__(self, *, in_channels: int, num_anchors: int, num_levels: int, norm,
+                 num_convs: int = 2):  # fmt: skip
+        """
+        Args:
+            in_channels: FPN width C.
+            num_anchors: A, anchors per location.
+            num_levels: feature maps (P2..P6: 5), one set of norms each.
+            norm: ``channels -> module`` factory (:func:`official_norm`).
+            num_convs: shared 3x3 convs (2).
+        """
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1) for _ in range(num_convs)
+        )
+        # norms[level][conv]: the official names rpn-l{level}-bn, rpn-l{level}-bn-{i}.
+        self.norms = nn.ModuleList(
+            nn.ModuleList(norm(in_channels) for _ in range(num_convs)) for _ in range(num_levels)
+        )
+        self.objectness_logits = nn.Conv2d(in_channels, num_anchors, 1)
+        self.anchor_deltas = nn.Conv2d(in_channels, 4 * num_anchors, 1)
+        for layer in [*self.convs, self.objectness_logits, self.anchor_deltas]:
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        channels = {s.channels for s in input_shape}
+        if len(channels) != 1:
+            raise ValueError(f"RPN inputs must have equal channels, got {channels}")
+        anchors = build_anchor_generator(cfg, input_shape).num_cell_anchors
+        return {
+            "in_channels": channels.pop(),
+            "num_anchors": anchors[0],
+            "num_levels": len(input_shape),
+            "norm": norm_from_config(cfg),
+        }
+
+    def forward(
+        self, features: List[torch.Tensor]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Per level (N, C, H, W) -> objectness (N, A, H, W) and deltas (N, 4A, H, W)."""
+        logits, deltas = [], []
+        for x, norms in zip(features, self.norms):
+            for conv, norm in zip(self.convs, norms):
+                x = F.relu(norm(conv(x)))
+            logits.append(self.objectness_logits(x))
+            deltas.append(self.anchor_deltas(x))
+        return logits, deltas
+
+
+def official_rpn_proposals(
+    proposals: List[torch.Tensor],
+    logits: List[torch.Tensor],
+    clip_sizes: List[Tuple[int, int]],
+    nms_thresh: float,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+) -> List[Instances]:
+    """
+    Args:
+        proposals: per level (N, Hi*Wi*A, 4) decoded XYXY boxes.
+        logits: per level (N, Hi*Wi*A) objectness logits.
+        clip_sizes: per image (H, W): boxes are clipped to [0, W - 1] x [0, H - 1].
+    Returns:
+        per image Instances (``proposal_boxes``, ``objectness_logits``), sorted by score, at
+        most ``post_nms_topk``.
+    """
+    results = []
+    for i, size in enumerate(clip_sizes):
+        boxes_all, logits_all = [], []
+        for boxes_l, logits_l in zip(proposals, logits):
+            boxes = clip_boxes_official(boxes_l[i], size)
+            scores = logits_l[i]
+            k = min(pre_nms_topk, scores.numel())
+            # Sorted by logit = sorted by sigmoid (the official code's score).
+            scores, idx = scores.topk(k)
+            boxes = boxes[idx]
+            keep = nms(boxes, scores, nms_thresh)[:post_nms_topk]
+            boxes_all.append(boxes[keep])
+            logits_all.append(scores[keep])
+        boxes, scores = torch.cat(boxes_all), torch.cat(logits_all)
+        scores, idx = scores.topk(min(post_nms_topk, scores.numel()))
+        inst = Instances(size)
+        inst.proposal_boxes = Boxes(boxes[idx])
+        inst.objectness_logits = scores
+        results.append(inst)
+    return results
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class OfficialRPN(RPN):
+    """detectron2's RPN (anchor labels, losses) with the official box coding and proposal
+    selection (MODEL.PROPOSAL_GENERATOR.NAME "OfficialRPN"). Boxes are clipped to the
+    ImageList's ``image_sizes``: the official meta-architecture gives the padded canvas there."""
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        ret = super().from_config(cfg, input_shape)
+        ret["box2box_transform"] = OfficialBox2BoxTransform(cfg.MODEL.RPN.BBOX_REG_WEIGHTS)
+        return ret
+
+    def predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes):
+        with torch.no_grad():
+            proposals = self._decode_proposals(anchors, pred_anchor_deltas)
+            return official_rpn_proposals(
+                proposals,
+                pred_objectness_logits,
+                image_sizes,
+                self.nms_thresh,
+                self.pre_nms_topk[self.training],
+                self.post_nms_topk[self.training],
+            )
