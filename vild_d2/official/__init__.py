@@ -3,10 +3,14 @@ TensorFlow-free checkpoint reader. See docs/OFFICIAL.md.
 """
 
 from .random_weights import CLASSIFIER_KEY, random_classifier, random_official_weights
+from .tf_checkpoint import CheckpointError, list_tf_checkpoint, read_tf_checkpoint
 from .variables import official_variables, resnet_variables
 
 __all__ = [
     "CLASSIFIER_KEY",
+    "CheckpointError",
+    "list_tf_checkpoint",
+    "read_tf_checkpoint",
     "official_variables",
     "random_classifier",
     "random_official_weights",

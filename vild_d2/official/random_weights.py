@@ -10,7 +10,7 @@ shows up), and the last layers are scaled so that RPN scores, class logits, box 
 logits are spread rather than all equal.
 """
 
-from collections.abc import Iterable, Sequence
+from typing import Dict, Iterable, Sequence, Tuple
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def _layer_kind(name: str) -> str:
     return name.rsplit("/", 2)[-2]
 
 
-def _fan_in(name: str, shape: tuple[int, ...]) -> int:
+def _fan_in(name: str, shape: Tuple[int, ...]) -> int:
     if len(shape) == 2:  # dense (in, out)
         return shape[0]
     if "conv5-mask" in name:
@@ -58,7 +58,7 @@ def _fan_in(name: str, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-1]))  # conv (kh, kw, in, out)
 
 
-def _draw(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+def _draw(rng: np.random.Generator, name: str, shape: Tuple[int, ...]) -> np.ndarray:
     leaf = name.rsplit("/", 1)[-1]
     kind = _layer_kind(name)
     if leaf == "kernel":
@@ -80,8 +80,8 @@ def _draw(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.nda
 
 
 def random_official_weights(
-    variables: Iterable[tuple[str, Sequence[int]]], seed: int
-) -> dict[str, np.ndarray]:
+    variables: Iterable[Tuple[str, Sequence[int]]], seed: int
+) -> Dict[str, np.ndarray]:
     """Random float32 values for each official variable, deterministic in `seed`.
 
     Args:
@@ -96,7 +96,7 @@ def random_official_weights(
         `random_classifier(seed, ...)` (own stream) and does not advance the main stream.
     """
     rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
+    out: Dict[str, np.ndarray] = {}
     for name, shape in variables:
         shape = tuple(int(d) for d in shape)
         if name.endswith("class-predict/kernel") and "background" not in name:

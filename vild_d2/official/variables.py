@@ -16,19 +16,20 @@ Names carry no `:0` and no `_sim_clr` suffix (see docs/OFFICIAL.md).
 """
 
 import os
-from functools import cache
+from functools import lru_cache
+from typing import List, Tuple
 
 __all__ = ["BLOCKS_PER_GROUP", "official_variables", "resnet_variables"]
 
-Variable = tuple[str, tuple[int, ...]]
+Variable = Tuple[str, Tuple[int, ...]]
 
 BLOCKS_PER_GROUP = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 _BN_VARS = ("gamma", "beta", "moving_mean", "moving_variance")
 _ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 
 
-@cache
-def _read_list(ensemble: bool) -> tuple[Variable, ...]:
+@lru_cache(maxsize=None)
+def _read_list(ensemble: bool) -> Tuple[Variable, ...]:
     name = (
         "vild_official_R50_ensemble_variables.txt"
         if ensemble
@@ -46,7 +47,7 @@ def _read_list(ensemble: bool) -> tuple[Variable, ...]:
     return tuple(out)
 
 
-def resnet_variables(depth: int = 50) -> list[Variable]:
+def resnet_variables(depth: int = 50) -> List[Variable]:
     """The official bottleneck ResNet's variables, in the order TF creates them.
 
     Returns:
@@ -55,7 +56,7 @@ def resnet_variables(depth: int = 50) -> list[Variable]:
     if depth not in BLOCKS_PER_GROUP:
         raise ValueError(f"depth must be one of {sorted(BLOCKS_PER_GROUP)}, got {depth}")
     scope = f"resnet{depth}"
-    out: list[Variable] = []
+    out: List[Variable] = []
     counter = [0]  # tf.layers numbers conv2d and batch_normalization with one shared index
 
     def conv_bn(k: int, cin: int, cout: int) -> None:
@@ -79,7 +80,7 @@ def resnet_variables(depth: int = 50) -> list[Variable]:
     return out
 
 
-def official_variables(depth: int = 50, ensemble: bool = False) -> list[Variable]:
+def official_variables(depth: int = 50, ensemble: bool = False) -> List[Variable]:
     """Names and shapes of the official ViLD checkpoint's variables, in creation order.
 
     Args:
