@@ -84,8 +84,10 @@ def convert(args) -> dict:
     cfg = load_config(args.config_file, args.opts)
     depth, ensemble = cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.VILD.VARIANT == "ensemble"
     if cfg.MODEL.META_ARCHITECTURE != "OfficialViLDRCNN":
-        raise ValueError(f"{args.config_file} is not an official-architecture config "
-                         "(META_ARCHITECTURE OfficialViLDRCNN): use configs/LVIS-OVD/official/")  # fmt: skip
+        raise ValueError(
+            f"{args.config_file} is not an official-architecture config (META_ARCHITECTURE "
+            "OfficialViLDRCNN): use configs/LVIS-OVD/official/"
+        )
     tf_vars = read_tf_checkpoint(args.checkpoint)
     skipped = sorted(n for n in tf_vars if _TRAINING_ONLY.search(n.split(":")[0]))
     if skipped:
