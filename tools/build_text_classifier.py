@@ -6,6 +6,8 @@ Examples:
         --output lvis.pth
     python tools/build_text_classifier.py --clip clip.pt --names "cat,dog,zebra" --novel zebra \
         --output animals.pth
+    python tools/build_text_classifier.py --clip ViT-B/32 --dataset-file my_parts.yaml \
+        --dataset my_parts_val --output my_parts_all.pth   # your own data: docs/OWN_DATA.md
 """
 
 import argparse
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2.data loads)
+from vild_d2.data import register_dataset_files
 from vild_d2.text import (
     TextEncoder,
     load_templates,
@@ -32,6 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--names", help='comma-separated class names, e.g. "cat,dog"')
     src.add_argument("--names-file", help="text file with one class name per line")
     src.add_argument("--dataset", help="registered dataset whose thing_classes to encode")
+    p.add_argument(
+        "--dataset-file",
+        action="append",
+        default=[],
+        help="a YAML dataset file to register first (repeatable; docs/OWN_DATA.md)",
+    )
     p.add_argument("--novel", default="", help="comma-separated novel class names")
     p.add_argument("--templates", default="", help='prompt templates file ("" = the 63 ViLD ones)')
     p.add_argument("--synonyms", action="store_true", help="average dataset class_synonyms in")
@@ -48,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    register_dataset_files(args.dataset_file)
     encoder = TextEncoder(
         args.clip,
         templates=load_templates(args.templates),

@@ -17,6 +17,7 @@ import torch
 import vild_d2  # noqa: F401  (first: compatibility bridges)
 from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
+from vild_d2.data import register_dataset_files
 from vild_d2.distill.precompute import (
     add_store_arguments,
     check_dataset_dicts,
@@ -34,6 +35,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--proposals", required=True, help="store of tools/precompute_proposals.py")
     p.add_argument("--dataset", required=True, help="registered dataset name")
+    p.add_argument(
+        "--dataset-file",
+        action="append",
+        default=[],
+        help="a YAML dataset file to register first (repeatable; docs/OWN_DATA.md)",
+    )
     p.add_argument("--clip", required=True, help="CLIP model name or local checkpoint")
     p.add_argument("--output", required=True, help="store directory")
     p.add_argument("--max-proposals", type=int, default=300, help="top-M proposals per image")
@@ -52,6 +59,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     shard_from_env(args)
+    register_dataset_files(args.dataset_file)
     setup_logger(name="vild_d2")
     logger = setup_logger(name="precompute_clip_embeddings")
     proposals = DistillStore(args.proposals)

@@ -1,11 +1,11 @@
-"""COCO open-vocabulary evaluation: box AP50 on the novel, base and all classes."""
+"""COCO open-vocabulary evaluation: box AP50 and AP on the novel, base and all classes."""
 
 import contextlib
 import copy
 import io
 import itertools
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
@@ -19,9 +19,11 @@ logger = logging.getLogger(__name__)
 
 class COCOOpenVocabularyEvaluator(COCOEvaluator):
     """
-    detectron2's :class:`COCOEvaluator` (all its metrics), plus box AP50 over the novel, the
-    base and all classes, each from pycocotools' COCOeval restricted to that category subset
-    (``params.catIds``). Results: ``results["bbox"]["AP50-novel" | "AP50-base" | "AP50-all"]``.
+    detectron2's :class:`COCOEvaluator` (all its metrics), plus box AP50 and AP (IoU
+    0.5:0.95) over the novel, the base and all classes, each from pycocotools' COCOeval
+    restricted to that category subset (``params.catIds``). Results:
+    ``results["bbox"]["AP50-novel" | "AP50-base" | "AP50-all" | "AP-novel" | "AP-base" |
+    "AP-all"]``.
 
     Novel classes are the dataset metadata's ``novel_classes`` (names among ``thing_classes``);
     base = the others. A dataset whose ground-truth json is derived (``source_json_file`` in its
@@ -88,22 +90,21 @@ class COCOOpenVocabularyEvaluator(COCOEvaluator):
         super()._eval_predictions(predictions, img_ids=img_ids)
         if not self._do_evaluation or "bbox" not in self._results:
             return
-        split = {
-            f"AP50-{subset}": self._ap50(results, cat_ids, img_ids)
-            for subset, cat_ids in self._category_subsets.items()
-        }
+        aps = {s: self._aps(results, ids, img_ids) for s, ids in self._category_subsets.items()}
+        split = {f"AP50-{subset}": ap[1] for subset, ap in aps.items()}
+        split.update({f"AP-{subset}": ap[0] for subset, ap in aps.items()})
         counts = {k: len(v) for k, v in self._category_subsets.items()}
         logger.info(
-            f"Open-vocabulary box AP50 ({counts['novel']} novel / {counts['base']} base / "
-            f"{counts['all']} classes): \n" + create_small_table(split)
+            f"Open-vocabulary box AP50 and AP ({counts['novel']} novel / {counts['base']} "
+            f"base / {counts['all']} classes): \n" + create_small_table(split)
         )
         self._results["bbox"].update(split)
 
-    def _ap50(self, results: List[Dict], cat_ids: List[int], img_ids=None) -> float:
-        """Box AP50 (in %) over ``cat_ids`` by pycocotools; NaN without detections or ground
-        truth there."""
+    def _aps(self, results: List[Dict], cat_ids: List[int], img_ids=None) -> Tuple[float, float]:
+        """Box (AP, AP50) in % over ``cat_ids`` by pycocotools; NaN without detections or
+        ground truth there."""
         if not results:
-            return float("nan")
+            return float("nan"), float("nan")
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
             coco_dt = self._coco_api.loadRes(copy.deepcopy(results))
             if self._use_fast_impl:
@@ -118,5 +119,6 @@ class COCOOpenVocabularyEvaluator(COCOEvaluator):
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
-        ap50 = coco_eval.stats[1]  # IoU 0.5, all areas, maxDets[2] detections per image
-        return float(ap50 * 100) if ap50 >= 0 else float("nan")
+        # stats[0]: IoU 0.5:0.95, stats[1]: IoU 0.5; all areas, maxDets[2] detections per image
+        ap, ap50 = coco_eval.stats[:2]
+        return tuple(float(v * 100) if v >= 0 else float("nan") for v in (ap, ap50))

@@ -12,11 +12,15 @@
 
 Registration reads no file; a missing file is reported, with the expected layout, when the
 dataset is loaded.
+
+Your own data: :func:`register_ovd_dataset` (one call) or :func:`register_dataset_files` (the
+YAML dataset files of ``MODEL.VILD.DATASET_FILES``), docs/OWN_DATA.md.
 """
 
 from .coco_ovd import prepare_coco_ovd_json, register_coco_ovd
 from .common import dataset_cache_dir
 from .lvis_ovd import register_lvis_v1_ovd
+from .register_ovd import register_dataset_files, register_ovd_dataset
 from .transfer import (
     register_coco_2017_val,
     register_objects365_v2_val,
@@ -31,7 +35,9 @@ __all__ = [
     "register_coco_2017_val",
     "register_coco_ovd",
     "register_lvis_v1_ovd",
+    "register_dataset_files",
     "register_objects365_v2_val",
+    "register_ovd_dataset",
     "register_transfer_datasets",
     "register_voc_2007_test",
 ]
