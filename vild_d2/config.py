@@ -1,11 +1,13 @@
 """The project's config node, ``cfg.MODEL.VILD``."""
 
-from typing import Sequence
+import math
+import re
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_vild_config", "load_config", "needs_distillation"]
+__all__ = ["add_vild_config", "check_vild_config", "load_config", "needs_distillation"]
 
 VARIANTS = ("text", "image", "vild", "ensemble")
 
@@ -19,6 +21,7 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     cfg.freeze()
+    check_vild_config(cfg)
     if cfg.MODEL.VILD.DATASET_FILES:  # here, so that every tool registers them
         from .data import register_dataset_files
 
@@ -29,7 +32,8 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
 def needs_distillation(cfg) -> bool:
     """Whether the model of ``cfg`` trains with distillation targets (a ViLD model whose
     variant is not ViLD-text; not e.g. the supervised baseline sharing a config base)."""
-    return cfg.MODEL.META_ARCHITECTURE == "ViLDRCNN" and cfg.MODEL.VILD.VARIANT != "text"
+    vild_arch = cfg.MODEL.META_ARCHITECTURE in ("ViLDRCNN", "OfficialViLDRCNN")
+    return vild_arch and cfg.MODEL.VILD.VARIANT != "text"
 
 
 def add_vild_config(cfg):
@@ -101,4 +105,123 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.LSJ.IMAGE_SIZE = 1024
     _C.MODEL.VILD.LSJ.MIN_SCALE = 0.1
     _C.MODEL.VILD.LSJ.MAX_SCALE = 2.0
-    from .official.config import add_official_config; add_official_config(_C)  # noqa: E702
+
+    # The official (TensorFlow) ViLD architecture's options that detectron2's config has no key
+    # for (META_ARCHITECTURE "OfficialViLDRCNN"; vild_d2/official, docs/OFFICIAL.md).
+    _C.MODEL.VILD.OFFICIAL = CN()
+    # Norm of every official module: "BN" (batch statistics in training), "SyncBN" (the
+    # official TPU recipe), "FrozenBN" (fine-tuning / inference only).
+    _C.MODEL.VILD.OFFICIAL.NORM = "BN"
+    # tf.layers.batch_normalization's settings: epsilon 1e-4, TF momentum 0.997, i.e.
+    # PyTorch momentum 1 - 0.997 (PyTorch weighs the new batch, TF the running value).
+    _C.MODEL.VILD.OFFICIAL.BN_EPS = 1e-4
+    _C.MODEL.VILD.OFFICIAL.BN_MOMENTUM = 0.003
+    # Test-time input: the image's longer side is resized to IMAGE_SIZE (TF's legacy bilinear
+    # resize, no half-pixel centres) and the image padded to IMAGE_SIZE x IMAGE_SIZE; boxes are
+    # clipped to that canvas, [0, IMAGE_SIZE - 1], as the official code does. In training the
+    # mapper's image (e.g. large-scale jitter) is padded to IMAGE_SIZE x IMAGE_SIZE.
+    _C.MODEL.VILD.OFFICIAL.IMAGE_SIZE = 1024
+    # Anchor size in units of the level's stride (anchor side = ANCHOR_SIZE * 2^level); the
+    # ratios are MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS, read as width / height.
+    _C.MODEL.VILD.OFFICIAL.ANCHOR_SIZE = 8.0
+    # Post-processing (postprocess.pre_nms_num_boxes): per class, the top-scoring boxes kept
+    # before its NMS; then MODEL.ROI_HEADS.NMS_THRESH_TEST and TEST.DETECTIONS_PER_IMAGE.
+    _C.MODEL.VILD.OFFICIAL.PRE_NMS_TOPK_PER_CLASS = 1000
+
+
+# --- what each MODEL.VILD value may be ------------------------------------------------------
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _text(v) -> bool:
+    return isinstance(v, str)
+
+
+def _texts(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+
+
+def _flag(v) -> bool:
+    return isinstance(v, bool)
+
+
+# Every leaf of cfg.MODEL.VILD: (what it may be, the test). tests/test_config.py checks that no
+# key is left without a rule.
+RULES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
+    "VARIANT": (f"one of {', '.join(VARIANTS)}", lambda v: v in VARIANTS),
+    "CLIP_MODEL": ("a CLIP name or checkpoint path", lambda v: _text(v) and bool(v.strip())),
+    "TRAIN_VOCABULARY": ("a vocabulary file, dataset name or ''", _text),
+    "TEST_VOCABULARY": ("a vocabulary file, dataset name or ''", _text),
+    "PROMPT_TEMPLATES": ("a templates file or ''", _text),
+    "USE_SYNONYMS": ("True or False", _flag),
+    "EMBEDDING_CACHE_DIR": ("a folder, 'auto' or ''", _text),
+    "TEMPERATURE": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "DISTILL_WEIGHT": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "DISTILL.STORES": ("a list of store folders", _texts),
+    "DISTILL.MISSING": ("'error' or 'skip'", lambda v: v in ("error", "skip")),
+    "DISTILL.MAX_BOXES": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
+    "DISTILL.CROP_SCALES": (
+        "one or more numbers > 0",
+        lambda v: isinstance(v, (list, tuple))
+        and len(v) > 0
+        and all(_number(s) and s > 0 for s in v),
+    ),
+    "DISTILL.ONLINE": ("True or False", _flag),
+    "DISTILL.ONLINE_DEVICE": (
+        "'cpu', 'cuda' or 'cuda:N'",
+        lambda v: _text(v) and re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None,
+    ),
+    "ENSEMBLE_LAMBDA": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+    "OBJECTNESS_WEIGHT": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "CLIP_ON_CROPS.NUM_PROPOSALS": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
+    "LSJ.ENABLED": ("True or False", _flag),
+    "LSJ.IMAGE_SIZE": ("an integer >= 32", lambda v: _integer(v) and v >= 32),
+    "LSJ.MIN_SCALE": ("a number > 0", lambda v: _number(v) and v > 0),
+    "LSJ.MAX_SCALE": ("a number >= LSJ.MIN_SCALE", _number),
+    "DATASET_FILES": ("a list of dataset files", _texts),
+    "OFFICIAL.NORM": ("'BN', 'SyncBN' or 'FrozenBN'", lambda v: v in ("BN", "SyncBN", "FrozenBN")),
+    "OFFICIAL.BN_EPS": ("a number > 0", lambda v: _number(v) and v > 0),
+    "OFFICIAL.BN_MOMENTUM": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+    "OFFICIAL.IMAGE_SIZE": ("an integer >= 32", lambda v: _integer(v) and v >= 32),
+    "OFFICIAL.ANCHOR_SIZE": ("a number > 0", lambda v: _number(v) and v > 0),
+    "OFFICIAL.PRE_NMS_TOPK_PER_CLASS": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
+}
+
+
+def _leaves(node: CN, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, CN):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def check_vild_config(cfg) -> None:
+    """
+    Range-check every ``cfg.MODEL.VILD`` value (:data:`RULES`).
+
+    Raises:
+        ValueError: naming each key out of range, its value and what it may be.
+    """
+    problems = []
+    values = dict(_leaves(cfg.MODEL.VILD))
+    for key, value in values.items():
+        if key not in RULES:  # (tests/test_config.py keeps every key covered)
+            continue
+        allowed, ok = RULES[key]
+        if not ok(value):
+            problems.append(f"MODEL.VILD.{key} = {value!r}: must be {allowed}")
+    lsj_min, lsj_max = values.get("LSJ.MIN_SCALE"), values.get("LSJ.MAX_SCALE")
+    if _number(lsj_min) and _number(lsj_max) and lsj_max < lsj_min:
+        problems.append(
+            f"MODEL.VILD.LSJ.MAX_SCALE = {lsj_max!r}: must be >= LSJ.MIN_SCALE ({lsj_min!r})"
+        )
+    if problems:
+        raise ValueError("config values out of range:\n  " + "\n  ".join(problems))

@@ -17,12 +17,11 @@ __all__ = [
     "resnet_variables",
 ]
 
-# The official architecture as detectron2 modules (registered on import), its config node and
-# the weight converter.
+# The official architecture as detectron2 modules (registered on import; its config node,
+# cfg.MODEL.VILD.OFFICIAL, is in vild_d2/config.py) and the weight converter.
 from .anchors import OfficialAnchorGenerator  # noqa: E402
 from .backbone import TFFPN, build_tf_resnet, build_tf_resnet_fpn_backbone  # noqa: E402
 from .box_coding import OfficialBox2BoxTransform, clip_boxes_official  # noqa: E402
-from .config import add_official_config  # noqa: E402
 from .convert import convert_official_weights, official_vocabulary  # noqa: E402
 from .heads import OfficialBoxHead, OfficialMaskHead  # noqa: E402
 from .meta_arch import OfficialViLDRCNN  # noqa: E402
@@ -37,7 +36,6 @@ __all__ += [
     "build_tf_resnet_fpn_backbone",
     "OfficialBox2BoxTransform",
     "clip_boxes_official",
-    "add_official_config",
     "convert_official_weights",
     "official_vocabulary",
     "OfficialBoxHead",
