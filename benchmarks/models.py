@@ -26,9 +26,14 @@ __all__ = ["BenchmarkSetup", "build_models", "QUICK_OPTS", "TINY_CLIP_LABEL"]
 
 # A tiny text and image tower with ViT-B/32's 512-d output, so its vocabularies fit the models.
 TINY_CLIP = dict(
-    embed_dim=EMBED_DIM, image_resolution=32, vision_layers=1, vision_width=64,
-    vision_patch_size=16, transformer_width=64, transformer_layers=1,
-)  # fmt: skip
+    embed_dim=EMBED_DIM,
+    image_resolution=32,
+    vision_layers=1,
+    vision_width=64,
+    vision_patch_size=16,
+    transformer_width=64,
+    transformer_layers=1,
+)
 TINY_CLIP_LABEL = "tiny random CLIP (1 layer, width 64)"
 
 FULL_CONFIG = "configs/Base-ViLD-RCNN-FPN.yaml"
@@ -38,12 +43,24 @@ QUICK_MODEL = "shapes R18-FPN, tiny heads (configs/Shapes/Base-Shapes-R18-FPN.ya
 # The shapes model at the tests' size (tests/tiny_world.py: TINY_OPTS): small heads and few
 # test proposals, so that --quick stays a smoke run of a few seconds.
 QUICK_OPTS = [
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "400", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "400",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "100",
     # Enough training proposals for the same-RoI-count stock run (64 + 300 RoIs per image).
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "1000", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "500",
-    "MODEL.ROI_BOX_HEAD.NUM_CONV", "1", "MODEL.ROI_BOX_HEAD.FC_DIM", "128",
-    "MODEL.ROI_MASK_HEAD.NUM_CONV", "1", "TEST.DETECTIONS_PER_IMAGE", "50",
-]  # fmt: skip
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    "1000",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "500",
+    "MODEL.ROI_BOX_HEAD.NUM_CONV",
+    "1",
+    "MODEL.ROI_BOX_HEAD.FC_DIM",
+    "128",
+    "MODEL.ROI_MASK_HEAD.NUM_CONV",
+    "1",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "50",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,17 +94,32 @@ def model_opts(
     """The config overrides every model of the benchmark shares: the tiny CLIP, ``vocabulary``
     (a saved file) for training and test, test images of short side ``size``."""
     opts = [
-        "MODEL.DEVICE", device,
-        "MODEL.WEIGHTS", "",
-        "MODEL.VILD.CLIP_MODEL", clip_path,
-        "MODEL.VILD.EMBEDDING_CACHE_DIR", cache_dir,
-        "MODEL.VILD.TRAIN_VOCABULARY", vocabulary,
-        "MODEL.VILD.TEST_VOCABULARY", vocabulary,
+        "MODEL.DEVICE",
+        device,
+        "MODEL.WEIGHTS",
+        "",
+        "MODEL.VILD.CLIP_MODEL",
+        clip_path,
+        "MODEL.VILD.EMBEDDING_CACHE_DIR",
+        cache_dir,
+        "MODEL.VILD.TRAIN_VOCABULARY",
+        vocabulary,
+        "MODEL.VILD.TEST_VOCABULARY",
+        vocabulary,
         # Inputs are made here, not loaded: no datasets, no distillation stores.
-        "MODEL.VILD.DISTILL.STORES", "()", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
-        "INPUT.MIN_SIZE_TEST", str(size), "INPUT.MAX_SIZE_TEST", str(size * 2),
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(score_thresh),
-    ]  # fmt: skip
+        "MODEL.VILD.DISTILL.STORES",
+        "()",
+        "DATASETS.TRAIN",
+        "()",
+        "DATASETS.TEST",
+        "()",
+        "INPUT.MIN_SIZE_TEST",
+        str(size),
+        "INPUT.MAX_SIZE_TEST",
+        str(size * 2),
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        str(score_thresh),
+    ]
     if quick:
         return opts + QUICK_OPTS
     return opts + ["MODEL.BACKBONE.FREEZE_AT", "2"]  # detectron2's default for R50 training
@@ -106,10 +138,13 @@ def build_stock(config_file: str, opts: Sequence[str]):
     """detectron2's own Mask R-CNN (eval mode) of the same config, over NUM_CLASSES + 1."""
     stock_opts = [
         *opts,
-        "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
-        "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
-        "MODEL.ROI_HEADS.NUM_CLASSES", str(NUM_CLASSES),
-    ]  # fmt: skip
+        "MODEL.META_ARCHITECTURE",
+        "GeneralizedRCNN",
+        "MODEL.ROI_HEADS.NAME",
+        "StandardROIHeads",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        str(NUM_CLASSES),
+    ]
     torch.manual_seed(0)
     return build_model(load_config(config_file, stock_opts)).eval()
 

@@ -56,9 +56,13 @@ def benchmark_precompute(setup: BenchmarkSetup) -> dict:
 
         def end_to_end():
             header = embeddings_header(
-                "bench_photos", len(dicts), chunk_size=2, max_proposals=m,
-                teacher_settings=teacher.settings(), proposals=proposals,
-            )  # fmt: skip
+                "bench_photos",
+                len(dicts),
+                chunk_size=2,
+                max_proposals=m,
+                teacher_settings=teacher.settings(),
+                proposals=proposals,
+            )
             writer = StoreWriter(f"{tmp}/targets{next(runs)}", header)
             run_precompute(
                 writer,

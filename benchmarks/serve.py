@@ -162,7 +162,12 @@ def benchmark_serve(setup: BenchmarkSetup) -> dict:
     service = DetectionService(predictor, samples={})
     with ServerThread(build_app(service, page=False)) as server:
         report = run_load(
-            server.url, predictor, images, VOCABULARIES, clients=clients, seconds=seconds,
+            server.url,
+            predictor,
+            images,
+            VOCABULARIES,
+            clients=clients,
+            seconds=seconds,
             threshold=0.05,
-        )  # fmt: skip
+        )
     return {"serve": report}

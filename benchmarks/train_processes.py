@@ -54,8 +54,12 @@ def make_shapes_training(
     workdir = Path(workdir)
     env = dict(os.environ, DETECTRON2_DATASETS=str(workdir))
     m = 40  # proposals and distillation boxes per image
-    common = ["MODEL.VILD.CLIP_MODEL", clip_path,
-              "MODEL.VILD.EMBEDDING_CACHE_DIR", str(workdir / "cache")]  # fmt: skip
+    common = [
+        "MODEL.VILD.CLIP_MODEL",
+        clip_path,
+        "MODEL.VILD.EMBEDDING_CACHE_DIR",
+        str(workdir / "cache"),
+    ]
     store = dict(chunk_size=4, num_workers=0)  # small chunks, no loader processes
 
     def tool(name: str, *opts: str, **flags) -> None:
@@ -99,8 +103,15 @@ def make_shapes_training(
         max_proposals=m,
         **store,
     )
-    opts = [*common, "MODEL.VILD.DISTILL.STORES", f"('{workdir / 'targets'}',)",
-            "MODEL.VILD.DISTILL.MAX_BOXES", str(m), "DATASETS.TEST", "()"]  # fmt: skip
+    opts = [
+        *common,
+        "MODEL.VILD.DISTILL.STORES",
+        f"('{workdir / 'targets'}',)",
+        "MODEL.VILD.DISTILL.MAX_BOXES",
+        str(m),
+        "DATASETS.TEST",
+        "()",
+    ]
     return env, opts
 
 
@@ -123,11 +134,21 @@ def benchmark_train_processes(setup: BenchmarkSetup, extra_runs: Dict[str, list]
         )
         opts += [
             *(QUICK_OPTS if quick else []),
-            "INPUT.MIN_SIZE_TRAIN", "(64,)" if quick else "(128,)",
-            "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", setup.device,
-            "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", str(iters),
-            "SOLVER.BASE_LR", "0.0025", "SOLVER.CHECKPOINT_PERIOD", "100000",
-        ]  # fmt: skip
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)" if quick else "(128,)",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "MODEL.DEVICE",
+            setup.device,
+            "SOLVER.IMS_PER_BATCH",
+            str(batch),
+            "SOLVER.MAX_ITER",
+            str(iters),
+            "SOLVER.BASE_LR",
+            "0.0025",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "100000",
+        ]
         runs = {1: {"vild": []}, 2: {"vild": [], **(extra_runs or {})}}
         records = {}
         for n, named in runs.items():

@@ -14,6 +14,9 @@ import torch
 
 from benchmarks.common import TASKS, round_robin
 
+# Trains, evaluates or starts processes: minutes on a CPU (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((ROOT / "docs/benchmarks/cpu_2core.json").read_text())
 

@@ -40,6 +40,7 @@ def _demo(config_file, opts, *args):
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_demo_on_a_real_photo_with_json(toy, tmp_path):
     root, config_file, opts, photos = toy
     proc = _demo(
@@ -80,6 +81,7 @@ def test_demo_on_a_real_photo_with_json(toy, tmp_path):
             assert ys.min() >= y - 1 and ys.max() <= y + h + 1
 
 
+@pytest.mark.slow
 def test_demo_on_a_folder_with_a_corrupt_file(toy, tmp_path):
     root, config_file, opts, photos = toy
     proc = _demo(
@@ -109,6 +111,7 @@ def test_demo_on_a_folder_with_a_corrupt_file(toy, tmp_path):
     assert [e["input"].endswith("broken.jpg") for e in result["errors"]] == [True]
 
 
+@pytest.mark.slow
 def test_demo_on_a_video(toy, tmp_path):
     root, config_file, opts, photos = toy
     video = tmp_path / "in.mp4"

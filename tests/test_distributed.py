@@ -35,16 +35,39 @@ from vild_d2.engine.launch import usable_cpus
 from benchmarks.train_processes import train_in_processes
 from tiny_world import M, TINY_OPTS, tiny_config, tool_world  # tests/ helper
 
+# Trains, evaluates or starts processes: minutes on a CPU (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 VARIANTS = {"text": "vild_text", "vild": "vild", "ensemble": "vild_ensemble"}
 ITERS = 3
 EQUIVALENCE_OPTS = [
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.RANDOM_FLIP", "none", "MODEL.MASK_ON", "False",
-    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "100000", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32",
-    "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT", "False", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
-    "MODEL.ROI_HEADS.POSITIVE_FRACTION", "1.0",
-    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "0",
-    "SOLVER.MAX_ITER", str(ITERS), "DATASETS.TEST", "()",
-]  # fmt: skip
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.RANDOM_FLIP",
+    "none",
+    "MODEL.MASK_ON",
+    "False",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+    "100000",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "32",
+    "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT",
+    "False",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "64",
+    "MODEL.ROI_HEADS.POSITIVE_FRACTION",
+    "1.0",
+    "SOLVER.IMS_PER_BATCH",
+    "4",
+    "SOLVER.BASE_LR",
+    "0.01",
+    "SOLVER.WARMUP_ITERS",
+    "0",
+    "SOLVER.MAX_ITER",
+    str(ITERS),
+    "DATASETS.TEST",
+    "()",
+]
 # float32 sums in another order (RoIs are sampled in a random order; the gradients of two
 # halves are added, not of the whole): losses agree to 1e-5 relative, weights to 1e-5
 # absolute, while the steps move them by ~1e-2.
@@ -68,8 +91,14 @@ def trained(env_world):
     for variant, name in VARIANTS.items():
         config_file = f"configs/Shapes/{name}.yaml"
         opts = [*common, *EQUIVALENCE_OPTS]
-        cfg = tiny_config(config_file, env_world["clip"], root / "cache", *opts,
-                          "DATASETS.TRAIN", f"('{env_world['world']['train']}',)")  # fmt: skip
+        cfg = tiny_config(
+            config_file,
+            env_world["clip"],
+            root / "cache",
+            *opts,
+            "DATASETS.TRAIN",
+            f"('{env_world['world']['train']}',)",
+        )
         torch.manual_seed(0)
         ViLDCheckpointer(Trainer.build_model(cfg), str(root / "init")).save(variant)
         init = ["MODEL.WEIGHTS", str(root / "init" / f"{variant}.pth")]
@@ -81,10 +110,22 @@ def trained(env_world):
     # over gloo. ViLDConvFCHead puts it after each FC too, as the official head.
     runs[2]["syncbn"] = [
         "configs/Shapes/vild_ensemble.yaml",
-        [*common, "MODEL.ROI_BOX_HEAD.NAME", "ViLDConvFCHead", "MODEL.ROI_BOX_HEAD.NORM",
-         "naiveSyncBN_N", "MODEL.ROI_MASK_HEAD.NORM", "naiveSyncBN_N", "SOLVER.MAX_ITER", "2",
-         "DATASETS.TEST", "()", "OUTPUT_DIR", str(root / "p2" / "syncbn")],
-    ]  # fmt: skip
+        [
+            *common,
+            "MODEL.ROI_BOX_HEAD.NAME",
+            "ViLDConvFCHead",
+            "MODEL.ROI_BOX_HEAD.NORM",
+            "naiveSyncBN_N",
+            "MODEL.ROI_MASK_HEAD.NORM",
+            "naiveSyncBN_N",
+            "SOLVER.MAX_ITER",
+            "2",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            str(root / "p2" / "syncbn"),
+        ],
+    ]
     env = env_world["env"]
     return {n: train_in_processes(runs[n], n, root / f"record{n}.json", env=env) for n in (1, 2)}
 
@@ -115,8 +156,10 @@ def test_two_processes_train_like_one(trained, env_world, variant):
     w1, w2 = ({k: weights[n][k].double() for k in params} for n in (1, 2))
     abs_diff, rel_diff = _max_diffs(w2, w1)
     moved = max((w1[k] - init[k].double()).abs().max().item() for k in params)
-    print(f"\n{variant}: losses max rel diff {worst:.2e}; weights after {ITERS} steps max abs "
-          f"diff {abs_diff:.2e} (max rel {rel_diff:.2e}), largest update {moved:.2e}")
+    print(
+        f"\n{variant}: losses max rel diff {worst:.2e}; weights after {ITERS} steps max abs "
+        f"diff {abs_diff:.2e} (max rel {rel_diff:.2e}), largest update {moved:.2e}"
+    )
     assert worst <= LOSS_RTOL
     assert abs_diff <= WEIGHT_ATOL and moved > 100 * WEIGHT_ATOL
 
@@ -145,13 +188,21 @@ def test_checkpoints_resume_across_world_sizes(trained, env_world, tmp_path):
     """A 2-process run's checkpoint (written once, by rank 0, with the vocabulary) resumes in 1
     process; a 1-process run's in 2 processes, here as two "machines" of one process each."""
     env = env_world["env"]
-    checkpoint = torch.load(Path(trained[2]["vild"]["output_dir"]) / "model_final.pth",
-                            weights_only=False)  # fmt: skip
+    checkpoint = torch.load(
+        Path(trained[2]["vild"]["output_dir"]) / "model_final.pth", weights_only=False
+    )
     assert checkpoint["iteration"] == ITERS - 1
     # No test dataset: the test vocabulary is the training one (the base classes).
     assert checkpoint["vocabulary"]["names"] == env_world["world"]["spec"].base
-    common = ["--config-file", "configs/Shapes/vild.yaml", "--resume", *env_world["common"],
-              *EQUIVALENCE_OPTS, "SOLVER.MAX_ITER", str(ITERS + 1)]  # fmt: skip
+    common = [
+        "--config-file",
+        "configs/Shapes/vild.yaml",
+        "--resume",
+        *env_world["common"],
+        *EQUIVALENCE_OPTS,
+        "SOLVER.MAX_ITER",
+        str(ITERS + 1),
+    ]
     for n in (2, 1):
         out = tmp_path / f"from{n}"
         shutil.copytree(trained[n]["vild"]["output_dir"], out)
@@ -161,10 +212,24 @@ def test_checkpoints_resume_across_world_sizes(trained, env_world, tmp_path):
             url = f"tcp://127.0.0.1:{_free_port()}"
             machines = [
                 subprocess.Popen(
-                    [sys.executable, "tools/train_net.py", "--num-machines", "2",
-                     "--machine-rank", str(r), "--dist-url", url, *common, "OUTPUT_DIR", str(out)],
-                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                )  # fmt: skip
+                    [
+                        sys.executable,
+                        "tools/train_net.py",
+                        "--num-machines",
+                        "2",
+                        "--machine-rank",
+                        str(r),
+                        "--dist-url",
+                        url,
+                        *common,
+                        "OUTPUT_DIR",
+                        str(out),
+                    ],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
                 for r in (0, 1)
             ]
             logs = [m.communicate(timeout=300)[0] for m in machines]
@@ -178,9 +243,18 @@ def test_checkpoints_resume_across_world_sizes(trained, env_world, tmp_path):
 def test_evaluation_in_two_processes_equals_one(trained, env_world, tmp_path):
     env = env_world["env"]
     weights = Path(trained[1]["ensemble"]["output_dir"]) / "model_final.pth"
-    common = ["--config-file", "configs/Shapes/vild_ensemble.yaml", "--eval-only",
-              *env_world["common"], "MODEL.MASK_ON", "False", "MODEL.WEIGHTS", str(weights),
-              "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "-1.0"]  # fmt: skip
+    common = [
+        "--config-file",
+        "configs/Shapes/vild_ensemble.yaml",
+        "--eval-only",
+        *env_world["common"],
+        "MODEL.MASK_ON",
+        "False",
+        "MODEL.WEIGHTS",
+        str(weights),
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        "-1.0",
+    ]
     results = {}
     for n in (1, 2):
         out = tmp_path / f"eval{n}"
@@ -209,17 +283,35 @@ def test_taken_port_is_named(env_world):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        log = _train_net(env_world["env"], "--num-gpus", "2", "--dist-url",
-                         f"tcp://127.0.0.1:{port}", "--config-file", "configs/Shapes/vild.yaml",
-                         ok=False)  # fmt: skip
+        log = _train_net(
+            env_world["env"],
+            "--num-gpus",
+            "2",
+            "--dist-url",
+            f"tcp://127.0.0.1:{port}",
+            "--config-file",
+            "configs/Shapes/vild.yaml",
+            ok=False,
+        )
     assert f"port {port} cannot be used" in log
 
 
 def test_missing_rank_times_out_naming_it(env_world):
     url = f"tcp://127.0.0.1:{_free_port()}"
-    log = _train_net(env_world["env"], "--num-machines", "2", "--machine-rank", "0",
-                     "--dist-url", url, "--dist-timeout", "4", "--config-file",
-                     "configs/Shapes/vild.yaml", ok=False)  # fmt: skip
+    log = _train_net(
+        env_world["env"],
+        "--num-machines",
+        "2",
+        "--machine-rank",
+        "0",
+        "--dist-url",
+        url,
+        "--dist-timeout",
+        "4",
+        "--config-file",
+        "configs/Shapes/vild.yaml",
+        ok=False,
+    )
     assert "1 of 2 ranks never joined" in log and "rank(s) [1] are missing" in log
 
 
@@ -239,12 +331,28 @@ def test_ranks_with_other_configs_are_refused(env_world):
     url = f"tcp://127.0.0.1:{_free_port()}"
     machines = [
         subprocess.Popen(
-            [sys.executable, "tools/train_net.py", "--num-machines", "2", "--machine-rank",
-             str(r), "--dist-url", url, "--dist-timeout", "60", "--config-file",
-             "configs/Shapes/vild.yaml", *env_world["common"],
-             "SOLVER.BASE_LR", str(0.01 * (r + 1))],
-            env=env_world["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "tools/train_net.py",
+                "--num-machines",
+                "2",
+                "--machine-rank",
+                str(r),
+                "--dist-url",
+                url,
+                "--dist-timeout",
+                "60",
+                "--config-file",
+                "configs/Shapes/vild.yaml",
+                *env_world["common"],
+                "SOLVER.BASE_LR",
+                str(0.01 * (r + 1)),
+            ],
+            env=env_world["env"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in (0, 1)
     ]
     logs = [m.communicate(timeout=300)[0] for m in machines]
@@ -261,13 +369,31 @@ def test_concurrent_shard_processes_write_the_one_process_store(env_world, tmp_p
     processes (--shard-from-env). Both stores are byte-identical to one process's."""
     env = env_world["env"]
     rpn = env_world["stores"]["rpn"].MODEL.WEIGHTS
-    proposals = ["tools/precompute_proposals.py", "--config-file", "configs/Shapes/rpn.yaml",
-                 "--dataset", "shapes_train_base", "--num-proposals", str(M), "--chunk-size",
-                 "2", "--num-workers", "0", *TINY_OPTS, "MODEL.WEIGHTS", rpn]  # fmt: skip
+    proposals = [
+        "tools/precompute_proposals.py",
+        "--config-file",
+        "configs/Shapes/rpn.yaml",
+        "--dataset",
+        "shapes_train_base",
+        "--num-proposals",
+        str(M),
+        "--chunk-size",
+        "2",
+        "--num-workers",
+        "0",
+        *TINY_OPTS,
+        "MODEL.WEIGHTS",
+        rpn,
+    ]
 
     def start(*args):
-        return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def wait(*procs):
         for p in procs:
@@ -275,17 +401,46 @@ def test_concurrent_shard_processes_write_the_one_process_store(env_world, tmp_p
             assert p.returncode == 0, out[-3000:]
 
     one, many = tmp_path / "one", tmp_path / "many"
-    wait(start(*proposals, "--output", str(one / "props")),
-         *[start(*proposals, "--output", str(many / "props"), "--shard", str(i),
-                 "--num-shards", "2") for i in (0, 1)])  # fmt: skip
+    wait(
+        start(*proposals, "--output", str(one / "props")),
+        *[
+            start(
+                *proposals, "--output", str(many / "props"), "--shard", str(i), "--num-shards", "2"
+            )
+            for i in (0, 1)
+        ],
+    )
     _same_store(one / "props", many / "props")
 
-    targets = ["tools/precompute_clip_embeddings.py", "--proposals", str(one / "props"),
-               "--dataset", "shapes_train_base", "--clip", env_world["clip"], "--chunk-size",
-               "2", "--num-workers", "0", "--max-proposals", str(M)]  # fmt: skip
-    wait(start(*targets, "--output", str(one / "targets")),
-         start("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *targets,
-               "--output", str(many / "targets"), "--shard-from-env"))  # fmt: skip
+    targets = [
+        "tools/precompute_clip_embeddings.py",
+        "--proposals",
+        str(one / "props"),
+        "--dataset",
+        "shapes_train_base",
+        "--clip",
+        env_world["clip"],
+        "--chunk-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--max-proposals",
+        str(M),
+    ]
+    wait(
+        start(*targets, "--output", str(one / "targets")),
+        start(
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *targets,
+            "--output",
+            str(many / "targets"),
+            "--shard-from-env",
+        ),
+    )
     _same_store(one / "targets", many / "targets")
 
 
@@ -302,9 +457,19 @@ def _same_store(a, b):
 def test_precompute_benchmark_compares_the_job_with_its_clip_forward(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "tools/benchmark.py", "--quick", "--task", "precompute", "--out",
-         str(out)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "tools/benchmark.py",
+            "--quick",
+            "--task",
+            "precompute",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     per_s = report["precompute_crops_per_s"]
@@ -315,16 +480,21 @@ def test_precompute_benchmark_compares_the_job_with_its_clip_forward(tmp_path):
 
 def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(out)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "tools/gpu_check.py", "--out", str(out)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["cuda"] == torch.cuda.is_available()
     assert set(report["checks"]) == {"crops", "clip", "train_fp16", "inference", "ddp"}
     if not torch.cuda.is_available():
         assert all(v == "skipped: no CUDA" for v in report["checks"].values())
-    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--print-requirements"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "tools/gpu_check.py", "--print-requirements"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "fvcore==" in proc.stdout and "clip-anytorch==" in proc.stdout
 
 
@@ -339,8 +509,14 @@ def test_shard_from_env_reads_torchrun_and_slurm():
         return args.shard, args.num_shards
 
     assert shard({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == (3, 8)
-    assert shard({"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10",
-                  "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "0"}) == (2, 4)  # fmt: skip
+    assert shard(
+        {
+            "SLURM_ARRAY_TASK_ID": "12",
+            "SLURM_ARRAY_TASK_MIN": "10",
+            "SLURM_ARRAY_TASK_COUNT": "4",
+            "SLURM_PROCID": "0",
+        }
+    ) == (2, 4)
     assert shard({"SLURM_PROCID": "5", "SLURM_NTASKS": "6"}) == (5, 6)
     with pytest.raises(ValueError, match="--shard I --num-shards N"):
         shard({})

@@ -97,6 +97,7 @@ def same_store(a, b):
 # --- the two commands ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tools_end_to_end(world, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(world["base"] / "datasets"), OMP_NUM_THREADS="2")
     props, targets, pkl = tmp_path / "props", tmp_path / "targets", tmp_path / "props.pkl"

@@ -99,8 +99,12 @@ def check_same(answer_image, expected):
 
 def test_api_answers_what_the_predictor_finds(server, reference, toy):
     _, _, images = toy
-    r = post(server.url, [image_file(images[0]), image_file(images[1])],
-             vocabulary=", ".join(NAMES_A), threshold="0.3")  # fmt: skip
+    r = post(
+        server.url,
+        [image_file(images[0]), image_file(images[1])],
+        vocabulary=", ".join(NAMES_A),
+        threshold="0.3",
+    )
     assert r.status_code == 200, r.text
     answer = r.json()
     assert answer["vocabulary"] == NAMES_A and answer["errors"] == []
@@ -140,8 +144,11 @@ def test_concurrent_requests_each_get_their_own_vocabulary(server, reference, to
             barrier.wait()  # all at once
             for i in range(per_thread):
                 names = NAMES_A if (k + i) % 2 == 0 else NAMES_B  # interleaved
-                r = http.post(f"{server.url}/api/detect", files=[image_file(image)],
-                              data={"vocabulary": ",".join(names), "threshold": "0.2"})  # fmt: skip
+                r = http.post(
+                    f"{server.url}/api/detect",
+                    files=[image_file(image)],
+                    data={"vocabulary": ",".join(names), "threshold": "0.2"},
+                )
                 if r.status_code != 200:
                     failures.append(r.text)
                 else:
@@ -190,23 +197,39 @@ def test_bad_input_gets_4xx_with_a_message_and_the_server_goes_on(server, toy):
     huge = _png(np.zeros((7072, 7072), np.uint8))  # 50 megapixels, a few kB as PNG
     cases = [
         ([("image", ("empty.png", b"", "image/png"))], {"vocabulary": names}, 400, "empty file"),
-        ([("image", ("notes.txt", b"hello, world\n" * 50, "text/plain"))], {"vocabulary": names},
-         415, "not an image"),
-        ([("image", ("cut.png", good[: len(good) // 2], "image/png"))], {"vocabulary": names},
-         400, "corrupt or truncated"),
+        (
+            [("image", ("notes.txt", b"hello, world\n" * 50, "text/plain"))],
+            {"vocabulary": names},
+            415,
+            "not an image",
+        ),
+        (
+            [("image", ("cut.png", good[: len(good) // 2], "image/png"))],
+            {"vocabulary": names},
+            400,
+            "corrupt or truncated",
+        ),
         ([("image", ("huge.png", huge, "image/png"))], {"vocabulary": names}, 413, "megapixels"),
         ([], {"vocabulary": names}, 400, "no image"),
         ([image_file(images[0])], {}, 400, "empty vocabulary"),
         ([image_file(images[0])], {"vocabulary": " , "}, 400, "empty vocabulary"),
-        ([image_file(images[0])], {"vocabulary": "red star,,blue cross"}, 400,
-         "empty class name (item 2 of 3)"),
+        (
+            [image_file(images[0])],
+            {"vocabulary": "red star,,blue cross"},
+            400,
+            "empty class name (item 2 of 3)",
+        ),
         ([image_file(images[0])], {"vocabulary": "red star, red star"}, 400, "duplicate"),
-        ([image_file(images[0])], {"vocabulary": ",".join(f"thing {i}" for i in range(10000))},
-         413, "10000 class names, above this server's limit of 2000"),
+        (
+            [image_file(images[0])],
+            {"vocabulary": ",".join(f"thing {i}" for i in range(10000))},
+            413,
+            "10000 class names, above this server's limit of 2000",
+        ),
         ([image_file(images[0])], {"builtin": "lvis_typo"}, 400, "unknown vocabulary"),
         ([image_file(images[0])], {"vocabulary": names, "threshold": "high"}, 400, "threshold"),
         ([image_file(images[0])], {"vocabulary": names, "threshold": "1.5"}, 400, "threshold"),
-    ]  # fmt: skip
+    ]
     for files, data, status, message in cases:
         start = time.perf_counter()
         r = post(server.url, files, **data)
@@ -220,9 +243,13 @@ def test_bad_input_gets_4xx_with_a_message_and_the_server_goes_on(server, toy):
 def test_load_benchmark_has_no_errors_nor_mixed_vocabularies(server, toy):
     _, _, images = toy
     report = run_load(
-        server.url, server.service.predictor, [images[0].read_bytes()], [NAMES_A, NAMES_B],
-        clients=3, seconds=2.0,
-    )  # fmt: skip
+        server.url,
+        server.service.predictor,
+        [images[0].read_bytes()],
+        [NAMES_A, NAMES_B],
+        clients=3,
+        seconds=2.0,
+    )
     assert report["server"]["requests"] > 0 and report["direct"]["requests"] > 0
     assert report["server"]["errors"] == 0 and report["server"]["mixed_up"] == 0
     for side in ("server", "direct"):

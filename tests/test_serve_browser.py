@@ -29,11 +29,14 @@ CHROMEDRIVER = shutil.which("chromedriver")
 SHAPES_MODEL = os.environ.get("VILD_D2_SHAPES_MODEL", "")
 SCREENSHOT = os.environ.get("VILD_D2_SCREENSHOT", "")
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="no Chromium: install Debian's chromium and chromium-driver "
-    "(apt-get install -y chromium chromium-driver; .ci/run does it)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="no Chromium: install Debian's chromium and chromium-driver "
+        "(apt-get install -y chromium chromium-driver; .ci/run does it)",
+    ),
+    pytest.mark.slow,  # a browser and a server
+]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ import pytest
 
 from shapes_pipeline import ShapesOptions, ShapesPipeline
 
+# Trains, evaluates or starts processes: minutes on a CPU (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["world", "teacher", "vocabulary", "rpn", "proposals", "targets"]
 VARIANTS = ["supervised_base", "clip_on_crops", "vild_text", "vild_image", "vild", "vild_ensemble"]

@@ -39,6 +39,9 @@ from vild_d2.data.datasets.shapes import (
 )
 from vild_d2.text import Vocabulary
 
+# Trains, evaluates or starts processes: minutes on a CPU (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 
 

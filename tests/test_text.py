@@ -422,6 +422,7 @@ def test_dataset_without_thing_classes(encoder, dataset_name):
 # ---------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_build_text_classifier_cli(tiny_clip_path, tmp_path):
     out = tmp_path / "out" / "animals.pth"
     templates = tmp_path / "templates.txt"

@@ -11,6 +11,9 @@ import torch
 
 from tiny_world import tool_world  # tests/ helper
 
+# Trains, evaluates or starts processes: minutes on a CPU (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 ITERS = 10
 
 

@@ -54,16 +54,37 @@ BENCHMARKS["serve"] = benchmark_serve
 # The report's layout (docs/benchmarks/cpu_2core.json): sections in this order, absent ones
 # (of tasks that did not run) left out.
 LAYOUT = (
-    "device", "inference_ms", "train_step_ms", "vocabulary_ms", "crops_per_s",
-    "train_iters_per_s", "precompute_crops_per_s",
-    "min_cosine_fast_vs_reference", "ratios", "train_step_ms_same_rois", "vocabulary_extra",
-    "detections_per_image_last", "setup",
-)  # fmt: skip
+    "device",
+    "inference_ms",
+    "train_step_ms",
+    "vocabulary_ms",
+    "crops_per_s",
+    "train_iters_per_s",
+    "precompute_crops_per_s",
+    "min_cosine_fast_vs_reference",
+    "ratios",
+    "train_step_ms_same_rois",
+    "vocabulary_extra",
+    "detections_per_image_last",
+    "setup",
+)
 SETUP_LAYOUT = (
-    "model", "parameters_vild", "image_short_side", "images", "classes", "train_batch",
-    "sampled_rois_per_image", "box_head_rois_per_train_step", "distill_boxes_per_image",
-    "threads", "repeats", "quick", "torch", "crops", "wall_s",
-)  # fmt: skip
+    "model",
+    "parameters_vild",
+    "image_short_side",
+    "images",
+    "classes",
+    "train_batch",
+    "sampled_rois_per_image",
+    "box_head_rois_per_train_step",
+    "distill_boxes_per_image",
+    "threads",
+    "repeats",
+    "quick",
+    "torch",
+    "crops",
+    "wall_s",
+)
 
 
 def get_parser():

@@ -37,13 +37,27 @@ ROOT = Path(__file__).resolve().parents[1]
 # What vild_d2 imports beyond torch / torchvision, pinned as in requirements.lock; detectron2
 # itself comes as a wheel built from its 0.6 sources (the registry has only an sdist).
 REQUIREMENTS = [
-    "clip-anytorch==2.6.0", "fvcore==0.1.5.post20221221", "iopath==0.1.9", "yacs==0.1.8",
-    "pycocotools==2.0.11", "lvis==0.5.3", "omegaconf==2.3.1", "hydra-core==1.3.8",
-    "opencv-python-headless==5.0.0.93", "scikit-image==0.26.0", "ftfy==6.3.1",
-    "regex==2026.11.19", "tqdm==4.70.1", "termcolor==3.3.0", "tabulate==0.10.0",
-    "portalocker==4.4.2", "cloudpickle==3.1.3", "matplotlib==3.11.2",
-    "antlr4-python3-runtime==4.9.3", "setuptools==80.9.0",
-]  # fmt: skip
+    "clip-anytorch==2.6.0",
+    "fvcore==0.1.5.post20221221",
+    "iopath==0.1.9",
+    "yacs==0.1.8",
+    "pycocotools==2.0.11",
+    "lvis==0.5.3",
+    "omegaconf==2.3.1",
+    "hydra-core==1.3.8",
+    "opencv-python-headless==5.0.0.93",
+    "scikit-image==0.26.0",
+    "ftfy==6.3.1",
+    "regex==2026.11.19",
+    "tqdm==4.70.1",
+    "termcolor==3.3.0",
+    "tabulate==0.10.0",
+    "portalocker==4.4.2",
+    "cloudpickle==3.1.3",
+    "matplotlib==3.11.2",
+    "antlr4-python3-runtime==4.9.3",
+    "setuptools==80.9.0",
+]
 CHECKS = ("crops", "clip", "train_fp16", "inference", "ddp")
 
 
@@ -58,8 +72,17 @@ def get_parser():
 
 
 def install(wheels: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels,
-           "detectron2", *REQUIREMENTS]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--find-links",
+        wheels,
+        "detectron2",
+        *REQUIREMENTS,
+    ]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -129,10 +152,21 @@ def check_ddp(setup):
 
     if torch.cuda.device_count() < 2:
         return {"ddp": f"skipped: {torch.cuda.device_count()} GPU"}
-    return benchmark_train_processes(setup, extra_runs={"syncbn": [
-        "MODEL.ROI_BOX_HEAD.NAME", "ViLDConvFCHead", "MODEL.ROI_BOX_HEAD.NORM", "SyncBN",
-        "MODEL.RESNETS.NORM", "SyncBN", "MODEL.FPN.NORM", "SyncBN",
-    ]})  # fmt: skip
+    return benchmark_train_processes(
+        setup,
+        extra_runs={
+            "syncbn": [
+                "MODEL.ROI_BOX_HEAD.NAME",
+                "ViLDConvFCHead",
+                "MODEL.ROI_BOX_HEAD.NORM",
+                "SyncBN",
+                "MODEL.RESNETS.NORM",
+                "SyncBN",
+                "MODEL.FPN.NORM",
+                "SyncBN",
+            ]
+        },
+    )
 
 
 def main(argv=None):
