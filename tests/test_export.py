@@ -102,6 +102,7 @@ def test_onnx_without_the_onnx_package_says_what_to_install(predictor, tmp_path,
         export_onnx(predictor.model, image, str(tmp_path / "model.onnx"))
 
 
+@pytest.mark.slow
 def test_export_tool(tmp_path, tiny_clip_path):
     config_file, opts = make_random_model(tmp_path / "toy", tiny_clip_path)
     proc = subprocess.run(
