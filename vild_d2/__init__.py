@@ -11,6 +11,7 @@ from .data import ViLDDatasetMapper  # noqa: E402
 from .engine.predictor import ViLDPredictor  # noqa: E402
 from .modeling import ViLDOutputLayers, ViLDRCNN, ViLDROIHeads  # noqa: E402
 from .text import TextEncoder, Vocabulary  # noqa: E402
+from . import official  # noqa: E402, F401  (registers the official ViLD architecture's modules)
 
 __all__ = [
     "add_vild_config",
