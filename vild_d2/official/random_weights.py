@@ -22,10 +22,14 @@ CLASSIFIER_KEY = "frcnn_layer_0/fast_rcnn_head/class-predict/kernel"
 # box decode of O(1) inputs saturates or throws boxes out of the image).
 _HEAD_GAIN = {
     "rpn-class": 1.0,
-    "rpn-box": 0.1,
-    "box-predict": 0.1,
+    "rpn-box": 0.3,
+    "box-predict": 1.0,
     "mask_fcn_logits": 1.0,
 }
+# FPN kernels (laterals, post-hoc, P6) are He/3: the backbone's residual sums reach std ~4 at C5,
+# the FPN adds levels and has no ReLU, and the inference-mode BNs do not renormalise; at full He
+# the RPN logits saturate the sigmoid (every top proposal scores exactly 1.0 in float32).
+_FPN_GAIN = 1.0 / 3.0
 # Bias std of those layers; every other bias is small.
 _HEAD_BIAS = {"rpn-class": 0.5, "rpn-box": 0.02, "box-predict": 0.02, "mask_fcn_logits": 0.5}
 
@@ -64,7 +68,8 @@ def _draw(rng: np.random.Generator, name: str, shape: Tuple[int, ...]) -> np.nda
     if leaf == "kernel":
         if kind == "background-class-predict":
             return rng.standard_normal(shape)  # normalised by its norm in the head
-        std = np.sqrt(2.0 / _fan_in(name, shape)) * _HEAD_GAIN.get(kind, 1.0)
+        gain = _FPN_GAIN if name.startswith("fpn/") else _HEAD_GAIN.get(kind, 1.0)
+        std = np.sqrt(2.0 / _fan_in(name, shape)) * gain
         return rng.standard_normal(shape) * std
     if leaf == "bias":
         return rng.standard_normal(shape) * _HEAD_BIAS.get(kind, 0.05)
