@@ -96,6 +96,65 @@ def test_new_heads_from_a_supervised_detector_are_expected_when_training(vocab_f
         ViLDCheckpointer(vild, complete=True).load(str(tmp_path / "supervised.pth"))
 
 
+def test_weights_the_model_does_not_have_are_an_error(vocab_files, tmp_path):
+    """Extra tensors (another, deeper backbone; a head this model lacks) are refused for
+    evaluation and from a ViLD checkpoint; a deeper backbone even when training."""
+    torch.manual_seed(0)
+    r34 = build_model(_cfg(vocab_files, **{"MODEL.RESNETS.DEPTH": 34}))
+    ViLDCheckpointer(r34, str(tmp_path)).save("r34")  # a ViLD checkpoint of another depth
+    r18 = build_model(_cfg(vocab_files))
+    for complete in (True, False):
+        with pytest.raises(IncompatibleCheckpointError) as e:
+            ViLDCheckpointer(r18, complete=complete).load(str(tmp_path / "r34.pth"))
+        assert "backbone.bottom_up.res3.2.conv1.weight: in the checkpoint, not in the model" in (
+            str(e.value)
+        )
+    # Backbone-only weights of a deeper network: training refuses them too (another depth).
+    state = {k: v for k, v in r34.state_dict().items() if k.startswith("backbone.")}
+    torch.save({"model": state}, tmp_path / "r34_backbone.pth")
+    with pytest.raises(IncompatibleCheckpointError, match=r"res3\.2\..*another backbone"):
+        ViLDCheckpointer(r18).load(str(tmp_path / "r34_backbone.pth"))
+    # One stray tensor in an otherwise complete checkpoint: named for evaluation.
+    state = dict(r18.state_dict(), **{"roi_heads.extra_head.weight": torch.zeros(3)})
+    torch.save({"model": state}, tmp_path / "extra.pth")
+    with pytest.raises(IncompatibleCheckpointError, match="roi_heads.extra_head.weight: in the"):
+        ViLDCheckpointer(r18, complete=True).load(str(tmp_path / "extra.pth"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_an_error_in_every_mode(vocab_files, tmp_path, bad):
+    torch.manual_seed(0)
+    model = build_model(_cfg(vocab_files))
+    state = dict(model.state_dict())
+    name = "roi_heads.box_head.fc1.weight"
+    state[name] = state[name].clone()
+    state[name][0, :3] = bad
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    for kwargs in ({"complete": True}, {}, {"partial": True}):
+        with pytest.raises(IncompatibleCheckpointError) as e:
+            ViLDCheckpointer(model, **kwargs).load(str(tmp_path / "bad.pth"))
+        assert f"{name}: 3 of {state[name].numel()} not finite" in str(e.value), kwargs
+
+
+def test_partial_load_is_explicit_and_logged(vocab_files, tmp_path, caplog):
+    """MODEL.VILD.ALLOW_PARTIAL_WEIGHTS: a ViLD checkpoint of another CLIP width fine-tunes
+    from its backbone; the tensors that do not fit stay as initialised and are logged."""
+    torch.manual_seed(0)
+    narrow = build_model(_cfg(vocab_files))
+    ViLDCheckpointer(narrow, str(tmp_path)).save("d16")
+    torch.manual_seed(1)
+    wide = build_model(_cfg(vocab_files, dim=2 * DIM))
+    projection = wide.roi_heads.box_predictor.cls_score.projection.weight.detach().clone()
+    with caplog.at_level("WARNING", logger="vild_d2.checkpoint"):
+        # (weights only, as the trainer loads MODEL.WEIGHTS: the vocabulary is the config's)
+        ViLDCheckpointer(wide, partial=True).resume_or_load(str(tmp_path / "d16.pth"), resume=False)
+    assert _equal(wide, narrow, "backbone.")
+    assert torch.equal(wide.roi_heads.box_predictor.cls_score.projection.weight, projection)
+    assert "partial load" in caplog.text and "cls_score.projection.weight" in caplog.text
+    with pytest.raises(ValueError, match="either complete"):
+        ViLDCheckpointer(wide, partial=True, complete=True)
+
+
 def test_eval_only_refuses_untrained_heads_through_train_net(vocab_files, tmp_path):
     """The reported case: ``train_net --eval-only`` with weights of another CLIP width printed
     AP tables of an untrained head and exited 0."""

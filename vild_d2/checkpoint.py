@@ -4,6 +4,8 @@ trained ViLD model's parameters silently unloaded."""
 import logging
 from typing import List
 
+import numpy as np
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch.nn.parallel import DistributedDataParallel
 
@@ -58,28 +60,47 @@ class ViLDCheckpointer(DetectionCheckpointer):
     detects what it detected when saved), while ``resume_or_load(path, resume=False)`` loads
     the weights only, so a config's ``MODEL.VILD.TEST_VOCABULARY`` stays in force (transfer).
 
-    fvcore skips every tensor whose shape differs and every missing one with a log line; here
-    that is an :class:`IncompatibleCheckpointError` naming the file and the tensors when:
+    fvcore skips every tensor whose shape differs, every missing one and every unexpected one
+    with a log line; here that is an :class:`IncompatibleCheckpointError` naming the file and
+    the tensors when:
 
     * a tensor's shape differs, except, when training, detectron2's class-count heads of a
       checkpoint that is not ViLD's (fine-tuning a COCO model on another dataset: those heads
       are new);
-    * the checkpoint is ViLD's (it has the text classifier) and any model parameter is missing
-      (another CLIP width, backbone depth or head);
-    * the checkpoint has backbone weights but not all of the model's (another depth);
-    * ``complete=True`` (evaluation, the predictor) and any model parameter is missing: an
-      untrained tensor would make every number that follows meaningless.
+    * the checkpoint is ViLD's (it has the text classifier) and any model parameter is missing,
+      or it holds tensors the model does not have (another CLIP width, backbone depth or head);
+    * the checkpoint has backbone weights but not all of the model's, or backbone weights the
+      model does not have (another depth);
+    * ``complete=True`` (evaluation, the predictor) and any model parameter is missing or any
+      checkpoint tensor unused: an untrained tensor, or weights of another model, would make
+      every number that follows meaningless;
+    * always: a tensor of the checkpoint holds NaN or infinite values.
 
     An ImageNet backbone or a COCO detector as initial weights (``complete=False``, training)
     keeps working: the heads it lacks are new, as detectron2 users expect, and logged.
+    ``partial=True`` (``MODEL.VILD.ALLOW_PARTIAL_WEIGHTS``, training only) logs what does not
+    fit instead of refusing it, for a deliberate partial fine-tune; non-finite values are still
+    an error.
     """
 
-    def __init__(self, model, save_dir="", *, save_to_disk=None, complete=False, **checkpointables):
+    def __init__(
+        self,
+        model,
+        save_dir="",
+        *,
+        save_to_disk=None,
+        complete=False,
+        partial=False,
+        **checkpointables,
+    ):
         module = model.module if isinstance(model, DistributedDataParallel) else model
         if hasattr(module, "set_vocabulary"):
             checkpointables.setdefault("vocabulary", _VocabularyState(module))
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        if complete and partial:
+            raise ValueError("a checkpoint load is either complete (evaluation) or partial")
         self.complete = complete
+        self.partial = partial
         self._path = "<checkpoint>"
 
     def _load_file(self, filename):
@@ -100,9 +121,29 @@ class ViLDCheckpointer(DetectionCheckpointer):
                 if old in key:
                     state[key.replace(old, new)] = state.pop(key)
         keys = {k[len("module.") :] if k.startswith("module.") else k for k in state}
+        self._check_finite(state)
         incompatible = super()._load_model(checkpoint)
         self._check(keys, incompatible)
         return incompatible
+
+    def _check_finite(self, state) -> None:
+        """Refuse a checkpoint whose tensors hold NaN or inf (a diverged run saved as is): it
+        would load without a word and detect nothing."""
+        bad = []
+        for name, value in state.items():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                value = torch.from_numpy(value)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                finite = torch.isfinite(value)
+                if not bool(finite.all()):
+                    bad.append(f"{name}: {int((~finite).sum())} of {value.numel()} not finite")
+        if bad:
+            shown = "\n  ".join(bad[:12])
+            more = f"\n  ... and {len(bad) - 12} more" if len(bad) > 12 else ""
+            raise IncompatibleCheckpointError(
+                f"{self._path} holds NaN or infinite values (a diverged run?) in {len(bad)} "
+                f"tensor(s):\n  {shown}{more}\nUse a checkpoint saved before training diverged."
+            )
 
     def _check(self, keys, incompatible):
         is_vild = any(k.startswith(_VILD_KEYS) for k in keys)
@@ -119,14 +160,30 @@ class ViLDCheckpointer(DetectionCheckpointer):
         missing = [k for k in incompatible.missing_keys if k in parameters]
         shape_skipped = {name for name, _, _ in incompatible.incorrect_shapes}
         missing = [k for k in missing if k not in shape_skipped]
+        unexpected = list(incompatible.unexpected_keys)
         if is_vild or self.complete:
             problems += [f"{k}: not in the checkpoint" for k in missing]
+            problems += [f"{k}: in the checkpoint, not in the model" for k in unexpected]
         elif has_backbone:
             problems += [
                 f"{k}: not in the checkpoint (another backbone?)"
                 for k in missing
                 if k.startswith("backbone.")
             ]
+            problems += [
+                f"{k}: in the checkpoint, not in the model (another backbone?)"
+                for k in unexpected
+                if k.startswith("backbone.")
+            ]
+        if problems and self.partial:
+            logger.warning(
+                "%s: partial load (MODEL.VILD.ALLOW_PARTIAL_WEIGHTS): %d tensor(s) do not fit "
+                "and are left as initialised:\n  %s",
+                self._path,
+                len(problems),
+                "\n  ".join(problems[:50]),
+            )
+            return
         if problems:
             shown = "\n  ".join(problems[:12])
             more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
@@ -140,5 +197,6 @@ class ViLDCheckpointer(DetectionCheckpointer):
             raise IncompatibleCheckpointError(
                 f"{self._path} does not fit this model ({why}); {len(problems)} tensor(s):\n  "
                 f"{shown}{more}\nUse the config the checkpoint was trained with (CLIP model / "
-                "embedding width, MODEL.RESNETS.DEPTH, box head), or another checkpoint."
+                "embedding width, MODEL.RESNETS.DEPTH, box head), or another checkpoint; to "
+                "fine-tune from part of it on purpose, set MODEL.VILD.ALLOW_PARTIAL_WEIGHTS True."
             )

@@ -105,6 +105,10 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.LSJ.IMAGE_SIZE = 1024
     _C.MODEL.VILD.LSJ.MIN_SCALE = 0.1
     _C.MODEL.VILD.LSJ.MAX_SCALE = 2.0
+    # Training from MODEL.WEIGHTS that fit only in part (another head, depth or CLIP width): the
+    # tensors that do not fit are logged and left as initialised instead of being an error
+    # (vild_d2/checkpoint.py). Evaluation always needs every tensor; NaN/inf is always an error.
+    _C.MODEL.VILD.ALLOW_PARTIAL_WEIGHTS = False
 
     # The official (TensorFlow) ViLD architecture's options that detectron2's config has no key
     # for (META_ARCHITECTURE "OfficialViLDRCNN"; vild_d2/official, docs/OFFICIAL.md).
@@ -186,6 +190,7 @@ RULES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "LSJ.MIN_SCALE": ("a number > 0", lambda v: _number(v) and v > 0),
     "LSJ.MAX_SCALE": ("a number >= LSJ.MIN_SCALE", _number),
     "DATASET_FILES": ("a list of dataset files", _texts),
+    "ALLOW_PARTIAL_WEIGHTS": ("True or False", _flag),
     "OFFICIAL.NORM": ("'BN', 'SyncBN' or 'FrozenBN'", lambda v: v in ("BN", "SyncBN", "FrozenBN")),
     "OFFICIAL.BN_EPS": ("a number > 0", lambda v: _number(v) and v > 0),
     "OFFICIAL.BN_MOMENTUM": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),

@@ -92,7 +92,10 @@ class Trainer(DefaultTrainer):
         # checkpoint hook captures it, so checkpoints record the vocabulary. It saves on rank 0
         # only (save_to_disk defaults to comm.is_main_process()).
         self.checkpointer = ViLDCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            self._trainer.model,
+            self.cfg.OUTPUT_DIR,
+            partial=self.cfg.MODEL.VILD.ALLOW_PARTIAL_WEIGHTS,
+            trainer=weakref.proxy(self),
         )
         return super().build_hooks()
 
