@@ -8,6 +8,8 @@ extra is what its subpackage adds (tests/test_dependencies.py checks both agains
 
 * ``vild_d2[serve]``: the web page and JSON API (``vild_d2.serve``, ``tools/serve.py``).
 * ``vild_d2[export]``: ONNX export and running the exported model (``tools/export_model.py``).
+* ``vild_d2[runtime]``: what ``vild_d2_runtime`` (an exported model, no PyTorch) imports; a
+  deployment without torch installs ``--no-deps`` and these (docs/DEPLOY.md).
 * ``vild_d2[dev]``: the test suite, the linter and the benchmarks.
 
 The exact versions the project is tested with are in requirements.lock.
@@ -32,6 +34,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "serve": ["gradio>=6.0,<7", "fastapi>=0.110", "uvicorn>=0.27", "scikit-image>=0.22"],
     "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+    "runtime": ["numpy>=1.23", "onnxruntime>=1.16", "opencv-python-headless>=4.5", "ftfy", "regex"],
     "dev": ["pytest>=8", "ruff==0.8.4", "httpx>=0.27", "selenium>=4.20", "scikit-image>=0.22"],
 }
 
@@ -39,7 +42,7 @@ setup(
     name="vild_d2",
     version="0.1.0",
     description="ViLD (open-vocabulary detection by vision and language distillation), Detectron2",
-    packages=find_packages(include=["vild_d2", "vild_d2.*"]),
+    packages=find_packages(include=["vild_d2", "vild_d2.*", "vild_d2_runtime"]),
     package_data={"vild_d2": ["assets/*", "official/assets/*"]},
     python_requires=">=3.8",
     install_requires=INSTALL_REQUIRES,

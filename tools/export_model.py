@@ -1,9 +1,18 @@
 #!/usr/bin/env python
-"""Export a trained ViLD model with a chosen vocabulary baked in (TorchScript or ONNX).
+"""Export a trained ViLD model (TorchScript or ONNX), a vocabulary baked in or as an input.
 
     python tools/export_model.py --config-file configs/Shapes/vild_ensemble.yaml \\
         --vocabulary coco --format torchscript --output exported/ \\
         --opts MODEL.WEIGHTS model_final.pth
+    python tools/export_model.py --config-file configs/Shapes/vild_ensemble.yaml \\
+        --vocabulary-input --format onnx --output exported/ --opts MODEL.WEIGHTS model_final.pth
+
+--vocabulary-input: the graph's inputs are image, class_embeddings (K, D) float32 (unit CLIP
+text embeddings, K free) and, for ViLD-ensemble, novel_mask (K,) bool; pred_classes index the K
+rows. It also writes text_encoder.onnx (CLIP's text tower: token_ids (N, 77) int64 -> (N, D))
+and CLIP's BPE merges beside it, for vild_d2_runtime (no PyTorch; docs/DEPLOY.md). The check
+below then runs with the --vocabulary (default: the checkpoint's) fed as inputs, and the text
+encoder is checked against the model's own on a few names.
 
 Writes ``model.ts`` (or ``model.onnx``) and ``vocabulary.json`` (the class names, in the order of
 ``pred_classes``), traced on ``--sample-image`` (default: scikit-image's astronaut photo), then
@@ -18,6 +27,7 @@ applied; see vild_d2.export.outputs_to_instances). Input: one (3, H, W) image, a
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,13 +39,21 @@ import torch
 from vild_d2 import ViLDPredictor
 from vild_d2.config import load_config
 from vild_d2.engine.predictor import vocabulary_from_cli
-from vild_d2.export import export_onnx, export_torchscript, outputs_to_instances
+from vild_d2.export import (
+    deploy_metadata,
+    export_onnx,
+    export_text_encoder_onnx,
+    export_torchscript,
+    outputs_to_instances,
+    run_onnx,
+)
 
 
 # The largest differences from the eager model the check accepts (float rounding of another
 # runtime; measured: up to ~1e-4 px and ~5e-6 for ONNX Runtime on CPU).
 BOX_TOLERANCE_PX = 1e-2
 SCORE_TOLERANCE = 1e-4
+TEXT_COSINE = 0.99999  # exported text tower + numpy prompt ensemble vs the model's vocabulary
 
 
 def get_parser():
@@ -46,6 +64,11 @@ def get_parser():
     p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--sample-image", default="", help="image to trace on (BGR file)")
+    p.add_argument(
+        "--vocabulary-input",
+        action="store_true",
+        help="the vocabulary as graph inputs (one file for every vocabulary) + text_encoder.onnx",
+    )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
     return p
 
@@ -61,16 +84,44 @@ def _sample_image(path):
     return np.ascontiguousarray(skdata.astronaut()[:, :, ::-1])
 
 
-def _run_exported(fmt, path, image):
+def _run_exported(fmt, path, image, vocabulary=()):
+    """The exported file on ``image``; ``vocabulary``: (class_embeddings[, novel_mask]) inputs
+    of a vocabulary-input export. None when onnxruntime is missing."""
     if fmt == "torchscript":
         with torch.no_grad():
-            return torch.jit.load(str(path))(image)
+            return torch.jit.load(str(path))(image, *vocabulary)
     try:
         import onnxruntime
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"image": image.numpy()})
+    return run_onnx(session, image.cpu(), *vocabulary)
+
+
+def _export_text_side(predictor, out):
+    """text_encoder.onnx and CLIP's BPE merges beside it; then the model's own embeddings of a
+    few names against the ONNX text tower's (through vild_d2_runtime), printed."""
+    import clip
+
+    path = out / "text_encoder.onnx"
+    export_text_encoder_onnx(predictor.model.text_encoder, str(path))
+    bpe = Path(clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    shutil.copyfile(bpe, out / bpe.name)
+    print(f"wrote {path} and {bpe.name}")
+    try:
+        from vild_d2_runtime import TextEncoder as RuntimeTextEncoder
+    except ImportError:
+        print("vild_d2_runtime is not installed: text encoder not checked")
+        return 0
+    names = list(predictor.vocabulary.names[:8])
+    got = RuntimeTextEncoder(str(path)).encode(names)
+    ref = predictor.vocabulary.embeddings[: len(names)].numpy()
+    cosine = float((got * ref).sum(1).min())
+    print(f"text encoder check on {len(names)} names: min cosine to the model's own {cosine:.7f}")
+    if cosine < TEXT_COSINE:
+        print(f"MISMATCH: the exported text encoder's embeddings differ (cosine < {TEXT_COSINE})")
+        return 1
+    return 0
 
 
 def main(argv=None):
@@ -87,21 +138,35 @@ def main(argv=None):
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     image = inputs["image"].to(predictor.model.device)
-    if args.format == "torchscript":
-        path = out / "model.ts"
-        export_torchscript(predictor.model, image, str(path))
-    else:
-        path = out / "model.onnx"
-        try:
-            export_onnx(predictor.model, image, str(path))
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    vocab_input = args.vocabulary_input
+    meta = deploy_metadata(predictor) if vocab_input else None
+    try:
+        if args.format == "torchscript":
+            path = out / "model.ts"
+            export_torchscript(predictor.model, image, str(path), vocab_input, meta)
+        else:
+            path = out / "model.onnx"
+            export_onnx(
+                predictor.model, image, str(path), vocabulary_input=vocab_input, metadata=meta
+            )
+        text_status = _export_text_side(predictor, out) if vocab_input else 0
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     names = list(predictor.vocabulary.names)
-    (out / "vocabulary.json").write_text(json.dumps({"names": names, "format": args.format}))
-    print(f"wrote {path} ({len(names)} classes: {', '.join(names[:5])}{'...' * (len(names) > 5)})")
+    listed = f"{', '.join(names[:5])}{'...' * (len(names) > 5)}"
+    if vocab_input:
+        print(f"wrote {path} (vocabulary as input; checked with {len(names)} classes: {listed})")
+    else:
+        (out / "vocabulary.json").write_text(json.dumps({"names": names, "format": args.format}))
+        print(f"wrote {path} ({len(names)} classes: {listed})")
 
-    exported = _run_exported(args.format, path, image)
+    vocabulary = ()
+    if vocab_input:
+        vocabulary = (predictor.vocabulary.embeddings.to(image.device),)
+        if meta["variant"] == "ensemble":
+            vocabulary += (predictor.novel_mask(predictor.vocabulary).to(image.device),)
+    exported = _run_exported(args.format, path, image, vocabulary)
     if exported is None:
         print("onnxruntime is not installed: exported model not run")
         return 0
@@ -128,7 +193,7 @@ def main(argv=None):
             f"{BOX_TOLERANCE_PX} px, {SCORE_TOLERANCE} score; same classes: {same_classes})"
         )
         return 1
-    return 0
+    return text_status
 
 
 if __name__ == "__main__":

@@ -1,0 +1,227 @@
+"""The vocabulary-input detector without PyTorch: image + class names -> detections, in the
+layout of ``tools/demo.py --json``.
+
+Shape shorthand: K = classes, D = embedding width, N = detections.
+"""
+
+import collections
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .graphs import open_graph
+from .image import check_image, paste_masks, postprocess_boxes, resize_bilinear, resized_shape
+from .image import rle_encode
+from .text import TextEncoder
+
+__all__ = ["Detector", "Detections", "check_vocabulary", "json_header", "detections_to_json"]
+
+TEXT_ENCODER_FILE = "text_encoder.onnx"  # the exporter writes it beside model.onnx
+
+Detections = Dict[str, np.ndarray]
+
+
+def check_vocabulary(
+    class_embeddings, novel_mask, *, dim: int, uses_novel_mask: bool
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """
+    The graph's vocabulary inputs, checked before it runs (ValueError otherwise):
+    class_embeddings (K, D) finite, K >= 1, D = ``dim`` (as float32); novel_mask (K,) bool when
+    ``uses_novel_mask`` (ViLD-ensemble), else None.
+    """
+    emb = np.asarray(class_embeddings)
+    if emb.ndim != 2:
+        raise ValueError(
+            f"class_embeddings: expected (K, D) = (classes, {dim}), got shape {emb.shape}"
+        )
+    if emb.shape[1] != dim:
+        raise ValueError(
+            f"class_embeddings are {emb.shape[1]}-d but this model's region embeddings are "
+            f"{dim}-d: encode the names with the text encoder exported with the model"
+        )
+    if emb.shape[0] == 0:
+        raise ValueError("class_embeddings: empty vocabulary (K = 0): give at least one class")
+    if not np.issubdtype(emb.dtype, np.floating):
+        raise ValueError(f"class_embeddings: expected float32, got {emb.dtype}")
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"class_embeddings: NaN or infinite values in rows {np.flatnonzero(bad)[:10].tolist()}"
+        )
+    if not uses_novel_mask:
+        if novel_mask is not None:
+            raise ValueError("novel_mask: only ViLD-ensemble models take one")
+        return emb, None
+    if novel_mask is None:
+        raise ValueError("novel_mask: this ViLD-ensemble model needs one ((K,) bool)")
+    mask = np.asarray(novel_mask)
+    if mask.dtype != np.bool_ or mask.shape != (len(emb),):
+        raise ValueError(
+            f"novel_mask: expected ({len(emb)},) bool, one per class, got {mask.shape} {mask.dtype}"
+        )
+    return emb, mask
+
+
+def json_header(names: Sequence[str]) -> dict:
+    """The first keys of a detections file (vild_d2.engine.detections.json_header's)."""
+    return {
+        "vocabulary": list(names),
+        "bbox_mode": "XYWH_ABS",
+        "segmentation": "COCO RLE (pycocotools), original image size",
+    }
+
+
+def detections_to_json(dets: Detections, names: Sequence[str]) -> List[dict]:
+    """Detections -> list of JSON-ready records (vild_d2.engine.detections' layout)."""
+    out = []
+    for i, (x0, y0, x1, y1) in enumerate(dets["boxes"].tolist()):
+        cls = int(dets["classes"][i])
+        record = {
+            "category_id": cls,
+            "category_name": names[cls],
+            "score": round(float(dets["scores"][i]), 5),
+            "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+        }
+        if "masks" in dets:
+            record["segmentation"] = rle_encode(dets["masks"][i])
+        out.append(record)
+    return out
+
+
+class Detector:
+    """
+    ``Detector("exported/model.onnx")(bgr_image, ["red star", "blue cross"])``: a
+    vocabulary-input detector (``tools/export_model.py --format onnx --vocabulary-input``) and
+    its text encoder (``text_encoder.onnx`` beside it). A vocabulary's embeddings and novel mask
+    are kept in a small LRU, and each name's embedding in the text encoder's cache, so a
+    vocabulary seen before costs a lookup.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        text_encoder: Union[str, TextEncoder, None] = None,
+        *,
+        cache_dir: Optional[str] = None,
+        threads: int = 0,
+        vocabulary_cache_size: int = 8,
+    ):
+        """
+        Args:
+            model: the detector's ONNX file.
+            text_encoder: its text encoder's ONNX file (default: beside ``model``), or a
+                :class:`TextEncoder` (its name cache then shared).
+            cache_dir: name embeddings cached on disk here too (None = memory only).
+            threads: ONNX Runtime intra-op threads (0 = its default).
+            vocabulary_cache_size: resolved vocabularies kept in memory.
+        """
+        self.session, self.meta = open_graph(model, "detector with a vocabulary input", threads)
+        self.uses_novel_mask = "novel_mask" in self.meta["inputs"]
+        self.dim = int(self.meta["embedding_dim"])
+        self.train_names = set(self.meta["train_names"])
+        if isinstance(text_encoder, TextEncoder):  # shared by several detectors
+            self.text_encoder = text_encoder
+        else:
+            path = text_encoder or Path(model).expanduser().parent / TEXT_ENCODER_FILE
+            self.text_encoder = TextEncoder(str(path), cache_dir=cache_dir, threads=threads)
+        path = self.text_encoder.path
+        if self.text_encoder.dim != self.dim:
+            raise ValueError(
+                f"the text encoder {path} makes {self.text_encoder.dim}-d embeddings but the "
+                f"detector's region embeddings are {self.dim}-d: use the text encoder exported "
+                "with this model"
+            )
+        self._vocabularies = collections.OrderedDict()
+        self._cache_size = vocabulary_cache_size
+
+    def vocabulary(
+        self, names: Sequence[str], novel: Optional[Sequence[str]] = None
+    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """(K, D) class embeddings and (K,) novel mask (None unless ViLD-ensemble) of ``names``;
+        novel = the names outside the model's training vocabulary unless ``novel`` lists them."""
+        names = [str(n).strip() for n in names]
+        key = (tuple(names), None if novel is None else tuple(novel))
+        hit = self._vocabularies.get(key)
+        if hit is not None:
+            self._vocabularies.move_to_end(key)
+            return hit
+        if not names or not all(names):
+            raise ValueError(f"empty vocabulary or empty class name in {names!r}")
+        dups = sorted(n for n, c in collections.Counter(names).items() if c > 1)
+        if dups:
+            raise ValueError(f"duplicate class names in vocabulary: {dups}")
+        if novel is not None and set(novel) - set(names):
+            raise ValueError(
+                f"novel classes not among the class names: {sorted(set(novel) - set(names))}"
+            )
+        novel_set = (
+            set(novel) if novel is not None else {n for n in names if n not in self.train_names}
+        )
+        mask = (
+            np.array([n in novel_set for n in names], dtype=bool) if self.uses_novel_mask else None
+        )
+        value = (self.text_encoder.encode(names), mask)
+        self._vocabularies[key] = value
+        while len(self._vocabularies) > self._cache_size:
+            self._vocabularies.popitem(last=False)
+        return value
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) BGR uint8 -> the graph's (3, h, w) uint8 image (INPUT.FORMAT, resized)."""
+        check_image(image)
+        if self.meta["input_format"] == "RGB":
+            image = image[:, :, ::-1]
+        h, w = image.shape[:2]
+        new_h, new_w = resized_shape(h, w, self.meta["min_size_test"], self.meta["max_size_test"])
+        if min(new_h, new_w) < 1:
+            raise ValueError(
+                f"image of {h}x{w} (HxW) px is too elongated: resized for the model it would be "
+                f"{new_h}x{new_w} px; crop it or cut it into tiles"
+            )
+        return np.ascontiguousarray(resize_bilinear(image, new_h, new_w).transpose(2, 0, 1))
+
+    def run(self, image_chw: np.ndarray, class_embeddings, novel_mask=None) -> List[np.ndarray]:
+        """The graph on a preprocessed (3, h, w) uint8 image and a vocabulary, inputs checked
+        first; returns its outputs (pred_boxes, pred_classes, pred_masks, scores, image_size)."""
+        if not isinstance(image_chw, np.ndarray) or image_chw.ndim != 3 or image_chw.shape[0] != 3:
+            shape = getattr(image_chw, "shape", type(image_chw).__name__)
+            raise ValueError(f"image: expected a (3, H, W) uint8 array, got {shape}")
+        if image_chw.dtype != np.uint8:
+            raise ValueError(f"image: expected uint8, got {image_chw.dtype}")
+        emb, mask = check_vocabulary(
+            class_embeddings, novel_mask, dim=self.dim, uses_novel_mask=self.uses_novel_mask
+        )
+        feeds = {"image": image_chw, "class_embeddings": emb}
+        if mask is not None:
+            feeds["novel_mask"] = mask
+        return self.session.run(None, feeds)
+
+    def __call__(
+        self, image: np.ndarray, names: Sequence[str], novel: Optional[Sequence[str]] = None
+    ) -> Detections:
+        """
+        Args:
+            image: (H, W, 3) BGR uint8 (as cv2.imread gives).
+            names: the K class names to detect.
+            novel: the novel ones (ViLD-ensemble's scoring); default: those outside training.
+        Returns:
+            {"boxes": (N, 4) XYXY, "scores": (N,), "classes": (N,) indices into ``names``,
+            "masks": (N, H, W) bool (mask models)}, in the original image's coordinates.
+        """
+        emb, mask = self.vocabulary(names, novel)
+        original = image.shape[:2] if isinstance(image, np.ndarray) else None
+        outputs = self.run(self.preprocess(image), emb, mask)
+        fields = dict(zip(self.meta["outputs"], outputs))
+        resized = tuple(int(v) for v in fields["image_size"])
+        boxes, keep = postprocess_boxes(fields["pred_boxes"], resized, original)
+        dets = {
+            "boxes": boxes[keep],
+            "scores": fields["scores"][keep],
+            "classes": fields["pred_classes"][keep].astype(np.int64),
+        }
+        if "pred_masks" in fields:
+            probs = fields["pred_masks"][keep][:, 0]
+            dets["masks"] = paste_masks(probs, dets["boxes"], original, self.meta["mask_threshold"])
+        return dets

@@ -1,0 +1,70 @@
+"""Opening exported graphs: an ONNX Runtime session, what kind of graph it is (read from its
+input names) and the deployment settings the exporter stored in its metadata."""
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import onnxruntime
+
+__all__ = ["METADATA_KEY", "GraphKindError", "graph_kind", "open_graph"]
+
+METADATA_KEY = "vild_d2"  # vild_d2.export.METADATA_KEY
+
+# Input names of each kind of exported graph (tools/export_model.py).
+_KINDS = {
+    ("image",): "detector with a baked vocabulary",
+    ("image", "class_embeddings"): "detector with a vocabulary input",
+    ("image", "class_embeddings", "novel_mask"): "detector with a vocabulary input",
+    ("token_ids",): "text encoder",
+}
+
+
+class GraphKindError(ValueError):
+    """An ONNX file of another kind than the one asked for (e.g. a baked-vocabulary detector
+    where a vocabulary-input one is needed)."""
+
+
+def graph_kind(input_names: Sequence[str]) -> str:
+    """What an exported graph is, from its input names (see _KINDS); "unknown" otherwise."""
+    return _KINDS.get(tuple(input_names), "unknown")
+
+
+def open_graph(
+    path: str, want: str, threads: int = 0, providers: Optional[Sequence[str]] = None
+) -> Tuple[onnxruntime.InferenceSession, dict]:
+    """
+    Open ``path`` as a graph of kind ``want`` (a value of _KINDS); returns (session, metadata).
+    Raises FileNotFoundError, or GraphKindError naming what the file is and what to do.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        str(path), options, providers=list(providers or ["CPUExecutionProvider"])
+    )
+    names = tuple(i.name for i in session.get_inputs())
+    kind = graph_kind(names)
+    if kind != want:
+        hint = ""
+        if kind == "detector with a baked vocabulary":
+            hint = (
+                ": its classes were fixed at export; export the model again with `tools/"
+                "export_model.py --format onnx --vocabulary-input` to choose them at run time"
+            )
+        elif kind == "detector with a vocabulary input":
+            hint = ": pass it as the detector (--model), and text_encoder.onnx as the text encoder"
+        elif kind == "text encoder":
+            hint = ": pass it as the text encoder, and model.onnx as the detector"
+        raise GraphKindError(f"{path} is a {kind} (inputs: {', '.join(names)}), not a {want}{hint}")
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if raw is None:
+        raise GraphKindError(
+            f"{path} has no '{METADATA_KEY}' metadata: it was not written by "
+            "tools/export_model.py --vocabulary-input"
+        )
+    return session, json.loads(raw)
