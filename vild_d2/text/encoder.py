@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..clip_models import Device, clip_identity, load_clip
 from ..fileio import atomic_torch_save, cache_root
 from .prompts import fill_prompts, load_templates, process_name
+from .tokens import check_distinguishable
 
 __all__ = ["TextEncoder", "build_text_encoder"]
 
@@ -57,6 +58,8 @@ class TextEncoder:
         self.batch_size = batch_size
         self._model: Optional[CLIP] = None
         self._identity: Optional[str] = None
+        # Names of the last encode() whose prompts CLIP truncates (reported as a warning).
+        self.truncated: List[str] = []
 
     @property
     def is_loaded(self) -> bool:
@@ -110,6 +113,8 @@ class TextEncoder:
             raise ValueError("no class names to encode")
         if synonyms is not None and len(synonyms) != len(names):
             raise ValueError(f"got {len(synonyms)} synonym lists for {len(names)} class names")
+        context_length = self._model.context_length if self._model is not None else 77
+        self.truncated = check_distinguishable(names, self.templates, synonyms, context_length)
 
         path = self.cache_path(names, synonyms)
         if path is not None and path.is_file():
