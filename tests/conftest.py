@@ -6,6 +6,10 @@ import pytest
 
 from tiny_world import save_random_clip  # tests/ helper
 
+# guard_checkout: the suite must leave the checkout's output/ and datasets/ as they were;
+# pytester: to test that guard.
+pytest_plugins = ["guard_checkout", "pytester"]
+
 
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory) -> str:

@@ -146,6 +146,8 @@ def test_each_test_dataset_is_evaluated_with_its_own_classes(tiny_env, tmp_path)
             f"('{train}',)",
             "DATASETS.TEST",
             f"('{val}', '{train}')",
+            "OUTPUT_DIR",
+            str(tmp_path),  # its evaluation files go here, not into the checkout's output/
         ],
     )
     cfg.defrost()
