@@ -182,15 +182,15 @@ def test_results_are_on_disk_after_each_image(demo, toy, tmp_path, monkeypatch):
     calls = []
 
     class KilledOnThirdImage(demo.ViLDPredictor):
-        def __call__(self, image):
+        def __call__(self, image, **kwargs):
             calls.append(1)
             if len(calls) == 3:  # as if the process were killed while on 2.png
                 raise KeyboardInterrupt
-            return super().__call__(image)
+            return super().__call__(image, **kwargs)
 
     monkeypatch.setattr(demo, "ViLDPredictor", KilledOnThirdImage)
-    with pytest.raises(KeyboardInterrupt):
-        _main(demo, toy, "--input", str(folder), "--output", str(out), "--json")
+    with pytest.raises(KeyboardInterrupt):  # --overwrite: the older run's results may go
+        _main(demo, toy, "--input", str(folder), "--output", str(out), "--json", "--overwrite")
     # detections.jsonl: the vocabulary, then one line per finished image; no detections.json.
     header, *records = map(json.loads, (out / "detections.jsonl").read_text().splitlines())
     assert header["vocabulary"] == ["red square", "blue circle", "green triangle"]

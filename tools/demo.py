@@ -6,37 +6,45 @@
         --custom-vocabulary "red star,blue cross" --output out/ --json \\
         --opts MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu
 
-Outputs never replace an input or each other. An --output that would replace an input (the
-folder that holds an input, or the input file itself) is refused before anything is done.
-Inputs that share a file name get <name>-1, <name>-2, ... (the first name that is neither
-another output nor an input); the JSON records which picture belongs to which input.
+Outputs never replace an input, each other, or any file this run did not create. An --output
+that would replace an input (the folder that holds an input, or the input file itself) is
+refused before anything is done, as is one where a file this run would write exists already
+(a picture, detections.json / .jsonl): --overwrite replaces those (never an input; written
+atomically, so a hard link to a replaced file keeps its content). Inputs that share a file
+name get <name>-1, <name>-2, ... (the first name that is neither another output nor an input);
+the JSON records which picture belongs to which input.
 
 Pictures: small images are drawn larger (shorter side 256 px); none is drawn larger than
 2000 px on its longer side (a bigger image is shrunk, with its detections, before drawing:
 this bounds the memory). The JSON keeps original image coordinates and full-size masks.
 
-Bad input: an input that cannot be read or processed (missing, corrupt, too elongated for
-the model's resize, ...) is reported as "FAILED <input>: <why>" and listed under "errors";
-the other inputs are still processed.
+Memory: an image over --max-megapixels (default 100) is refused from its header, before any
+pixel is decoded; masks are kept at the mask head's 28 x 28 and pasted one at a time (to
+encode, to draw), so the memory does not grow with image size x detections.
 
---json: while running, <output>/detections.jsonl gets one line per input as soon as it is
-done (line 1: the vocabulary; then an image record, or {"input", "error"} for a failure), so
-a crash or kill loses at most the input in progress. At the end it is replaced by
-<output>/detections.json (written atomically). A run starts by removing the folder's old
-detections.json / detections.jsonl.
+Bad input: an input that cannot be read or processed (missing, a folder, empty, a link loop,
+corrupt, too large, too elongated for the model's resize, a picture that cannot be written:
+a full disk ...) is reported as "FAILED <input>: <why>" and listed under "errors"; the other
+inputs are still processed.
+
+--json: <output>/detections.json for a folder (whatever its name), <output stem>.json beside a
+single output file (--output a/pic.png -> a/pic.json). While running, the .jsonl of that name
+gets one line per input as soon as it is done (line 1: the vocabulary; then an image record,
+or {"input", "error"} for a failure), so a crash or kill loses at most the input in progress.
+At the end it is replaced by the .json (written atomically). Old results there are an
+existing file like any other: refused unless --overwrite. If the JSON cannot be written (a
+full disk) that is a FAILED line too, and the exit status 1.
 
 Exit status: 0 = every input processed; 1 = some inputs failed (each is reported, the others
-are still written); 2 = nothing done (bad arguments, vocabulary or config; no images found;
-an output that would replace an input).
+are still written); 2 = nothing done (bad arguments, vocabulary, config or weights, in one
+line; no images found; an output that would replace an input or an existing file).
 """
 
 import argparse
-import glob
 import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 import vild_d2  # noqa: F401  (first: compat bridges)
 import cv2
@@ -46,17 +54,23 @@ from detectron2.utils.logger import setup_logger
 
 from vild_d2 import ViLDPredictor
 from vild_d2.config import load_config
+from vild_d2.engine.demo_files import (  # noqa: F401  (file_key, output_paths: the tests')
+    IMAGE_EXTENSIONS,
+    JSON_NAME,
+    InputError,
+    expand_inputs,
+    file_key,
+    output_paths,
+    plan_outputs,
+    read_image,
+    write_picture,
+)
 from vild_d2.engine.detections import detections_to_json, draw_detections, json_header
 from vild_d2.engine.predictor import vocabulary_from_cli
+from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
 from vild_d2.fileio import atomic_write
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-JSON_NAME, LOG_NAME = "detections.json", "detections.jsonl"
 logger = logging.getLogger("vild_d2.demo")
-
-
-class InputError(Exception):
-    """A bad input (unreadable, unwritable picture): reported, the batch goes on."""
 
 
 def get_parser():
@@ -82,131 +96,55 @@ def get_parser():
     p.add_argument(
         "--json",
         action="store_true",
-        help=f"also write <output>/{JSON_NAME} (<output>/{LOG_NAME} while running)",
+        help=f"also write <output>/{JSON_NAME} (<output stem>.json for one output file)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files in --output that this run did not create (never an input)",
+    )
+    p.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=100.0,
+        help="larger images are refused from their header, before decoding (default 100)",
     )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
     return p
 
 
-def expand_inputs(items):
-    """Image paths from files, folders and glob patterns; errors for empty folders/patterns."""
-    paths, errors = [], []
-    for item in items:
-        if os.path.isdir(item):
-            try:
-                found = sorted(
-                    str(p) for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
-                )
-            except OSError as e:  # e.g. no permission: this item fails, the others go on
-                errors.append((item, f"cannot list this folder: {e.strerror}"))
-                continue
-            if not found:
-                errors.append((item, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder"))
-            paths += found
-        elif glob.has_magic(item):
-            found = sorted(glob.glob(os.path.expanduser(item)))
-            if not found:
-                errors.append((item, "no file matches this pattern"))
-            paths += found
-        else:
-            paths.append(item)
-    return paths, errors
-
-
-def file_key(path):
-    """What identifies a file: (device, inode) if it exists (so a symlink or hard link to it
-    is the same file), else its absolute path; links and '..' resolved first ("new/../x.png"
-    is x.png once "new/" is made)."""
-    path = os.path.realpath(path)
-    try:
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino)
-    except OSError:
-        return path
-
-
-def output_paths(inputs, output, suffix=None, reserved=()):
-    """
-    One output file per input, never an input nor another input's output: ``output`` itself
-    for one input and an ``output`` with a picture/video suffix, else ``output/<input name>``.
-    Inputs sharing a name: the first keeps it, the others take ``name-1``, ``name-2``, ... the
-    first that is not taken by another output, not in ``reserved`` and not an input (a link to
-    one); inputs are taken in order, so the names are the same on every run.
-
-    Args:
-        suffix: replaces the inputs' suffix (".mp4" for a video).
-        reserved: names the outputs may not take in the folder (the JSON files).
-    Raises:
-        ValueError: an output would replace an input (``output`` is that input, or its folder),
-            or ``output`` is a file where a folder is needed.
-    """
-    inputs_by_key = {}
-    for path in inputs:
-        inputs_by_key.setdefault(file_key(path), path)
-
-    def refuse(inp):
-        raise ValueError(
-            f"--output {output} would replace the input {inp} with its picture; choose another "
-            f"--output (a folder that holds no input, or another file name)"
-        )
-
-    single = Path(output)
-    if len(inputs) == 1 and single.suffix.lower() in IMAGE_EXTENSIONS + (".mp4",):
-        single = single.with_suffix(suffix) if suffix else single
-        if file_key(single) in inputs_by_key:
-            refuse(inputs[0])
-        return [single]
-    folder = Path(output)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {output} is a file: give a folder for {len(inputs)} inputs")
-
-    names = [Path(p).stem + suffix if suffix else Path(p).name for p in inputs]
-    # Compared case-folded: on a case-insensitive filesystem X.png and x.png are one file.
-    taken = {n.casefold() for n in reserved}
-    picks = [None] * len(inputs)
-    for i, (inp, name) in enumerate(zip(inputs, names)):  # each name's first input keeps it
-        key = file_key(folder / name)
-        if key == file_key(inp):
-            refuse(inp)  # the input is in the output folder: its picture would replace it
-        if name.casefold() not in taken and key not in inputs_by_key:
-            taken.add(name.casefold())
-            picks[i] = folder / name
-    for i, name in enumerate(names):  # the others: the first free name-k
-        k, stem, ext = 1, Path(name).stem, Path(name).suffix
-        while picks[i] is None:
-            candidate = f"{stem}-{k}{ext}"
-            free = candidate.casefold() not in taken
-            if free and file_key(folder / candidate) not in inputs_by_key:
-                taken.add(candidate.casefold())
-                picks[i] = folder / candidate
-            k += 1
-    return picks
-
-
 class Results:
     """
     The --json results. While running, one JSON line per input is appended (and flushed) to
-    ``detections.jsonl``, so a crash or kill loses at most the input in progress;
-    :meth:`finish` writes ``detections.json`` atomically and removes the ``.jsonl``.
-    Without --json only the counts and errors are kept.
+    the ``.jsonl``, so a crash or kill loses at most the input in progress; :meth:`finish`
+    writes the ``.json`` atomically and removes the ``.jsonl``. Without --json only the counts
+    and errors are kept. A write that fails (a full disk) is an error of its own: the run goes
+    on, and :meth:`finish` reports it.
     """
 
-    def __init__(self, json_path, vocabulary):
-        self.json_path = json_path
+    def __init__(self, json_path, vocabulary, overwrite=False):
+        self.json_path, self.overwrite = json_path, overwrite
         self.records, self.errors = [], []
         self.header = json_header(vocabulary)
-        self._log = None
+        self._log, self._log_path = None, None
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            # An old run's results left here would pass for this run's if this one is killed.
-            json_path.unlink(missing_ok=True)
-            self._log = open(json_path.with_name(LOG_NAME), "w")
+            self._log_path = json_path.with_suffix(".jsonl")
+            if overwrite:  # asked for: an old run's results must not pass for this run's
+                for old in (json_path, self._log_path):
+                    old.unlink(missing_ok=True)  # unlinked, not truncated: a hard link keeps it
+            self._log = open(self._log_path, "x")  # "x": never a file this run did not create
             self._append(self.header)
 
     def _append(self, obj):
-        if self._log is not None:
+        if self._log is None:
+            return
+        try:
             self._log.write(json.dumps(obj) + "\n")
             self._log.flush()
+        except OSError as e:  # a full disk: keep going, the summary says so
+            logger.error("cannot write %s: %s", self._log_path, e.strerror or e)
+            self.close()
 
     def add(self, record):
         self.records.append(record)
@@ -217,18 +155,32 @@ class Results:
         self._append({"input": item, "error": why})
 
     def finish(self):
-        if self._log is None:
+        """Write the .json; a failure is added to :attr:`errors` (the run's exit status 1)."""
+        if self.json_path is None:
             return
         content = dict(self.header, images=self.records)
         content["errors"] = [{"input": i, "error": w} for i, w in self.errors]
-        atomic_write(self.json_path, [json.dumps(content).encode()])
         self.close()
-        os.remove(self.json_path.with_name(LOG_NAME))
+        try:
+            written = atomic_write(
+                self.json_path, [json.dumps(content).encode()], exclusive=not self.overwrite
+            )
+        except OSError as e:  # e.g. "No space left on device": the .jsonl keeps what it has
+            self.errors.append((str(self.json_path), str(e)))
+            return
+        if not written:
+            why = "appeared during the run: left as it is (--overwrite replaces it)"
+            self.errors.append((str(self.json_path), why))
+            return
+        self._log_path.unlink(missing_ok=True)
         logger.info("Wrote %s", self.json_path)
 
     def close(self):
         if self._log is not None:
-            self._log.close()
+            try:
+                self._log.close()
+            except OSError:  # the last buffered line hit a full disk: already reported
+                pass
             self._log = None
 
 
@@ -236,6 +188,10 @@ def describe(error):
     """The reason printed for a failed input."""
     if isinstance(error, InputError):
         return str(error)
+    if isinstance(error, OSError) and error.strerror:  # "No space left on device", ...
+        return f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
+    if isinstance(error, MemoryError):
+        return "out of memory (lower --max-megapixels, or downscale the image)"
     return f"{type(error).__name__}: {error}"
 
 
@@ -245,47 +201,50 @@ def draw(predictor, bgr, instances):
     return draw_detections(bgr, instances, predictor.metadata)
 
 
-def process_image(predictor, path, out, threshold):
+def detect(predictor, image, threshold):
+    """Detections above ``threshold`` on the CPU; masks kept small (pasted when used)."""
+    instances = predictor(image, paste_masks=False)["instances"].to("cpu")
+    return instances[instances.scores >= threshold]
+
+
+def process_image(predictor, path, out, args):
     """Detect, draw and write one image; returns its JSON record. Raises on a bad input."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
-    if image is None:
-        raise InputError(
-            "file not found" if not os.path.exists(path) else "cannot read image (corrupt?)"
-        )
-    instances = predictor(image)["instances"].to("cpu")
-    instances = instances[instances.scores >= threshold]
+    image = read_image(path, args.max_megapixels)
+    instances = detect(predictor, image, args.confidence_threshold)
     h, w = image.shape[:2]
     record = {"file_name": path, "height": h, "width": w}
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(out), draw(predictor, image, instances)):
-            raise InputError(f"cannot write {out}")
+        write_picture(out, draw(predictor, image, instances), args.overwrite)
         record["output"] = str(out)
     record["detections"] = detections_to_json(instances, predictor.metadata.thing_classes)
     logger.info("%s: %d detections", path, len(instances))
     return record
 
 
-def run_images(predictor, paths, outputs, threshold, results):
+def run_images(predictor, paths, outputs, args, results):
     for path, out in zip(tqdm.tqdm(paths, disable=len(paths) < 2, desc="images"), outputs):
         try:
-            record = process_image(predictor, path, out, threshold)
+            record = process_image(predictor, path, out, args)
         except Exception as e:  # one bad input must not stop the batch: report it, go on
             why = describe(e)
-            unexpected = not isinstance(e, (InputError, ValueError))  # a traceback helps then
+            expected = (InputError, ValueError, OSError, MemoryError)
+            unexpected = not isinstance(e, expected)  # a traceback helps then
             logger.error("%s: %s", path, why, exc_info=unexpected)
             results.fail(path, why)
             continue
         results.add(record)
 
 
-def run_video(predictor, path, out, threshold, results):
+def run_video(predictor, path, out, args, results):
     video = cv2.VideoCapture(path)
     if not video.isOpened():
         results.fail(path, "cannot open video")
         return
     frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     fps = video.get(cv2.CAP_PROP_FPS) or 25.0
+    # Written under a hidden name, renamed at the end: a file at ``out`` is never written into
+    # (a hard link to it keeps its content), and a killed run leaves no half video there.
+    part = None if out is None else out.with_name(f".{out.stem}.part{out.suffix}")
     writer, done, failed = None, 0, False
     try:
         with tqdm.tqdm(total=frames, desc="frames") as bar:
@@ -293,14 +252,13 @@ def run_video(predictor, path, out, threshold, results):
                 ok, frame = video.read()
                 if not ok:
                     break
-                instances = predictor(frame)["instances"].to("cpu")
-                instances = instances[instances.scores >= threshold]
+                instances = detect(predictor, frame, args.confidence_threshold)
                 drawn = draw(predictor, frame, instances)
                 if out is not None:
                     if writer is None:
                         out.parent.mkdir(parents=True, exist_ok=True)
                         fourcc = cv2.VideoWriter_fourcc(*"mp4v")
-                        writer = cv2.VideoWriter(str(out), fourcc, fps, drawn.shape[1::-1])
+                        writer = cv2.VideoWriter(str(part), fourcc, fps, drawn.shape[1::-1])
                     writer.write(drawn)
                 names = predictor.metadata.thing_classes
                 results.add(
@@ -322,8 +280,22 @@ def run_video(predictor, path, out, threshold, results):
         video.release()
         if writer is not None:
             writer.release()
+            _publish(part, out, args.overwrite, path, results)
     if done == 0 and not failed:
         results.fail(path, "no frame could be read")
+
+
+def _publish(part, out, overwrite, path, results):
+    """Move the finished video from its hidden name to ``out`` (replacing only if asked)."""
+    try:
+        if overwrite:
+            os.replace(part, out)
+        else:
+            os.link(part, out)  # fails if ``out`` appeared meanwhile: it is left alone
+            os.unlink(part)
+    except OSError as e:
+        results.fail(path, f"cannot write {out}: {e.strerror or e}")
+        part.unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -334,8 +306,8 @@ def main(argv=None):
         print("error: --json needs --output", file=sys.stderr)
         return 2
 
-    # Inputs and outputs first: an output that would replace an input stops everything before
-    # the model is even loaded.
+    # Inputs and outputs first: an output that would replace an input, or a file this run did
+    # not create, stops everything before the model is even loaded.
     if args.video_input:
         paths, errors = [args.video_input], []
     else:
@@ -346,21 +318,10 @@ def main(argv=None):
             why = "; ".join(f"{i}: {w}" for i, w in errors)
             print(f"error: no images to process: {why}", file=sys.stderr)
             return 2
-    outs, json_path = [None] * len(paths), None
     try:
-        if args.output:
-            suffix = ".mp4" if args.video_input else None
-            outs = output_paths(paths, args.output, suffix, reserved=(JSON_NAME, LOG_NAME))
-        if args.json:
-            json_path = Path(args.output)
-            json_path = (json_path.parent if json_path.suffix else json_path) / JSON_NAME
-            inputs = {file_key(p): p for p in paths}
-            for path in (json_path, json_path.with_name(LOG_NAME)):
-                if file_key(path) in inputs:
-                    raise ValueError(
-                        f"--json would replace the input {inputs[file_key(path)]} with {path}; "
-                        "choose another --output"
-                    )
+        outs, json_path = plan_outputs(
+            paths, args.output, bool(args.video_input), args.json, args.overwrite
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -375,23 +336,23 @@ def main(argv=None):
         predictor = ViLDPredictor(cfg)
         if spec is not None:
             predictor.set_vocabulary(spec)
-    except (ValueError, FileNotFoundError, KeyError, AssertionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except STARTUP_ERRORS as e:  # config, weights, vocabulary: one line, no traceback
+        print(startup_error_line(e, args.config_file), file=sys.stderr)
         return 2
     vocab = predictor.vocabulary
     logger.info("Vocabulary: %d classes %s", len(vocab), vocab.names[:8])
 
-    results = Results(json_path, predictor.vocabulary.names)
+    results = Results(json_path, predictor.vocabulary.names, args.overwrite)
     try:
         for item, why in errors:
             results.fail(item, why)
         if args.video_input:
-            run_video(predictor, args.video_input, outs[0], args.confidence_threshold, results)
+            run_video(predictor, args.video_input, outs[0], args, results)
         else:
-            run_images(predictor, paths, outs, args.confidence_threshold, results)
+            run_images(predictor, paths, outs, args, results)
         results.finish()
     finally:
-        results.close()  # interrupted: detections.jsonl keeps what was done
+        results.close()  # interrupted: the .jsonl keeps what was done
     for item, why in results.errors:
         print(f"FAILED {item}: {why}", file=sys.stderr)
     print(f"{len(results.records)} processed, {len(results.errors)} failed")

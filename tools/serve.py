@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from vild_d2 import ViLDPredictor
 from vild_d2.config import load_config
+from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
 from vild_d2.serve import DetectionService, Limits, build_app, serve
 
 
@@ -40,6 +41,12 @@ def get_parser():
     )
     p.add_argument("--max-names", type=int, default=Limits.max_names, help="typed class names")
     p.add_argument("--max-megapixels", type=float, default=Limits.max_megapixels)
+    p.add_argument(
+        "--max-request-megapixels",
+        type=float,
+        default=Limits.max_request_megapixels,
+        help="all images of one request together (bounds the server's memory)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_mb)
     p.add_argument("--no-page", action="store_true", help="the API only (no Gradio)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
@@ -55,12 +62,13 @@ def main(argv=None):
     opts = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.score_floor), *args.opts]
     try:
         predictor = ViLDPredictor(load_config(args.config_file, opts))
-    except (ValueError, FileNotFoundError, KeyError, AssertionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except STARTUP_ERRORS as e:  # config (YAML, values), weights: one line, no traceback
+        print(startup_error_line(e, args.config_file), file=sys.stderr)
         return 2
     limits = Limits(
         max_names=args.max_names,
         max_megapixels=args.max_megapixels,
+        max_request_megapixels=args.max_request_megapixels,
         max_upload_mb=args.max_upload_mb,
     )
     service = DetectionService(

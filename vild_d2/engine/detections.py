@@ -1,5 +1,11 @@
 """Detections as JSON records and as pictures: the layout of ``tools/demo.py --json`` and its
-drawing, shared by the demo and the web page (``vild_d2.serve``)."""
+drawing, shared by the demo and the web page (``vild_d2.serve``).
+
+Masks may be full-size (``pred_masks`` a (N, H, W) bool tensor, as detectron2 returns them) or
+kept small (:func:`rescale_detections`: ``pred_masks`` a :class:`ROIMasks` of the mask head's
+M x M outputs, pasted one at a time when encoded or drawn). Kept small, the memory of an
+image's detections does not grow with H x W x N: an 8000 x 8000 image with 50 detections
+would hold 3.2 GB of full-size masks."""
 
 from typing import List, Optional, Sequence
 
@@ -9,20 +15,26 @@ import pycocotools.mask as mask_util
 import torch
 
 from detectron2.data.catalog import Metadata
-from detectron2.structures import Instances
+from detectron2.layers import paste_masks_in_image
+from detectron2.structures import Instances, ROIMasks
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from .predictor import rescale_detections  # noqa: F401  (part of this module's API)
 
 __all__ = [
     "MAX_DRAW_SIDE",
     "NOVEL_COLOR",
     "json_header",
     "detections_to_json",
+    "mask_of",
+    "rescale_detections",
     "shrink",
     "draw_detections",
 ]
 
 MAX_DRAW_SIDE = 2000  # px, the longest side of a drawn picture
+DRAW_CHUNK = 8  # detections drawn at a time: the Visualizer holds a full-size copy of each mask
 NOVEL_COLOR = (255, 26, 230)  # magenta, as in the shapes-world pictures (demo/shapes_picture.py)
 
 
@@ -35,11 +47,25 @@ def json_header(names: Sequence[str]) -> dict:
     }
 
 
+def mask_of(instances: Instances, i: int) -> np.ndarray:
+    """Detection ``i``'s mask, (H, W) bool at ``instances.image_size``: pasted from its box if
+    the masks are kept small (one mask: memory of one full-size mask at a time)."""
+    masks = instances.pred_masks
+    if isinstance(masks, ROIMasks):
+        h, w = instances.image_size
+        pasted = paste_masks_in_image(
+            masks.tensor[i : i + 1], instances.pred_boxes[i : i + 1], (h, w), threshold=0.5
+        )
+        return pasted[0].numpy().astype(bool, copy=False)
+    return masks[i].numpy().astype(bool, copy=False)
+
+
 def detections_to_json(instances: Instances, names: Sequence[str]) -> List[dict]:
-    """Instances (CPU, original image coordinates) -> list of JSON-ready detections."""
+    """Instances (CPU, original image coordinates) -> list of JSON-ready detections; masks
+    encoded one at a time."""
     dets = []
     boxes = instances.pred_boxes.tensor.tolist()
-    masks = instances.pred_masks.numpy() if instances.has("pred_masks") else None
+    has_masks = instances.has("pred_masks")
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         cls = int(instances.pred_classes[i])
         det = {
@@ -48,8 +74,8 @@ def detections_to_json(instances: Instances, names: Sequence[str]) -> List[dict]
             "score": round(float(instances.scores[i]), 5),
             "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
         }
-        if masks is not None:
-            rle = mask_util.encode(np.asfortranarray(masks[i].astype(np.uint8)))
+        if has_masks:
+            rle = mask_util.encode(np.asfortranarray(mask_of(instances, i).view(np.uint8)))
             det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
         dets.append(det)
     return dets
@@ -64,7 +90,7 @@ def shrink(bgr: np.ndarray, instances: Instances, scale: float):
         if name == "pred_boxes":
             value = value.clone()
             value.scale(size[0] / w, size[1] / h)
-        elif name == "pred_masks":
+        elif name == "pred_masks" and not isinstance(value, ROIMasks):  # small masks: as they are
             # One mask at a time: no second full-size copy of the whole stack.
             masks = [
                 cv2.resize(m.numpy().astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
@@ -114,4 +140,14 @@ def draw_detections(
         )
         mode = ColorMode.SEGMENTATION  # the Visualizer takes thing_colors only in this mode
     vis = Visualizer(bgr[:, :, ::-1], metadata, scale=scale, instance_mode=mode)
-    return vis.draw_instance_predictions(instances).get_image()[:, :, ::-1]
+    if len(instances) == 0 or not instances.has("pred_masks"):
+        return vis.draw_instance_predictions(instances).get_image()[:, :, ::-1]
+    # A few masks at a time onto the same picture, largest boxes first (the Visualizer's own
+    # order): its memory is a chunk's full-size masks, not all of them.
+    order = torch.argsort(instances.pred_boxes.area(), descending=True, stable=True)
+    for start in range(0, len(order), DRAW_CHUNK):
+        chunk = instances[order[start : start + DRAW_CHUNK]]
+        masks = np.stack([mask_of(chunk, i) for i in range(len(chunk))])
+        chunk.pred_masks = torch.from_numpy(masks)
+        vis.draw_instance_predictions(chunk)
+    return vis.output.get_image()[:, :, ::-1]

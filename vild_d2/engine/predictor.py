@@ -12,11 +12,12 @@ import torch
 import detectron2.data.transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
+from detectron2.structures import Instances, ROIMasks
 
 from ..checkpoint import ViLDCheckpointer
 from ..text import Vocabulary, parse_names, resolve_vocabulary
 
-__all__ = ["ViLDPredictor", "check_image", "vocabulary_from_cli"]
+__all__ = ["ViLDPredictor", "check_image", "rescale_detections", "vocabulary_from_cli"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,10 @@ class ViLDPredictor:
 
     # ----------------------------------------------------------------------------------------
     def __call__(
-        self, original_image: np.ndarray, vocabulary: Optional[VocabularySpec] = None
+        self,
+        original_image: np.ndarray,
+        vocabulary: Optional[VocabularySpec] = None,
+        paste_masks: bool = True,
     ) -> dict:
         """
         Args:
@@ -209,6 +213,9 @@ class ViLDPredictor:
             vocabulary: what to detect in this call only (as :meth:`set_vocabulary` takes;
                 pass the result of :meth:`resolve_vocabulary` to know the names); None =
                 :attr:`vocabulary`.
+            paste_masks: False = keep ``pred_masks`` as the mask head's (N, M, M) outputs
+                (``ROIMasks``, pasted one at a time by ``vild_d2.engine.detections``): the
+                memory then does not grow with image size x detections (the demo, the server).
         Returns:
             ``{"instances": Instances}`` with ``pred_boxes`` (XYXY), ``scores``, ``pred_classes``
             (indices into that vocabulary) and ``pred_masks`` (mask models), in the original
@@ -222,7 +229,10 @@ class ViLDPredictor:
             if vocabulary is None:
                 vocab = self._vocabulary  # a set_vocabulary() may have run while we waited
             self._install(vocab)
-            return self.model([inputs])[0]
+            if paste_masks:
+                return self.model([inputs])[0]
+            raw = self.model.inference([inputs], do_postprocess=False)[0]
+        return {"instances": rescale_detections(raw, inputs["height"], inputs["width"])}
 
     def preprocess(self, original_image: np.ndarray) -> dict:
         """(H, W, 3) BGR uint8 image (checked as in :meth:`__call__`) -> the model's input dict
@@ -243,6 +253,24 @@ class ViLDPredictor:
         image = transform.apply_image(original_image)
         image = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return {"image": image, "height": height, "width": width}
+
+
+def rescale_detections(results: Instances, height: int, width: int) -> Instances:
+    """
+    detectron2's ``detector_postprocess`` (boxes scaled to ``height`` x ``width``, clipped,
+    empty ones dropped) without pasting the masks: ``pred_masks`` stays the mask head's
+    (N, M, M) probabilities as :class:`ROIMasks`, pasted by :func:`mask_of` when needed
+    (the same pixels as detectron2's full-size masks).
+    """
+    scale_x, scale_y = width / results.image_size[1], height / results.image_size[0]
+    results = Instances((height, width), **results.get_fields())
+    boxes = results.pred_boxes
+    boxes.scale(scale_x, scale_y)
+    boxes.clip(results.image_size)
+    results = results[boxes.nonempty()]
+    if results.has("pred_masks") and not isinstance(results.pred_masks, ROIMasks):
+        results.pred_masks = ROIMasks(results.pred_masks[:, 0, :, :])
+    return results
 
 
 _EXPECTED = "expected a BGR uint8 (H, W, 3) numpy array (as cv2.imread gives)"

@@ -44,7 +44,10 @@ class Limits:
     """What one request may ask for; above it the request is refused with a message."""
 
     max_names: int = 2000  # typed class names (LVIS has 1203); built-in vocabularies are exempt
-    max_megapixels: float = 25.0  # per image: the answer's full-size masks grow with it
+    max_megapixels: float = 25.0  # per image
+    # per request, all images together: the decoded images are held until the answer is made
+    # (3 bytes a pixel, plus one full-size mask at a time: masks are pasted one by one)
+    max_request_megapixels: float = 100.0
     max_upload_mb: float = 64.0  # per file
     max_images: int = 16  # per request
 
@@ -102,9 +105,9 @@ def parse_names_text(text: str) -> List[str]:
     return names
 
 
-def decode_image(data: bytes, name: str, limits: Limits) -> np.ndarray:
-    """Uploaded bytes -> BGR uint8 (H, W, 3), as ``cv2.imread`` reads the file (EXIF rotation
-    applied). The size is checked from the header, before any pixel is decoded."""
+def open_image(data: bytes, name: str, limits: Limits) -> Image.Image:
+    """The uploaded image, opened (its header read, no pixel decoded yet) and checked: not
+    empty, not over the per-file and per-image limits."""
     if not data:
         raise BadInput(f"{name}: empty file")
     if len(data) > limits.max_upload_mb * 2**20:
@@ -127,6 +130,14 @@ def decode_image(data: bytes, name: str, limits: Limits) -> np.ndarray:
             "1 megapixel anyway)",
             413,
         )
+    return image
+
+
+def decode_image(data, name: str, limits: Limits) -> np.ndarray:
+    """Uploaded bytes (or an image from :func:`open_image`) -> BGR uint8 (H, W, 3), as
+    ``cv2.imread`` reads the file (EXIF rotation applied). The size is checked from the header,
+    before any pixel is decoded."""
+    image = data if isinstance(data, Image.Image) else open_image(data, name, limits)
     try:
         image = ImageOps.exif_transpose(image).convert("RGB")
     except Exception as e:  # truncated or corrupt data: PIL's errors are open-ended
@@ -272,14 +283,26 @@ class DetectionService:
             raise BadInput(f"{len(files)} images, above {self.limits.max_images} per request", 413)
         threshold = self.threshold_value(threshold, self.threshold)
         # Every input is checked before the model runs: a bad one refuses the request whole.
-        images = [(name, decode_image(data, name, self.limits)) for name, data in files]
+        # Headers first: the request's total pixels are known before any pixel is decoded.
+        opened = [(name, open_image(data, name, self.limits)) for name, data in files]
+        total = sum(image.size[0] * image.size[1] for _, image in opened)
+        if total > self.limits.max_request_megapixels * 1e6:
+            raise BadInput(
+                f"{len(files)} images of {total / 1e6:.1f} megapixels in all, above this "
+                f"server's {self.limits.max_request_megapixels:g} megapixels per request: send "
+                "fewer images per request, or smaller ones",
+                413,
+            )
+        images = [(name, decode_image(image, name, self.limits)) for name, image in opened]
         decoded = time.perf_counter()
         vocab = self.vocabulary(names, builtin)
         resolved = time.perf_counter()
         results = []
         for name, bgr in images:
             try:
-                instances = self.predictor(bgr, vocabulary=vocab)["instances"].to("cpu")
+                # Masks kept at the mask head's size, pasted one at a time for the answer.
+                out = self.predictor(bgr, vocabulary=vocab, paste_masks=False)
+                instances = out["instances"].to("cpu")
             except ValueError as e:  # the predictor's own checks (a 4000 x 3 strip, ...)
                 raise BadInput(f"{name}: {e}") from None
             results.append((name, bgr, instances[instances.scores >= threshold]))
