@@ -15,6 +15,7 @@ the measurement whose design docs/OWN_DATA.md fixes, through the project's tools
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,10 +112,11 @@ def write_coco_dataset(
     return dataset_file
 
 
-def _run(args: List[str], log) -> None:
+def _run(args: List[str], log, env=None) -> None:
     log.write("+ " + " ".join(args) + "\n")
     log.flush()
-    code = subprocess.run([sys.executable, *args], cwd=REPO, stdout=log, stderr=log).returncode
+    run = subprocess.run([sys.executable, *args], cwd=REPO, stdout=log, stderr=log, env=env)
+    code = run.returncode
     if code:
         raise SystemExit(f"failed (exit {code}): {' '.join(args)}; see {log.name}")
 
@@ -142,6 +144,8 @@ def finetune(shapes: Path, datasets: Path, output: Path, iters: int = 300) -> di
     # Before and after, on the old world (its full vocabulary) and on the new data.
     tests = ["DATASETS.TEST", "('shapes_val', 'new_shapes_val')"]
     stores = output / "stores"
+    # The old world is registered (shapes_*) from the datasets root, as detectron2's builtins.
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets))
     figures = {}
     with open(output / "finetune.log", "a") as log:
         _run(
@@ -160,6 +164,7 @@ def finetune(shapes: Path, datasets: Path, output: Path, iters: int = 300) -> di
                 *common,
             ],
             log,
+            env,
         )
         _run(
             [
@@ -178,6 +183,7 @@ def finetune(shapes: Path, datasets: Path, output: Path, iters: int = 300) -> di
                 "100",
             ],
             log,
+            env,
         )
         for variant in ("vild_text", "vild"):
             weights = shapes / variant / "model_final.pth"
@@ -195,6 +201,7 @@ def finetune(shapes: Path, datasets: Path, output: Path, iters: int = 300) -> di
                     str(before),
                 ],
                 log,
+                env,
             )
             train = [
                 "tools/train_net.py",
@@ -220,11 +227,12 @@ def finetune(shapes: Path, datasets: Path, output: Path, iters: int = 300) -> di
                 "OUTPUT_DIR",
                 str(output / f"{variant}_finetune"),
             ]
-            _run(train, log)
+            _run(train, log, env)
             tuned = output / f"{variant}_finetune" / "model_final.pth"
             _run(
                 [*evaluate, "MODEL.WEIGHTS", str(tuned), *common, *tests, "OUTPUT_DIR", str(after)],
                 log,
+                env,
             )
             figures[variant] = {
                 when: {d: _results(folder, d) for d in ("shapes_val", "new_shapes_val")}

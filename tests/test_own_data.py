@@ -319,3 +319,32 @@ def test_lvis_format_apr_is_the_novel_classes(tmp_path, monkeypatch):
         format="lvis",
     )
     assert MetadataCatalog.get(names[1]).novel_classes == ["cat"]
+
+
+# --- fine-tuning from another ViLD checkpoint: what the trainer's checkpointer loads ----------
+
+
+@pytest.mark.parametrize(
+    "saved, trained, error",
+    [
+        ("vild", "text", None),  # same parameters, another variant: everything loads
+        ("vild_ensemble", "vild", "image_box_head.* in the checkpoint, not in the model"),
+        ("vild", "ensemble", "image_box_head.*: not in the checkpoint"),
+    ],
+)
+def test_finetune_checkpoint_of_another_variant(tmp_path, tiny_clip_path, saved, trained, error):
+    """As the trainer loads MODEL.WEIGHTS (no --resume): weights only; a ViLD checkpoint must
+    fit the model tensor for tensor, unless MODEL.VILD.ALLOW_PARTIAL_WEIGHTS (the trainer's
+    ``partial``) lets the rest be new (docs/OWN_DATA.md, section 9)."""
+    from detectron2.modeling import build_model
+
+    from tiny_world import make_random_model
+    from vild_d2.checkpoint import IncompatibleCheckpointError, ViLDCheckpointer
+
+    config, opts = make_random_model(tmp_path, tiny_clip_path, variant=saved)
+    weights = opts[opts.index("MODEL.WEIGHTS") + 1]
+    model = build_model(load_config(config, [*opts, "MODEL.VILD.VARIANT", trained]))
+    if error:
+        with pytest.raises(IncompatibleCheckpointError, match=error):
+            ViLDCheckpointer(model, str(tmp_path)).resume_or_load(weights, resume=False)
+    ViLDCheckpointer(model, str(tmp_path), partial=True).resume_or_load(weights, resume=False)
