@@ -125,7 +125,7 @@ def _results(folder: Path, dataset: str) -> dict:
     return json.loads((folder / "inference" / dataset / "results.json").read_text())["bbox"]
 
 
-def finetune(shapes: Path, datasets: Path, output: Path, iters: int = 300) -> dict:
+def finetune(shapes: Path, datasets: Path, output: Path, iters: int = 150) -> dict:
     """The measurement of docs/OWN_DATA.md: each of ViLD-text and ViLD from ``shapes``, before
     and after a fine-tune on the new data; returns {variant: {"before"|"after": results}}."""
     output.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def finetune(shapes: Path, datasets: Path, output: Path, iters: int = 300) -> di
                 "SOLVER.BASE_LR",
                 "0.005",
                 "SOLVER.WARMUP_ITERS",
-                "50",
+                str(max(1, iters // 6)),
                 "SOLVER.STEPS",
                 f"({int(iters * 0.8)},)",
                 "OUTPUT_DIR",
@@ -253,7 +253,7 @@ def main(argv=None):
     f.add_argument("--shapes", required=True, help="demo/run_shapes.py's --output")
     f.add_argument("--datasets", required=True, help="where the new dataset is written")
     f.add_argument("--output", required=True)
-    f.add_argument("--iters", type=int, default=300)
+    f.add_argument("--iters", type=int, default=150)
     args = p.parse_args(argv)
     if args.command == "write":
         path = write_coco_dataset(args.root, num_train=args.num_train, num_val=args.num_val)
