@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from test_model import TEST_NAMES, _vocab, tiny_cfg
-from tiny_world import make_world
+from tiny_world import make_world, save_random_clip
 from vild_d2.checkpoint import IncompatibleCheckpointError, ViLDCheckpointer
 from vild_d2.data.datasets.common import register_dataset
 from vild_d2.text import TextEncoder, load_clip
@@ -283,3 +283,22 @@ def test_training_names_an_unreadable_image(tmp_path):
     with pytest.raises(OSError) as e:
         mapper(record)
     assert str(image) in str(e.value) and "training stops" in str(e.value)
+
+
+def test_clip_identity_follows_the_content(tiny_clip_path, tmp_path):
+    """A byte-identical copy of a CLIP (teacher) is the same CLIP wherever it lies, so stores
+    and vocabularies made with one accept the other; other bytes are another CLIP."""
+    import shutil
+
+    from vild_d2.clip_models import clip_identity
+
+    copy = tmp_path / "elsewhere" / "renamed.pt"
+    copy.parent.mkdir()
+    shutil.copy(tiny_clip_path, copy)
+    assert clip_identity(str(copy)) == clip_identity(tiny_clip_path)
+    other = tmp_path / "other.pt"
+    save_random_clip(str(other), embed_dim=32, seed=1)
+    assert clip_identity(str(other)) != clip_identity(tiny_clip_path)
+    # Rewritten in place (same path, new bytes): another identity.
+    save_random_clip(str(copy), embed_dim=32, seed=2)
+    assert clip_identity(str(copy)) != clip_identity(tiny_clip_path)

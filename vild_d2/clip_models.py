@@ -13,6 +13,8 @@ import clip
 import torch
 from clip.model import CLIP
 
+from .fileio import file_sha256
+
 __all__ = [
     "CLIP_WIDTHS",
     "VIT_B_32",
@@ -26,14 +28,14 @@ Device = Union[str, torch.device]
 
 
 def clip_identity(spec: str) -> str:
-    """What identifies the CLIP weights of ``spec`` (a ``clip.available_models()`` name, or a
-    local checkpoint: "abs_path|size|mtime_ns", so a rewritten file changes the identity)."""
+    """What identifies the CLIP weights of ``spec``: a ``clip.available_models()`` name, or for
+    a local checkpoint its content, "sha256:<first 16 hex digits>" (a byte-identical copy is
+    the same CLIP wherever it lies; a rewritten file is another)."""
     if spec in clip.available_models():
         return spec
     path = Path(spec).expanduser()
     if path.is_file():
-        st = path.stat()
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        return f"sha256:{file_sha256(path)[:16]}"
     raise FileNotFoundError(
         f"CLIP model {spec!r} is neither a known model name nor an existing checkpoint file; "
         f"known names: {clip.available_models()}"

@@ -3,12 +3,14 @@ and the distillation store: a reader (another process, a resumed run) never sees
 
 import contextlib
 import errno
+import functools
+import hashlib
 import io
 import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["atomic_torch_save", "atomic_write", "cache_root"]
+__all__ = ["atomic_torch_save", "atomic_write", "cache_root", "file_sha256"]
 
 # A full disk or quota: what to do about it is worth saying.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -110,3 +112,19 @@ def atomic_torch_save(obj, path, hint: str = "") -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, [buffer.getvalue()], hint=hint)
+
+
+def file_sha256(path) -> str:
+    """The sha256 (hex) of a file's bytes: what identifies its content wherever it lies. Cached
+    per process by (path, size, mtime, inode), so a file is read once unless it changes."""
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -2,13 +2,12 @@
 first 16 hex digits of the file's sha256]``. The path is not part of it: a dataset moved to
 another root (same bytes) is the same dataset; a re-encoded or edited picture is not."""
 
-import functools
-import hashlib
 import logging
 import os
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from ...fileio import file_sha256
 from .format import StoreError
 
 if TYPE_CHECKING:  # the reader uses nothing of this module; only the annotation needs it
@@ -21,19 +20,7 @@ logger = logging.getLogger(__name__)
 
 def file_identity(file_name: str) -> list:
     """``[size, first 16 hex digits of sha256]`` of a file's bytes (what a chunk records)."""
-    st = os.stat(file_name)
-    return [st.st_size, _sha256_16(str(file_name), st.st_size, st.st_mtime_ns, st.st_ino)]
-
-
-@functools.lru_cache(maxsize=1 << 17)
-def _sha256_16(file_name: str, size: int, mtime_ns: int, inode: int) -> str:
-    # Cached by (path, size, mtime, inode): a run checks its source store and then records the
-    # same files in its own chunks; a file changed on disk is hashed again.
-    h = hashlib.sha256()
-    with open(file_name, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return [os.stat(file_name).st_size, file_sha256(file_name)[:16]]
 
 
 def describe_identity(identity) -> str:
