@@ -119,3 +119,23 @@ def test_text_classifier_tool_refuses_the_pair(tiny_clip_path, tmp_path):
     )
     assert result.returncode != 0 and "'Dog' (item 1) and 'dog' (item 2)" in result.stderr
     assert not (tmp_path / "v.pth").exists()
+
+
+def test_one_parser_for_typed_names():
+    from vild_d2.engine.predictor import vocabulary_from_cli
+    from vild_d2.serve.service import parse_names_text
+    from vild_d2.text import parse_names
+
+    assert parse_names(" red star, blue cross\ngreen heart ") == [
+        "red star",
+        "blue cross",
+        "green heart",
+    ]
+    assert parse_names(" , \n") == []
+    for text in ("a,,b", "a,b,", ",a"):
+        with pytest.raises(ValueError, match="empty class name"):
+            parse_names(text)
+        with pytest.raises(ValueError, match="empty class name"):
+            vocabulary_from_cli("custom", text)  # the demo's --custom-vocabulary
+        with pytest.raises(BadInput, match="empty class name"):
+            parse_names_text(text)  # the server
