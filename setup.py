@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "pillow>=9.0",
     "PyYAML>=5.1",
     "tqdm>=4.29",
+    "scikit-image>=0.22",  # its sample photos (vild_d2.data.images.sample_photo)
 ]
 
 EXTRAS_REQUIRE = {

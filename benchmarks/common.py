@@ -18,6 +18,8 @@ from typing import Callable, Dict, List
 
 import numpy as np
 import torch
+
+from vild_d2.data.images import SAMPLE_PHOTOS, sample_photo
 from detectron2.structures import BitMasks, Boxes, Instances
 
 __all__ = [
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/, tools/, 
 NUM_CLASSES = 1203  # LVIS v1
 NUM_DISTILL = 300  # distillation boxes per image (the paper's)
 EMBED_DIM = 512  # CLIP ViT-B/32's embedding width: the vocabularies and targets have it
-PHOTOS = "skimage astronaut, coffee, chelsea, rocket"
+PHOTOS = "skimage " + ", ".join(SAMPLE_PHOTOS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,10 +98,9 @@ def photos(size: int) -> List[np.ndarray]:
     """Four real photos (BGR uint8, (H, W, 3)), short side resized to ``size``: real images
     give the RPN and the heads realistic work, and scikit-image ships them (no download)."""
     import cv2
-    from skimage import data as skdata
 
     out = []
-    for rgb in (skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()):
+    for rgb in map(sample_photo, SAMPLE_PHOTOS):
         h, w = rgb.shape[:2]
         s = size / min(h, w)
         out.append(cv2.resize(rgb[:, :, ::-1], (round(w * s), round(h * s))))

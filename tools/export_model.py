@@ -79,9 +79,9 @@ def _sample_image(path):
         if image is None:
             raise ValueError(f"cannot read sample image {path}")
         return image
-    from skimage import data as skdata
+    from vild_d2.data.images import sample_photo
 
-    return np.ascontiguousarray(skdata.astronaut()[:, :, ::-1])
+    return np.ascontiguousarray(sample_photo("astronaut")[:, :, ::-1])  # RGB -> BGR
 
 
 def _run_exported(fmt, path, image, vocabulary=()):

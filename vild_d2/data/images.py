@@ -5,7 +5,11 @@ import numpy as np
 import torch
 from detectron2.data.detection_utils import read_image
 
-__all__ = ["read_rgb"]
+__all__ = ["SAMPLE_PHOTOS", "read_rgb", "sample_photo"]
+
+# Real photographs that scikit-image ships (no download): the server's samples, the export
+# tool's default tracing image and the benchmarks' inputs.
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 def read_rgb(dataset_dict: dict) -> torch.Tensor:
@@ -24,3 +28,12 @@ def read_rgb(dataset_dict: dict) -> torch.Tensor:
         )
     # read_image can return a read-only view; torch needs a writable array.
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
+
+
+def sample_photo(name: str) -> np.ndarray:
+    """One of :data:`SAMPLE_PHOTOS` as RGB uint8 (H, W, 3)."""
+    if name not in SAMPLE_PHOTOS:
+        raise ValueError(f"no sample photo {name!r}: one of {', '.join(SAMPLE_PHOTOS)}")
+    from skimage import data as skdata
+
+    return np.ascontiguousarray(getattr(skdata, name)())

@@ -19,6 +19,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 
 from ..text.categories import BUILTIN_VOCABULARIES
+from ..data.images import SAMPLE_PHOTOS, sample_photo
 from ..engine.detections import detections_to_json, draw_detections, json_header
 from ..engine.predictor import ViLDPredictor
 from ..text import Vocabulary, parse_names
@@ -164,13 +165,11 @@ def find_samples(cfg, limit: int = 6) -> Dict[str, str]:
         paths = [d["file_name"] for d in dicts[: 4 * limit] if Path(d["file_name"]).is_file()]
         if paths:
             return {Path(p).name: p for p in paths[:limit]}
-    from skimage import data as skdata
-
     folder = Path(tempfile.mkdtemp(prefix="vild_d2_samples_"))
     samples = {}
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+    for name in SAMPLE_PHOTOS:
         path = folder / f"{name}.png"
-        Image.fromarray(getattr(skdata, name)()).save(path)
+        Image.fromarray(sample_photo(name)).save(path)
         samples[path.name] = str(path)
     return samples
 
