@@ -18,6 +18,9 @@ BASELINES = {
     "configs/Shapes/clip_on_crops.yaml": ("CLIPOnCropsRCNN", "StandardROIHeads"),
     "configs/Shapes/rpn.yaml": ("ProposalNetwork", None),
 }
+# The official ViLD architecture (vild_d2/official): ViLDRCNN / ViLDROIHeads subclasses.
+BASELINES.update({str(p): ("OfficialViLDRCNN", "OfficialViLDROIHeads")
+                  for p in Path("configs/LVIS-OVD/official").glob("*.yaml")})  # fmt: skip
 
 
 def test_configs_found():
