@@ -62,10 +62,10 @@ def register_ovd_dataset(
     """
     if format not in FORMATS:
         raise ValueError(f"dataset {name!r}: format {format!r} is not one of {FORMATS}")
-    paths = [os.path.abspath(os.path.expanduser(p)) for p in (train_json, train_images)]
-    train_json, train_images = paths
-    val_json = os.path.abspath(os.path.expanduser(val_json))
-    val_images = os.path.abspath(os.path.expanduser(val_images))
+    paths = (train_json, train_images, val_json, val_images)
+    train_json, train_images, val_json, val_images = [
+        os.path.abspath(os.path.expanduser(str(p))) for p in paths
+    ]
     for root, role in ((train_images, "train_images"), (val_images, "val_images")):
         if os.path.exists(root) and not os.path.isdir(root):
             raise OVDJsonError(f"dataset {name!r}: {role} {root} is a file, not a folder")
@@ -89,7 +89,7 @@ def register_ovd_dataset(
     names_by_id = {c["id"]: c["name"] for c in categories}
     synonyms = {c["id"]: c.get("synonyms") for c in categories}
     if not all(isinstance(s, list) and s for s in synonyms.values()):
-        synonyms = None  # LVIS's synonyms, for MODEL.VILD.USE_SYNONYMS, only if every class has
+        synonyms = None  # (LVIS) synonyms for MODEL.VILD.USE_SYNONYMS: only if every class has some
 
     train_name, val_name = f"{name}_train_base", f"{name}_val"
     base_map = {cat_id: k for k, cat_id in enumerate(base_ids)}
