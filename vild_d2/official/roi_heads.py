@@ -63,16 +63,19 @@ def official_detections(
     if num_rois > pre_nms_topk_per_class:  # per class, only its top-k boxes enter its NMS
         kth = scores.topk(pre_nms_topk_per_class, dim=0).values[-1]
         keep_mask &= scores >= kth[None]
-    rois, classes = keep_mask.nonzero(as_tuple=True)
+    # Class-major candidates, then a stable sort: ties in the official order (tf.nn.top_k over
+    # the classes' concatenated NMS outputs: lower class, then lower RoI index, first).
+    classes, rois = keep_mask.t().nonzero(as_tuple=True)
     cand_scores = scores[rois, classes]
-    order = cand_scores.argsort(descending=True)
+    order = torch.sort(cand_scores, descending=True, stable=True).indices
     rois, classes, cand_scores = rois[order], classes[order], cand_scores[order]
     # NMS decides a box from the higher-scored boxes of its class only, so the survivors among
     # the n best candidates are exact; the first n that yields topk survivors gives the answer
     # (1.2M candidates for 1000 RoIs x 1203 classes: NMS on all of them is slow on a CPU).
     n = min(len(cand_scores), 8 * topk)
     while True:
-        keep = batched_nms(boxes[rois[:n]], cand_scores[:n], classes[:n], nms_thresh)
+        rank = torch.arange(n, 0, -1, dtype=torch.float32, device=boxes.device)
+        keep = batched_nms(boxes[rois[:n]], rank, classes[:n], nms_thresh)
         if len(keep) >= topk or n == len(cand_scores):
             break
         n = min(len(cand_scores), 4 * n)

@@ -80,6 +80,11 @@ class OfficialRPNHead(nn.Module):
         return logits, deltas
 
 
+def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``scores``, ties in index order (tf.nn.top_k's)."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k]
+
+
 def official_rpn_proposals(
     proposals: List[torch.Tensor],
     logits: List[torch.Tensor],
@@ -102,19 +107,19 @@ def official_rpn_proposals(
         boxes_all, logits_all = [], []
         for boxes_l, logits_l in zip(proposals, logits):
             boxes = clip_boxes_official(boxes_l[i], size)
-            scores = logits_l[i]
-            k = min(pre_nms_topk, scores.numel())
-            # Sorted by logit = sorted by sigmoid (the official code's score).
-            scores, idx = scores.topk(k)
+            # The official order: by sigmoid score (float32; saturated scores tie), ties by
+            # index, as tf.nn.top_k; NMS then visits the boxes in exactly that order.
+            idx = _stable_top(torch.sigmoid(logits_l[i]), pre_nms_topk)
             boxes = boxes[idx]
-            keep = nms(boxes, scores, nms_thresh)[:post_nms_topk]
+            rank = torch.arange(len(idx), 0, -1, dtype=torch.float32, device=boxes.device)
+            keep = nms(boxes, rank, nms_thresh)[:post_nms_topk]
             boxes_all.append(boxes[keep])
-            logits_all.append(scores[keep])
-        boxes, scores = torch.cat(boxes_all), torch.cat(logits_all)
-        scores, idx = scores.topk(min(post_nms_topk, scores.numel()))
+            logits_all.append(logits_l[i][idx[keep]])
+        boxes, logits = torch.cat(boxes_all), torch.cat(logits_all)
+        idx = _stable_top(torch.sigmoid(logits), post_nms_topk)
         inst = Instances(size)
         inst.proposal_boxes = Boxes(boxes[idx])
-        inst.objectness_logits = scores
+        inst.objectness_logits = logits[idx]
         results.append(inst)
     return results
 
