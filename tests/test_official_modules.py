@@ -216,3 +216,42 @@ def test_key_map_covers_deeper_resnets(depth):
     mapped = {n for n, _, _ in official_key_map(depth, ensemble=True)}
     assert names - mapped == {"frcnn_layer_0/fast_rcnn_head/class-predict/kernel"}
     assert mapped <= names
+
+
+def test_rpn_proposals_by_hand():
+    from vild_d2.official.rpn import official_rpn_proposals
+
+    level_a = torch.tensor([[[0.0, 0, 10, 10], [1, 1, 11, 11], [5, 5, 25, 25]]])
+    level_b = torch.tensor([[[0.0, 0, 10, 10]]])
+    logits = [torch.tensor([[2.0, 1.0, 0.5]]), torch.tensor([[3.0]])]
+    # IoU(box 0, box 1) = 81 / 119 = 0.68: kept at NMS 0.7, suppressed at 0.6. Levels have
+    # their own NMS (level b's box equals box 0); 3 proposals overall.
+    (out,) = official_rpn_proposals([level_a, level_b], logits, [(20, 20)], 0.7, 1000, 3)
+    assert out.objectness_logits.tolist() == [3.0, 2.0, 1.0]
+    (out,) = official_rpn_proposals([level_a, level_b], logits, [(20, 20)], 0.6, 1000, 3)
+    assert out.objectness_logits.tolist() == [3.0, 2.0, 0.5]
+    assert out.proposal_boxes.tensor[2].tolist() == [5.0, 5.0, 19.0, 19.0]  # clipped to 19
+
+
+def test_official_preprocessing(tmp_path):
+    from detectron2.modeling import build_model
+
+    from vild_d2 import Vocabulary
+    from vild_d2.config import load_config
+
+    vocab = tmp_path / "v.pth"
+    Vocabulary(["a", "b"], torch.randn(2, 512)).save(str(vocab))
+    cfg = load_config("configs/LVIS-OVD/official/vild_R50_tf.yaml", [
+        "MODEL.VILD.TRAIN_VOCABULARY", str(vocab), "MODEL.VILD.TEST_VOCABULARY", str(vocab),
+        "MODEL.VILD.OFFICIAL.IMAGE_SIZE", "256",
+        "MODEL.DEVICE", "cpu",
+    ])  # fmt: skip
+    model = build_model(cfg).eval()
+    image = torch.full((3, 240, 200), 255, dtype=torch.uint8)
+    image[0] = 0
+    images, sizes = model.preprocess_for_inference([{"image": image}])
+    assert images.tensor.shape == (1, 3, 256, 256) and sizes == [(256, 213)]
+    assert images.image_sizes == [(256, 256)]  # boxes clip to the whole canvas
+    expected = [(0 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]  # RGB input
+    assert images.tensor[0, :, 0, 0].tolist() == pytest.approx(expected, abs=1e-5)
+    assert images.tensor[0, :, :, 213:].abs().max() == 0 and images.tensor[0, :, 255].any()
