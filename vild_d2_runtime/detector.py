@@ -107,6 +107,7 @@ class Detector:
         cache_dir: Optional[str] = None,
         threads: int = 0,
         vocabulary_cache_size: int = 8,
+        providers: Optional[Sequence[str]] = None,
     ):
         """
         Args:
@@ -116,8 +117,11 @@ class Detector:
             cache_dir: name embeddings cached on disk here too (None = memory only).
             threads: ONNX Runtime intra-op threads (0 = its default).
             vocabulary_cache_size: resolved vocabularies kept in memory.
+            providers: ONNX Runtime execution providers (default: the CPU's), e.g.
+                ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` with onnxruntime-gpu.
         """
-        self.session, self.meta = open_graph(model, "detector with a vocabulary input", threads)
+        kind = "detector with a vocabulary input"
+        self.session, self.meta = open_graph(model, kind, threads, providers)
         self.uses_novel_mask = "novel_mask" in self.meta["inputs"]
         self.dim = int(self.meta["embedding_dim"])
         self.train_names = set(self.meta["train_names"])
@@ -125,7 +129,9 @@ class Detector:
             self.text_encoder = text_encoder
         else:
             path = text_encoder or Path(model).expanduser().parent / TEXT_ENCODER_FILE
-            self.text_encoder = TextEncoder(str(path), cache_dir=cache_dir, threads=threads)
+            self.text_encoder = TextEncoder(
+                str(path), cache_dir=cache_dir, threads=threads, providers=providers
+            )
         path = self.text_encoder.path
         if self.text_encoder.dim != self.dim:
             raise ValueError(

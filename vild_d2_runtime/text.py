@@ -42,6 +42,7 @@ class TextEncoder:
         batch_size: int = 256,
         threads: int = 0,
         memory_cache_size: int = 100_000,
+        providers: Optional[Sequence[str]] = None,
     ):
         """
         Args:
@@ -51,9 +52,10 @@ class TextEncoder:
             batch_size: prompts per run of the graph.
             threads: ONNX Runtime intra-op threads (0 = its default).
             memory_cache_size: names kept in memory (least recently used dropped first).
+            providers: ONNX Runtime execution providers (default: the CPU's).
         """
         self.path = Path(path).expanduser()
-        self.session, meta = open_graph(str(self.path), "text encoder", threads)
+        self.session, meta = open_graph(str(self.path), "text encoder", threads, providers)
         self.templates = list(meta["templates"])
         self.context_length = int(meta["context_length"])
         self.dim = int(meta["embedding_dim"])
