@@ -21,9 +21,11 @@ import filecmp
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ import torch
 
 from vild_d2 import ViLDCheckpointer
 from vild_d2.engine import Trainer, launch
-from vild_d2.engine.launch import usable_cpus
+from vild_d2.engine.launch import ProcessDiedError, usable_cpus
 from benchmarks.train_processes import train_in_processes
 from tiny_world import M, TINY_OPTS, tiny_config, tool_world  # tests/ helper
 
@@ -313,6 +315,67 @@ def test_missing_rank_times_out_naming_it(env_world):
         ok=False,
     )
     assert "1 of 2 ranks never joined" in log and "rank(s) [1] are missing" in log
+
+
+@pytest.mark.slow
+def test_missing_rank_0_is_one_clear_line(tmp_path):
+    """Machine 1 started, machine 0 not: one line naming the address and what to check, not
+    torch's TCPStore retries with their C++ stack frames."""
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/train_net.py",
+            "--num-machines",
+            "2",
+            "--machine-rank",
+            "1",
+            "--dist-url",
+            url,
+            "--dist-timeout",
+            "3",
+            "--config-file",
+            "configs/Shapes/vild.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"could not reach machine 0 (--machine-rank 0) at {url} within 3 s" in errors[0]
+    assert "--dist-url" in errors[0] and "port" in errors[0]
+    assert "frame #" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - start < 120
+
+
+def _dies_on_rank_1(how):
+    """main_func of the launch tests: rank 1 dies while rank 0 waits for it at a barrier."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(28, "No space left on device")
+    dist.barrier()  # would wait for rank 1 until the (30 min) timeout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(usable_cpus() < 2, reason="two CPU processes")
+@pytest.mark.parametrize(
+    "how, error, message",
+    [
+        ("kill", ProcessDiedError, r"rank 1 \(pid \d+\) was killed by signal SIGKILL"),
+        ("raise", Exception, r"No space left on device"),
+    ],
+)
+def test_a_dying_process_ends_the_launch_naming_why(how, error, message):
+    start = time.monotonic()
+    with pytest.raises(error, match=message):
+        launch(_dies_on_rank_1, 2, dist_url="auto", args=(how,))
+    assert time.monotonic() - start < 60
 
 
 def test_more_processes_than_the_machine_serves_are_refused():

@@ -401,3 +401,70 @@ def test_corrupt_image_is_named(tmp_path):
         ValueError, match=r"good\.png: image is 6x8 \(HxW\) but the dataset says 7x8"
     ):
         read_rgb({"file_name": str(good), "height": 7, "width": 8})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit_kb", [1, 100])
+def test_worker_under_a_file_size_limit_does_not_hang(world, tmp_path, limit_kb):
+    """`ulimit -f` (a full disk or quota, as a worker sees it) with --num-workers 1: once the
+    main process waited forever for an item its worker could not send (tensors were shared
+    through files in /dev/shm). Now the run ends within seconds: done, or the write that
+    failed named."""
+    import resource
+    import time
+
+    env = dict(os.environ, DETECTRON2_DATASETS=str(world["base"] / "datasets"), OMP_NUM_THREADS="1")
+    props = tmp_path / "props"  # of the world as the tools see it (shapes_train_base)
+    proposals = [
+        sys.executable,
+        "tools/precompute_proposals.py",
+        "--config-file",
+        "configs/Shapes/rpn.yaml",
+        "--dataset",
+        "shapes_train_base",
+        "--output",
+        str(props),
+        "--num-proposals",
+        str(M),
+        "--num-workers",
+        "0",
+        *TINY_OPTS,
+        "MODEL.WEIGHTS",
+        world["rpn"].MODEL.WEIGHTS,
+    ]
+    made = subprocess.run(proposals, env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-3000:]
+    cmd = [
+        sys.executable,
+        "tools/precompute_clip_embeddings.py",
+        "--proposals",
+        str(props),
+        "--dataset",
+        "shapes_train_base",
+        "--clip",
+        world["clip"],
+        "--output",
+        str(tmp_path / "targets"),
+        "--chunk-size",
+        "4",
+        "--num-workers",
+        "1",
+        "--device",
+        "cpu",
+    ]
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, resource.RLIM_INFINITY))
+
+    start = time.monotonic()
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, preexec_fn=limit, timeout=300
+    )
+    took = time.monotonic() - start
+    log = proc.stdout + proc.stderr
+    if limit_kb == 1:  # a chunk is more than 1 KB: the main process's write fails, named
+        assert proc.returncode != 0 and "File too large" in log and "chunk-000000" in log, log
+    else:  # chunks fit: the workers' items no longer touch the file-size limit
+        assert proc.returncode == 0 and "6 of 6 images done" in log, log[-3000:]
+    assert "unable to resize file" not in log
+    assert took < 120, took  # seconds, with the tool's start-up (imports, CLIP) on a busy machine

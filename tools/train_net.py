@@ -5,12 +5,14 @@ One process per GPU, on one machine or several (README "Training on many GPUs an
 on a machine without CUDA, ``--num-gpus N`` runs N CPU processes (gloo).
 """
 
+import sys
 from datetime import timedelta
 
 import vild_d2  # noqa: F401  (first: registers the model and applies compatibility bridges)
 from detectron2.engine import default_argument_parser
 from vild_d2.checkpoint import ViLDCheckpointer
 from vild_d2.engine import Trainer, launch, setup
+from vild_d2.engine.launch import ProcessDiedError, RendezvousError
 
 
 def main(args):
@@ -41,12 +43,16 @@ def get_parser():
 if __name__ == "__main__":
     args = get_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        timeout=timedelta(seconds=args.dist_timeout),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            timeout=timedelta(seconds=args.dist_timeout),
+        )
+    except (RendezvousError, ProcessDiedError) as e:  # one line: what happened, what to check
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

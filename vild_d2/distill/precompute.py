@@ -13,9 +13,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..data.images import read_rgb
+from .loader import as_list, iterate_loader, make_loader
 from .store import DistillStore, StoreWriter, check_dataset, chunks_of_shard, proposals_for
 from .teacher import autocast_fp16
 
@@ -309,11 +310,6 @@ class _Mapped(Dataset):
         return self.fn(self.items[i])
 
 
-def _as_list(batch):
-    """The loader's collate_fn (a module-level function: picklable by spawned workers)."""
-    return batch
-
-
 def _per_chunk_batches(chunks: List[List[dict]], batch_size: int) -> List[List[int]]:
     batches, pos = [], 0
     for dicts in chunks:
@@ -351,14 +347,14 @@ def iter_proposals(
     from detectron2.structures import ImageList
 
     items = [d for dicts in chunks for d in dicts]
-    loader = DataLoader(
+    loader = make_loader(
         _Mapped(items, mapper),
         batch_sampler=_per_chunk_batches(chunks, batch_size),
-        collate_fn=_as_list,
+        collate_fn=as_list,
         num_workers=num_workers,
     )
     device = model.pixel_mean.device
-    for batch in loader:
+    for batch in iterate_loader(loader):  # a dead worker: WorkerError naming why, not a hang
         with torch.no_grad(), autocast_fp16(device, fp16):
             images = [(x["image"].to(device) - model.pixel_mean) / model.pixel_std for x in batch]
             images = ImageList.from_tensors(images, model.backbone.size_divisibility)
@@ -409,12 +405,12 @@ def iter_embeddings(
     # Crops of another copy's boxes would be silently wrong targets: the proposals must have
     # been made from these very image files.
     check_dataset(proposals, items)
-    loader = DataLoader(
+    loader = make_loader(
         _Mapped(items, _ImageAndBoxes(proposals, max_boxes)),
         batch_size=None,
         num_workers=num_workers,
     )
-    for image_id, image, boxes in loader:
+    for image_id, image, boxes in iterate_loader(loader):  # a dead worker: WorkerError
         emb = teacher(image, boxes)
         yield image_id, {"boxes": boxes.numpy(), "embeddings": emb.half().numpy()}
 

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "RendezvousError", "usable_cpus"]
+__all__ = ["DEFAULT_TIMEOUT", "launch", "ProcessDiedError", "RendezvousError", "usable_cpus"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,11 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)  # detectron2's
 
 class RendezvousError(RuntimeError):
     """The processes of a distributed job could not form their process group."""
+
+
+class ProcessDiedError(RuntimeError):
+    """A process of the job died (killed by a signal, or exited with an error); the others were
+    stopped."""
 
 
 def usable_cpus() -> int:
@@ -102,13 +107,34 @@ def launch(
     if num_gpus_per_machine == 1:
         # This machine's one process is this one: a spawned copy would only add a start-up.
         return _cpu_worker(0, *worker_args)
-    mp.spawn(
-        _cpu_worker,
-        nprocs=num_gpus_per_machine,
-        args=worker_args,
-        daemon=False,
-    )
+    try:
+        mp.spawn(_cpu_worker, nprocs=num_gpus_per_machine, args=worker_args, daemon=False)
+    except mp.ProcessRaisedException as e:  # a child's exception, as its traceback's text
+        # A rendezvous error stays one clear line (what to check), not a child's traceback.
+        line = next((x for x in str(e).splitlines() if x.startswith(_RENDEZVOUS_PREFIX)), None)
+        if line is not None:
+            raise RendezvousError(line[len(_RENDEZVOUS_PREFIX) :]) from None
+        raise
+    except mp.ProcessExitedException as e:  # killed (e.g. by the out-of-memory killer)
+        rank = machine_rank * num_gpus_per_machine + e.error_index
+        how = (
+            f"was killed by signal {e.signal_name}"
+            if e.signal_name
+            else (f"exited with status {e.exit_code}")
+        )
+        hint = (
+            " (SIGKILL: often the out-of-memory killer, see dmesg)"
+            if e.signal_name == "SIGKILL"
+            else ""
+        )
+        raise ProcessDiedError(
+            f"the process of rank {rank} (pid {e.error_pid}) {how}{hint}; the other processes "
+            "of this machine were stopped"
+        ) from None
     return None
+
+
+_RENDEZVOUS_PREFIX = f"{__name__}.RendezvousError: "
 
 
 def _check_processes(per_machine: int) -> None:
@@ -191,6 +217,10 @@ def _rendezvous(host: str, port: int, rank: int, world_size: int, timeout: timed
     """
     seconds = timeout.total_seconds()
     where = f"tcp://{host}:{port}"
+    if rank != 0:
+        # Reach machine 0 with a plain socket first: torch's TCPStore client, failing, logs
+        # ~70 lines of C++ stack frames per retry before its exception.
+        _wait_for_listener(host, port, rank, world_size, seconds)
     try:
         store = dist.TCPStore(
             host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
@@ -199,8 +229,8 @@ def _rendezvous(host: str, port: int, rank: int, world_size: int, timeout: timed
         what = f"could not listen on {where}" if rank == 0 else f"could not reach {where}"
         raise RendezvousError(
             f"rank {rank} of {world_size} {what} within {seconds:g} s ({type(e).__name__}: "
-            f"{e}). Is machine 0 (--machine-rank 0) running, with the same --dist-url, and is "
-            f"port {port} open between the machines?"
+            f"{_first_line(e)}). Is machine 0 (--machine-rank 0) running, with the same "
+            f"--dist-url, and is port {port} open between the machines?"
         ) from e
     store.set(f"vild_d2/joined/{rank}", "1")
     deadline = time.monotonic() + seconds
@@ -217,3 +247,29 @@ def _rendezvous(host: str, port: int, rank: int, world_size: int, timeout: timed
                 "its own --machine-rank (or raise the timeout)."
             )
         time.sleep(0.05)
+
+
+def _first_line(error: BaseException) -> str:
+    """A torch error's message without its C++ stack frames."""
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+def _wait_for_listener(host: str, port: int, rank: int, world_size: int, seconds: float):
+    """Wait until something listens at ``host:port`` (machine 0's rendezvous), else one clear
+    :class:`RendezvousError`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, left))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RendezvousError(
+                    f"rank {rank} of {world_size} could not reach machine 0 (--machine-rank 0) "
+                    f"at tcp://{host}:{port} within {seconds:g} s ({e.strerror or e}): check "
+                    f"that it is running with the same --dist-url, that {host} is its address "
+                    f"and that port {port} is open between the machines (--dist-timeout waits "
+                    "longer)"
+                ) from None
+        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
