@@ -60,6 +60,8 @@ def official_detections(
     scores = scores.float()
     num_rois, num_classes = scores.shape
     keep_mask = scores > score_thresh
+    # The official padded NMS takes a box whose coordinates are all <= 0 for padding: never kept.
+    keep_mask &= (boxes > 0).any(dim=1)[:, None]
     if num_rois > pre_nms_topk_per_class:  # per class, only its top-k boxes enter its NMS
         kth = scores.topk(pre_nms_topk_per_class, dim=0).values[-1]
         keep_mask &= scores >= kth[None]
@@ -72,10 +74,14 @@ def official_detections(
     # NMS decides a box from the higher-scored boxes of its class only, so the survivors among
     # the n best candidates are exact; the first n that yields topk survivors gives the answer
     # (1.2M candidates for 1000 RoIs x 1203 classes: NMS on all of them is slow on a CPU).
+    # Its IoU reads each box with its corners sorted (a decoded box narrower than 1 px ends
+    # before it starts: x2 = x1 + w - 1 < x1); the boxes themselves are returned as decoded.
+    corners = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]),
+                         torch.maximum(boxes[:, :2], boxes[:, 2:])], dim=1)  # fmt: skip
     n = min(len(cand_scores), 8 * topk)
     while True:
         rank = torch.arange(n, 0, -1, dtype=torch.float32, device=boxes.device)
-        keep = batched_nms(boxes[rois[:n]], rank, classes[:n], nms_thresh)
+        keep = batched_nms(corners[rois[:n]], rank, classes[:n], nms_thresh)
         if len(keep) >= topk or n == len(cand_scores):
             break
         n = min(len(cand_scores), 4 * n)

@@ -112,14 +112,16 @@ def official_rpn_proposals(
             idx = _stable_top(torch.sigmoid(logits_l[i]), pre_nms_topk)
             boxes = boxes[idx]
             rank = torch.arange(len(idx), 0, -1, dtype=torch.float32, device=boxes.device)
-            keep = nms(boxes, rank, nms_thresh)[:post_nms_topk]
+            keep = nms(boxes, rank, nms_thresh)
+            # The official padded NMS takes a box whose coordinates are all <= 0 for padding.
+            keep = keep[(boxes[keep] > 0).any(dim=1)][:post_nms_topk]
             boxes_all.append(boxes[keep])
             logits_all.append(logits_l[i][idx[keep]])
-        boxes, logits = torch.cat(boxes_all), torch.cat(logits_all)
-        idx = _stable_top(torch.sigmoid(logits), post_nms_topk)
+        boxes, image_logits = torch.cat(boxes_all), torch.cat(logits_all)
+        idx = _stable_top(torch.sigmoid(image_logits), post_nms_topk)
         inst = Instances(size)
         inst.proposal_boxes = Boxes(boxes[idx])
-        inst.objectness_logits = logits[idx]
+        inst.objectness_logits = image_logits[idx]
         results.append(inst)
     return results
 
