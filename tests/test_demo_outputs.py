@@ -267,3 +267,250 @@ def test_predictor_refuses_what_it_would_misread(predictor, make, error, message
         predictor(make())
     with pytest.raises(error, match=message):  # the export tool's entry point checks too
         predictor.preprocess(make())
+
+
+# --- issue 24: a run never replaces or deletes a file it did not create ------------------------
+def _tree(root):
+    """Every file under ``root``: relative path -> (bytes, inode), links as their target."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                out[rel] = ("link", os.readlink(path))
+            else:
+                with open(path, "rb") as f:
+                    out[rel] = (f.read(), os.stat(path).st_ino)
+    return out
+
+
+def _photos(tmp_path):
+    """photos/{a,b}.png and photos/sub/{a,b}.png: the same names, other pictures; a hard link
+    to photos/a.png elsewhere."""
+    photos = tmp_path / "photos"
+    _image(photos / "a.png", (0, 0, 200))
+    _image(photos / "b.png", (0, 200, 0))
+    _image(photos / "sub" / "a.png", (200, 0, 0))
+    _image(photos / "sub" / "b.png", (200, 200, 0))
+    os.link(photos / "a.png", tmp_path / "keep.png")
+    return photos
+
+
+@pytest.mark.parametrize(
+    "inputs, output",
+    [
+        (["photos/sub"], "photos"),  # output above the input: photos/a.png would be replaced
+        (["photos"], "photos/sub"),  # output below the input: photos/sub/a.png would be
+        (["photos/sub/a.png"], "photos/b.png"),  # one input, an existing file as the output
+    ],
+)
+def test_existing_files_are_never_replaced_without_overwrite(
+    demo, toy, tmp_path, capsys, inputs, output
+):
+    _photos(tmp_path)
+    before = _tree(tmp_path)
+    args = ["--input", *(str(tmp_path / i) for i in inputs), "--output", str(tmp_path / output)]
+    assert _main(demo, toy, *args, "--json", *NEVER) == 2
+    err = capsys.readouterr().err
+    assert "exist already" in err and "--overwrite" in err, err
+    assert _tree(tmp_path) == before  # not one byte, not one inode changed; nothing added
+
+
+def test_overwrite_replaces_them_atomically_never_an_input(demo, toy, tmp_path, capsys):
+    photos = _photos(tmp_path)
+    keep = (tmp_path / "keep.png").read_bytes()
+    inputs = {p: p.read_bytes() for p in (photos / "sub").iterdir()}
+    args = ["--input", str(photos / "sub"), "--output", str(photos), "--json", "--overwrite"]
+    assert _main(demo, toy, *args, *NEVER) == 0
+    # photos/a.png is now sub/a.png's picture; the hard link to the old one kept its content
+    # (written to a new file, renamed over the name: the old inode untouched).
+    assert (tmp_path / "keep.png").read_bytes() == keep
+    drawn = cv2.imread(str(photos / "a.png"))
+    assert tuple(int(v) for v in np.median(drawn.reshape(-1, 3), axis=0)) == (200, 0, 0)
+    assert {p: p.read_bytes() for p in inputs} == inputs
+    assert (photos / "detections.json").is_file() and not (photos / "detections.jsonl").exists()
+    # An input is never replaced, --overwrite or not.
+    assert _main(demo, toy, "--input", str(photos / "a.png"), "--output", str(photos)) == 2
+    assert "would replace the input" in capsys.readouterr().err
+
+
+def test_old_results_are_not_deleted(demo, toy, tmp_path, capsys):
+    photo = _image(tmp_path / "in" / "x.png", (0, 0, 200))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("detections.json", "detections.jsonl"):
+        (out / name).write_text("the user's own results")
+        before = _tree(tmp_path)
+        assert _main(demo, toy, "--input", str(photo), "--output", str(out), "--json") == 2
+        assert name in capsys.readouterr().err
+        assert _tree(tmp_path) == before
+        (out / name).unlink()
+
+
+@pytest.mark.parametrize(
+    "output, n_inputs, picture, json_name",
+    [
+        ("out", 2, "out/x0.png", "out/detections.json"),
+        ("out.v2", 2, "out.v2/x0.png", "out.v2/detections.json"),  # a folder with a suffix
+        ("res.png", 2, "res.png/x0.png", "res.png/detections.json"),  # a folder named *.png
+        ("pic.png", 1, "pic.png", "pic.json"),  # one input, a file name: JSON named after it
+        ("a/b/pic.JPEG", 1, "a/b/pic.JPEG", "a/b/pic.json"),
+        ("made.png/", 1, "made.png/x0.png", "made.png/detections.json"),  # existing folder
+    ],
+)
+def test_every_file_lies_in_the_output_named(
+    demo, toy, tmp_path, output, n_inputs, picture, json_name
+):
+    inputs = [_image(tmp_path / "in" / f"x{k}.png", (0, 50 * k, 200)) for k in range(n_inputs)]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "detections.json").write_text("the user's, beside the output")  # never touched
+    if output.endswith("/"):
+        (work / output).mkdir()
+    before = _tree(tmp_path)
+    args = ["--input", *map(str, inputs), "--output", str(work / output), "--json", *NEVER]
+    assert _main(demo, toy, *args) == 0
+    after = _tree(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
+    pictures = [picture.replace("x0", f"x{k}") for k in range(n_inputs)]
+    assert sorted(set(after) - set(before)) == sorted(f"work/{p}" for p in [*pictures, json_name])
+    result = json.loads((work / json_name).read_text())
+    assert [r["output"] for r in result["images"]][0] == str(work / picture)
+
+
+# --- issue 24: bounded memory: a pixel limit read from the header -------------------------------
+def _png_claiming(path, width, height):
+    """A small PNG whose header claims width x height (its pixel data does not follow)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat))
+    return path
+
+
+def test_images_over_the_pixel_limit_are_refused_from_the_header(demo, toy, tmp_path, capsys):
+    folder = tmp_path / "in"
+    _image(folder / "a_good.png", (0, 0, 200))
+    _png_claiming(folder / "b_huge.png", 60000, 60000)  # 10.8 GB once decoded
+    _png_claiming(folder / "c_big.png", 20000, 20000)
+    _image(folder / "d_good.png", (200, 0, 0))
+    out = tmp_path / "out"
+    assert _main(demo, toy, "--input", str(folder), "--output", str(out), "--json") == 1
+    captured = capsys.readouterr()
+    assert "2 processed, 2 failed" in captured.out
+    failed = [line for line in captured.err.splitlines() if line.startswith("FAILED")]
+    assert (
+        "b_huge.png: 60000x60000 px (3600.0 megapixels), above --max-megapixels 100" in (failed[0])
+    )
+    assert "c_big.png: 20000x20000 px (400.0 megapixels)" in failed[1]
+    errors = json.loads((out / "detections.json").read_text())["errors"]
+    assert all("OpenCV" not in e["error"] and "ssertion" not in e["error"] for e in errors)
+    # The limit is a flag: 0.001 megapixels refuses the 64 x 64 pictures too.
+    args = ["--input", str(folder / "a_good.png"), "--max-megapixels", "0.001"]
+    assert _main(demo, toy, *args) == 1
+    assert "64x64 px (0.0 megapixels), above --max-megapixels 0.001" in capsys.readouterr().err
+
+
+def test_lazy_masks_are_the_pasted_masks(predictor):
+    """Masks kept at the mask head's size and pasted one at a time give the JSON (and so the
+    pixels) of detectron2's full-size masks."""
+    from vild_d2.engine.detections import detections_to_json
+
+    bgr = np.random.default_rng(1).integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    names = predictor.metadata.thing_classes
+    full = predictor(bgr)["instances"]
+    lazy = predictor(bgr, paste_masks=False)["instances"]
+    assert len(full) > 0 and tuple(lazy.pred_masks.tensor.shape[1:]) == (28, 28)
+    assert detections_to_json(lazy, names) == detections_to_json(full, names)
+
+
+# --- issue 24: each bad file its own reason ----------------------------------------------------
+def test_each_bad_file_gets_an_accurate_reason(demo, toy, tmp_path, capsys):
+    folder = tmp_path / "in"
+    _image(folder / "a_good.png", (0, 0, 200))
+    (folder / "b_folder.png").mkdir()
+    (folder / "c_empty.png").write_bytes(b"")
+    os.symlink("d_loop.png", folder / "d_loop.png")
+    os.symlink("nowhere.png", folder / "e_broken.png")
+    (folder / "f_text.png").write_text("not a picture")
+    args = [
+        "--input",
+        str(folder),
+        str(tmp_path / "g_missing.png"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert _main(demo, toy, *args) == 1
+    err = capsys.readouterr().err
+    reasons = dict(
+        line[len("FAILED ") :].split(": ", 1)
+        for line in err.splitlines()
+        if line.startswith("FAILED")
+    )
+    reasons = {os.path.basename(k): v for k, v in reasons.items()}
+    assert reasons["b_folder.png"] == "a folder, not an image file"
+    assert reasons["c_empty.png"] == "empty file (0 bytes)"
+    assert reasons["d_loop.png"].startswith("symbolic link loop")
+    assert reasons["e_broken.png"].startswith("broken symbolic link (to nowhere.png")
+    assert reasons["f_text.png"].startswith("cannot read image: not a picture file")
+    assert reasons["g_missing.png"] == "file not found"
+
+
+def test_a_full_disk_is_named_and_the_summary_printed(demo, toy, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import vild_d2.engine.demo_files as demo_files
+
+    def full(path, parts, exclusive=False, hint=""):
+        raise OSError(errno.ENOSPC, f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(demo_files, "atomic_write", full)
+    monkeypatch.setattr(demo, "atomic_write", full)
+    folder = tmp_path / "in"
+    for k in range(2):
+        _image(folder / f"{k}.png", (0, 0, 200))
+    out = tmp_path / "out"
+    assert _main(demo, toy, "--input", str(folder), "--output", str(out), "--json") == 1
+    captured = capsys.readouterr()
+    failed = [line for line in captured.err.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 3, captured.err  # two pictures, then the JSON
+    assert all("No space left on device" in line for line in failed)
+    assert failed[2].startswith(f"FAILED {out / 'detections.json'}: ")
+    assert "0 processed, 3 failed" in captured.out  # returned: no exception escaped
+    # What was done is in the .jsonl (its lines were written before the disk filled).
+    lines = (out / "detections.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and "No space left on device" in lines[1]
+
+
+# --- issue 24: bad config or weights: one line, exit 2 ------------------------------------------
+def _one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+def test_bad_weights_or_config_are_one_line_exit_2(demo, toy, tmp_path, capsys):
+    config_file, opts = toy
+    weights = opts[opts.index("MODEL.WEIGHTS") + 1]
+    photo = str(_image(tmp_path / "x.png", (0, 0, 200)))
+    truncated = tmp_path / "truncated.pth"
+    data = open(weights, "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text('_BASE_: "vild.yaml"\nMODEL:\n  WEIGHTS: [unclosed\n  DEVICE: cpu\n')
+    cases = [
+        (config_file, [*opts, "MODEL.WEIGHTS", str(truncated)], "truncated.pth"),
+        (str(bad_yaml), opts, f"{bad_yaml}: not valid YAML at line"),
+    ]
+    for config, options, message in cases:
+        args = ["--config-file", config, "--input", photo, "--opts", *options]
+        assert demo.main(args) == 2
+        assert message in _one_error_line(capsys.readouterr().err)
