@@ -255,3 +255,14 @@ def test_official_preprocessing(tmp_path):
     expected = [(0 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]  # RGB input
     assert images.tensor[0, :, 0, 0].tolist() == pytest.approx(expected, abs=1e-5)
     assert images.tensor[0, :, :, 213:].abs().max() == 0 and images.tensor[0, :, 255].any()
+
+
+def test_post_processing_reads_slivers_like_tf():
+    # A decoded box narrower than 1 px ends before it starts (x2 = x1 + w - 1): TF's padded NMS
+    # sorts its corners, so two overlapping slivers suppress each other; an all-zero box is
+    # padding to it and never kept.
+    boxes = torch.tensor([[0.3, 10, 0.2, 30], [0.29, 11, 0.21, 31], [0.0, 0, 0, 0]])
+    scores = torch.tensor([[0.9], [0.8], [0.95]])
+    out = official_detections(boxes, scores, (40, 40), 0.0, 0.5, 1000, 10)
+    assert out.scores.tolist() == pytest.approx([0.9])
+    assert out.pred_boxes.tensor[0].tolist() == pytest.approx([0.3, 10, 0.2, 30])  # as decoded
