@@ -112,7 +112,11 @@ def write_coco_dataset(
     return dataset_file
 
 
-def _run(args: List[str], log, env=None) -> None:
+def _run(args: List[str], log, env=None, done: Path = None) -> None:
+    """Run a tool; skipped when ``done`` (its last output) exists: a rerun resumes."""
+    if done is not None and done.exists():
+        log.write(f"= {done} exists: skipped {' '.join(args)}\n")
+        return
     log.write("+ " + " ".join(args) + "\n")
     log.flush()
     run = subprocess.run([sys.executable, *args], cwd=REPO, stdout=log, stderr=log, env=env)
@@ -125,118 +129,126 @@ def _results(folder: Path, dataset: str) -> dict:
     return json.loads((folder / "inference" / dataset / "results.json").read_text())["bbox"]
 
 
-def finetune(shapes: Path, datasets: Path, output: Path, iters: int = 150) -> dict:
+STEPS = ("proposals", "targets", "vild_text", "vild")
+
+
+def finetune(
+    shapes: Path, datasets: Path, output: Path, iters: int = 150, steps: Sequence[str] = STEPS
+) -> dict:
     """The measurement of docs/OWN_DATA.md: each of ViLD-text and ViLD from ``shapes``, before
-    and after a fine-tune on the new data; returns {variant: {"before"|"after": results}}."""
+    and after a fine-tune on the new data; returns {variant: {"before"|"after": results}} of
+    the variants done so far. ``steps``: those of :data:`STEPS` to run (the two variants may
+    run at once, in two processes, once the targets exist); what exists is not redone."""
+    shapes, datasets, output = shapes.resolve(), datasets.resolve(), output.resolve()
     output.mkdir(parents=True, exist_ok=True)
-    dataset_file = write_coco_dataset(datasets / "new_shapes")
+    dataset_file = datasets / "new_shapes" / "new_shapes.yaml"
+    if not dataset_file.is_file():
+        dataset_file = write_coco_dataset(datasets / "new_shapes")
     teacher = shapes / "teacher" / "tiny_clip.pt"
     common = [
-        "MODEL.VILD.DATASET_FILES",
-        f"('{dataset_file}',)",
-        "MODEL.VILD.CLIP_MODEL",
-        str(teacher),
-        "MODEL.VILD.EMBEDDING_CACHE_DIR",
-        str(output / "cache"),
-        "DATALOADER.NUM_WORKERS",
-        "1",
+        *("MODEL.VILD.DATASET_FILES", f"('{dataset_file}',)"),
+        *("MODEL.VILD.CLIP_MODEL", str(teacher)),
+        *("MODEL.VILD.EMBEDDING_CACHE_DIR", str(output / "cache")),
+        *("DATALOADER.NUM_WORKERS", "1"),
     ]
     # Before and after, on the old world (its full vocabulary) and on the new data.
     tests = ["DATASETS.TEST", "('shapes_val', 'new_shapes_val')"]
-    stores = output / "stores"
+    proposals, targets = output / "stores" / "proposals", output / "stores" / "targets"
     # The old world is registered (shapes_*) from the datasets root, as detectron2's builtins.
-    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets))
-    figures = {}
-    with open(output / "finetune.log", "a") as log:
-        _run(
-            [
-                "tools/precompute_proposals.py",
-                "--config-file",
-                "configs/Shapes/rpn.yaml",
-                "--dataset",
-                "new_shapes_train_base",
-                "--output",
-                str(stores / "proposals"),
-                "--num-proposals",
-                "100",
-                "MODEL.WEIGHTS",
-                str(shapes / "rpn" / "model_final.pth"),
-                *common,
-            ],
-            log,
-            env,
-        )
-        _run(
-            [
-                "tools/precompute_clip_embeddings.py",
-                "--dataset-file",
-                str(dataset_file),
-                "--proposals",
-                str(stores / "proposals"),
-                "--dataset",
-                "new_shapes_train_base",
-                "--clip",
-                str(teacher),
-                "--output",
-                str(stores / "targets"),
-                "--max-proposals",
-                "100",
-            ],
-            log,
-            env,
-        )
-        for variant in ("vild_text", "vild"):
-            weights = shapes / variant / "model_final.pth"
-            config = f"configs/Shapes/{variant}.yaml"
-            before, after = output / f"{variant}_before", output / f"{variant}_after"
-            evaluate = ["tools/train_net.py", "--config-file", config, "--eval-only"]
+    # One thread each: on a busy machine, intra-op threads mostly wait for each other.
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="1")
+    with open(output / f"finetune_{'_'.join(steps)}.log", "a") as log:
+        if "proposals" in steps:  # the old world's base RPN on the new training images
+            rpn = shapes / "rpn" / "model_final.pth"
             _run(
                 [
-                    *evaluate,
+                    "tools/precompute_proposals.py",
+                    "--config-file",
+                    "configs/Shapes/rpn.yaml",
+                    "--dataset",
+                    "new_shapes_train_base",
+                    "--output",
+                    str(proposals),
+                    "--num-proposals",
+                    "100",
                     "MODEL.WEIGHTS",
-                    str(weights),
+                    str(rpn),
                     *common,
-                    *tests,
-                    "OUTPUT_DIR",
-                    str(before),
                 ],
                 log,
                 env,
             )
-            train = [
-                "tools/train_net.py",
-                "--config-file",
-                config,
-                "MODEL.WEIGHTS",
-                str(weights),
-                *common,
-                "DATASETS.TRAIN",
-                "('new_shapes_train_base',)",
-                "DATASETS.TEST",
-                "()",
-                "MODEL.VILD.DISTILL.STORES",
-                f"('{stores / 'targets'}',)",
-                "SOLVER.MAX_ITER",
-                str(iters),
-                "SOLVER.BASE_LR",
-                "0.005",
-                "SOLVER.WARMUP_ITERS",
-                str(max(1, iters // 6)),
-                "SOLVER.STEPS",
-                f"({int(iters * 0.8)},)",
-                "OUTPUT_DIR",
-                str(output / f"{variant}_finetune"),
-            ]
-            _run(train, log, env)
-            tuned = output / f"{variant}_finetune" / "model_final.pth"
+        if "targets" in steps:
             _run(
-                [*evaluate, "MODEL.WEIGHTS", str(tuned), *common, *tests, "OUTPUT_DIR", str(after)],
+                [
+                    "tools/precompute_clip_embeddings.py",
+                    "--dataset-file",
+                    str(dataset_file),
+                    "--proposals",
+                    str(proposals),
+                    "--dataset",
+                    "new_shapes_train_base",
+                    "--clip",
+                    str(teacher),
+                    "--output",
+                    str(targets),
+                    "--max-proposals",
+                    "100",
+                ],
                 log,
                 env,
             )
+        for variant in [v for v in ("vild_text", "vild") if v in steps]:
+            config = f"configs/Shapes/{variant}.yaml"
+            weights = shapes / variant / "model_final.pth"
+            tuned = output / f"{variant}_finetune" / "model_final.pth"
+            evaluate = ["tools/train_net.py", "--config-file", config, "--eval-only", *common]
+            for model, when in ((weights, "before"), (tuned, "after")):
+                if when == "after":  # the fine-tune: the new base classes only
+                    _run(
+                        [
+                            "tools/train_net.py",
+                            "--config-file",
+                            config,
+                            "MODEL.WEIGHTS",
+                            str(weights),
+                            *common,
+                            "DATASETS.TRAIN",
+                            "('new_shapes_train_base',)",
+                            "DATASETS.TEST",
+                            "()",
+                            "MODEL.VILD.DISTILL.STORES",
+                            f"('{targets}',)",
+                            "SOLVER.MAX_ITER",
+                            str(iters),
+                            "SOLVER.BASE_LR",
+                            "0.005",
+                            "SOLVER.WARMUP_ITERS",
+                            str(max(1, iters // 6)),
+                            "SOLVER.STEPS",
+                            f"({int(iters * 0.8)},)",
+                            "OUTPUT_DIR",
+                            str(tuned.parent),
+                        ],
+                        log,
+                        env,
+                        tuned,
+                    )
+                folder = output / f"{variant}_{when}"
+                done = folder / "inference" / "new_shapes_val" / "results.json"
+                _run(
+                    [*evaluate, "MODEL.WEIGHTS", str(model), *tests, "OUTPUT_DIR", str(folder)],
+                    log,
+                    env,
+                    done,
+                )
+    figures = {}
+    for variant in ("vild_text", "vild"):
+        folders = {w: output / f"{variant}_{w}" for w in ("before", "after")}
+        if all((f / "inference" / "new_shapes_val").is_dir() for f in folders.values()):
             figures[variant] = {
-                when: {d: _results(folder, d) for d in ("shapes_val", "new_shapes_val")}
-                for when, folder in (("before", before), ("after", after))
+                w: {d: _results(f, d) for d in ("shapes_val", "new_shapes_val")}
+                for w, f in folders.items()
             }
     (output / "figures.json").write_text(json.dumps(figures, indent=1))
     return figures
@@ -254,12 +266,15 @@ def main(argv=None):
     f.add_argument("--datasets", required=True, help="where the new dataset is written")
     f.add_argument("--output", required=True)
     f.add_argument("--iters", type=int, default=150)
+    f.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     args = p.parse_args(argv)
     if args.command == "write":
         path = write_coco_dataset(args.root, num_train=args.num_train, num_val=args.num_val)
         print(f"wrote {path}")
     else:
-        figures = finetune(Path(args.shapes), Path(args.datasets), Path(args.output), args.iters)
+        figures = finetune(
+            Path(args.shapes), Path(args.datasets), Path(args.output), args.iters, args.steps
+        )
         print(json.dumps(figures, indent=1))
 
 
