@@ -240,6 +240,40 @@ def test_bad_input_gets_4xx_with_a_message_and_the_server_goes_on(server, toy):
     assert r.status_code == 200 and r.json()["images"][0]["detections"]
 
 
+def _png_claiming(width, height):
+    """A small PNG whose header claims width x height (no pixel data follows)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+
+
+def test_a_request_over_the_total_pixel_limit_gets_413(server, toy):
+    """Each image within the per-image limit (25 megapixels), together over the per-request
+    total (100): refused from the headers, before any pixel is decoded."""
+    _, _, images = toy
+    big = _png_claiming(5000, 5000)  # 25.0 megapixels each; the data would not even decode
+    files = [image_file(images[0])] + [
+        ("image", (f"big{k}.png", big, "image/png")) for k in range(4)
+    ]
+    start = time.perf_counter()
+    r = post(server.url, files, vocabulary=", ".join(NAMES_A))
+    assert r.status_code == 413, r.text
+    assert r.json()["error"].startswith(
+        "5 images of 100.0 megapixels in all, above this server's 100 megapixels per request"
+    )
+    assert time.perf_counter() - start < 10
+    assert server.service.info()["limits"]["max_request_megapixels"] == 100.0
+    r = post(server.url, [image_file(images[0])], vocabulary=", ".join(NAMES_A))
+    assert r.status_code == 200  # the server goes on
+
+
 def test_load_benchmark_has_no_errors_nor_mixed_vocabularies(server, toy):
     _, _, images = toy
     report = run_load(
@@ -254,3 +288,26 @@ def test_load_benchmark_has_no_errors_nor_mixed_vocabularies(server, toy):
     assert report["server"]["errors"] == 0 and report["server"]["mixed_up"] == 0
     for side in ("server", "direct"):
         assert 0 < report[side]["p50_ms"] <= report[side]["p95_ms"]
+
+
+def test_serve_tool_bad_config_or_weights_is_one_line_exit_2(toy, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vild_serve_tool", "tools/serve.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config_file, opts, _ = toy
+    weights = opts[opts.index("MODEL.WEIGHTS") + 1]
+    truncated = tmp_path / "truncated.pth"
+    data = open(weights, "rb").read()
+    truncated.write_bytes(data[: len(data) // 3])
+    bad_yaml = tmp_path / "serve.yaml"
+    bad_yaml.write_text('_BASE_: "vild.yaml"\nMODEL:\n  DEVICE: "cpu\n  WEIGHTS: x\n')
+    for config, options, message in [
+        (config_file, [*opts, "MODEL.WEIGHTS", str(truncated)], "truncated.pth"),
+        (str(bad_yaml), opts, f"{bad_yaml}: not valid YAML at line"),
+    ]:
+        assert tool.main(["--config-file", config, "--no-page", "--opts", *options]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
