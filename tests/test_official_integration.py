@@ -260,8 +260,8 @@ def _losses(out_dir):
     return [r for r in records if "total_loss" in r]
 
 
-@pytest.mark.parametrize("variant", list(CONFIGS))
-def test_fine_tunes_on_shapes_with_finite_losses(env, tmp_path, variant):
+def test_fine_tunes_on_shapes_with_finite_losses(env, tmp_path):
+    variant = "ensemble"  # (ViLD trains in the 2-process test below)
     _run(
         env,
         "tools/train_net.py",
@@ -287,22 +287,22 @@ def test_fine_tunes_on_shapes_with_finite_losses(env, tmp_path, variant):
 
 
 def test_two_processes_train(env, tmp_path):
+    """ViLD (the fine-tuning test above is ViLD-ensemble's) data-parallel in 2 processes."""
     _run(
         env,
         "tools/train_net.py",
         "--num-gpus",
         "2",
         "--config-file",
-        CONFIGS["ensemble"],
+        CONFIGS["vild"],
         *env["common"],
         "DATASETS.TEST",
         "()",
         "MODEL.WEIGHTS",
-        str(env["weights"]["ensemble"]),
+        str(env["weights"]["vild"]),
         "OUTPUT_DIR",
         str(tmp_path),
     )
     records = _losses(tmp_path)
     assert records and all(math.isfinite(r["total_loss"]) for r in records)
-    state = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
-    assert "roi_heads.image_box_head.fc_norms.0.running_var" in state
+    assert "loss_distill" in records[-1] and (tmp_path / "model_final.pth").is_file()
