@@ -38,4 +38,7 @@ def startup_error_line(error: BaseException, config_file: str = "") -> Optional[
         return f"error: {where}: not valid YAML{at}: {why}"
     message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     # One line: a multi-line message (a list of tensors) is joined, not cut.
-    return "error: " + "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    line = ""
+    for part in (x.strip() for x in message.splitlines() if x.strip()):
+        line += ("" if not line else " " if line.endswith(":") else "; ") + part
+    return f"error: {line}"
