@@ -563,3 +563,29 @@ def test_memory_does_not_grow_with_image_size_times_detections(toy, tmp_path):
     assert len(record["detections"]) == 50
     peak_gb = usage.ru_maxrss * 1024 / 1e9  # Linux: kB
     assert peak_gb < 2.0, peak_gb
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_mid_batch_is_named_with_the_summary(toy, tmp_path):
+    """`ulimit -f` (what a full disk or quota looks like to a writer): every picture that does
+    not fit is FAILED with the reason, the JSON too, the summary printed, exit 1."""
+    import resource
+
+    folder = tmp_path / "in"
+    for k in range(4):
+        _image(folder / f"{k}.png", (0, 0, 200), size=(400, 400))
+    out = tmp_path / "out"
+    config_file, opts = toy
+    cmd = [sys.executable, "tools/demo.py", "--config-file", config_file, "--input", str(folder)]
+    cmd += ["--output", str(out), "--json", "--opts", *opts]
+
+    def limit():  # 1 KB: the .jsonl's first lines fit; no picture, nor the whole JSON
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 5 and all("File too large" in line for line in failed), failed
+    assert failed[4].startswith(f"FAILED {out / 'detections.json'}: ")
+    assert "0 processed, 5 failed" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["detections.jsonl"]  # no half picture
