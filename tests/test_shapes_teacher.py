@@ -32,11 +32,11 @@ from tiny_clip import (
 )
 from vild_d2.data.datasets.shapes import (
     WorldSpec,
-    _background,
     background_texture,
     draw_scene,
     generate_shapes_world,
 )
+from vild_d2.data.datasets.shapes_geometry import background
 from vild_d2.text import Vocabulary
 
 # Trains, evaluates or starts processes: minutes on a CPU (`pytest -m "not slow"` skips them).
@@ -319,7 +319,7 @@ def test_background_texture_is_the_worlds_background():
     kinds = set()
     for seed in range(16):
         image, texture = background_texture(np.random.default_rng(seed), 48)
-        np.testing.assert_array_equal(image, _background(np.random.default_rng(seed), 48))
+        np.testing.assert_array_equal(image, background(np.random.default_rng(seed), 48))
         kinds.add(texture["kind"])
     assert kinds == {"plain", "gradient", "stripes", "checker"}
     # The world's pictures are those of before the texture was reported (a seed-0 scene).
