@@ -6,12 +6,14 @@
     python tools/benchmark.py --out bench.json --task crops # one task
     python tools/benchmark.py --out scale.json --quick --task train_processes  # 1 vs 2 processes
     python tools/benchmark.py --out serve.json --quick --task serve  # tools/serve.py under load
+    python tools/benchmark.py --out deploy.json --task deploy  # ONNX runtime vs PyTorch predictor
 
 Tasks (``--task``, default ``all``): inference, train, vocabulary, crops; what each measures and
 how the models are made to do alike work is in benchmarks/ (one module per task, beside tools/;
 not installed with vild_d2). The scale-out tasks train_processes (iterations/s in 1 and 2
 processes) and precompute (the CLIP-targets job end to end vs the CLIP forward alone), and serve
-(the web server under load), run only when named. The JSON holds the sections of the tasks that
+(the web server under load) and deploy (vild_d2_runtime vs the PyTorch predictor), run only
+when named. The JSON holds the sections of the tasks that
 ran (docs/benchmarks/cpu_2core.json: all of them).
 """
 
@@ -31,6 +33,7 @@ import torch
 
 from benchmarks.common import SCALE_TASKS, TASKS
 from benchmarks.crops import benchmark_crops
+from benchmarks.deploy import benchmark_deploy
 from benchmarks.inference import benchmark_inference
 from benchmarks.models import BenchmarkSetup
 from benchmarks.precompute import benchmark_precompute
@@ -50,6 +53,8 @@ BENCHMARKS = {
 assert tuple(BENCHMARKS) == TASKS + SCALE_TASKS
 # The web server under load (benchmarks/serve.py), only when named.
 BENCHMARKS["serve"] = benchmark_serve
+# The exported model without PyTorch (benchmarks/deploy.py), only when named.
+BENCHMARKS["deploy"] = benchmark_deploy
 
 # The report's layout (docs/benchmarks/cpu_2core.json): sections in this order, absent ones
 # (of tasks that did not run) left out.

@@ -155,8 +155,8 @@ class Detector:
             return hit
         if not names or not all(names):
             raise ValueError(f"empty vocabulary or empty class name in {names!r}")
-        dups = sorted(n for n, c in collections.Counter(names).items() if c > 1)
-        if dups:
+        if len(set(names)) != len(names):
+            dups = sorted(n for n, c in collections.Counter(names).items() if c > 1)
             raise ValueError(f"duplicate class names in vocabulary: {dups}")
         if novel is not None and set(novel) - set(names):
             raise ValueError(
