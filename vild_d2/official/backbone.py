@@ -16,10 +16,9 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
-from detectron2.layers import CNNBlockBase
 from torch import nn
 
 from .layers import Conv2dSame, MaxPool2dSame, norm_from_config

@@ -15,9 +15,11 @@ from typing import List, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import batched_nms
+from detectron2.layers import ShapeSpec, batched_nms
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+from detectron2.modeling.roi_heads.box_head import build_box_head
 from detectron2.structures import Boxes, Instances
+from torch import nn
 
 from ..modeling import ViLDOutputLayers, ViLDROIHeads, ensemble_scores
 from .box_coding import OfficialBox2BoxTransform, clip_boxes_official
@@ -115,13 +117,27 @@ class OfficialViLDROIHeads(ViLDROIHeads):
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
-        ret = super()._init_box_head(cfg, input_shape)
+        # ViLDROIHeads._init_box_head's parts with the official pooler and predictor (not
+        # built there and replaced: the predictor's vocabularies would be built twice).
         features = cfg.MODEL.ROI_HEADS.IN_FEATURES
-        ret["box_pooler"] = OfficialROIPooler(
-            cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
-            [1.0 / input_shape[f].stride for f in features],
-        )
-        ret["box_predictor"] = OfficialViLDOutputLayers(cfg, ret["box_head"].output_shape)
+        channels = {input_shape[f].channels for f in features}
+        if len(channels) != 1:
+            raise ValueError(f"RoI features {features} must have equal channels, got {channels}")
+        size = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+        pooled = ShapeSpec(channels=channels.pop(), height=size, width=size)
+        box_head = build_box_head(cfg, pooled)
+        predictor = OfficialViLDOutputLayers(cfg, box_head.output_shape)
+        ret = {
+            "box_in_features": features,
+            "box_pooler": OfficialROIPooler(size, [1.0 / input_shape[f].stride for f in features]),
+            "box_head": box_head,
+            "box_predictor": predictor,
+        }
+        if cfg.MODEL.VILD.VARIANT == "ensemble":  # the official "double_branch" image head
+            ret["image_box_head"] = build_box_head(cfg, pooled)
+            ret["image_projection"] = nn.Linear(
+                box_head.output_shape.channels, predictor.cls_score.embed_dim
+            )
         return ret
 
     @classmethod
