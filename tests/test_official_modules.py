@@ -266,3 +266,20 @@ def test_post_processing_reads_slivers_like_tf():
     out = official_detections(boxes, scores, (40, 40), 0.0, 0.5, 1000, 10)
     assert out.scores.tolist() == pytest.approx([0.9])
     assert out.pred_boxes.tensor[0].tolist() == pytest.approx([0.3, 10, 0.2, 30])  # as decoded
+
+
+def test_r152_ensemble_converts_and_loads(tmp_path):
+    from detectron2.modeling import build_model
+
+    from vild_d2.config import load_config
+    from vild_d2.official import official_vocabulary
+
+    tf_vars = random_official_weights(official_variables(152, ensemble=True), seed=0)
+    state, info = convert_official_weights(tf_vars, 152, ensemble=True)
+    official_vocabulary(info["classifier"]).save(str(tmp_path / "v.pth"))
+    cfg = load_config("configs/LVIS-OVD/official/vild_ensemble_R152_tf.yaml", [
+        "MODEL.VILD.TRAIN_VOCABULARY", str(tmp_path / "v.pth"),
+        "MODEL.VILD.TEST_VOCABULARY", str(tmp_path / "v.pth"), "MODEL.DEVICE", "cpu",
+    ])  # fmt: skip
+    missing, unexpected = build_model(cfg).load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
