@@ -311,3 +311,27 @@ def test_serve_tool_bad_config_or_weights_is_one_line_exit_2(toy, tmp_path, caps
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_page_pictures_draw_the_small_masks(server, toy):
+    """The page's pictures from a request whose masks are kept 28 x 28 (pasted one at a time
+    while drawing): every pixel of detectron2's full-size masks is drawn over."""
+    from vild_d2.engine.detections import draw_detections
+
+    _, _, images = toy
+    service = server.service
+    found = service.detect([(images[0].name, images[0].read_bytes())], ", ".join(NAMES_A), "", 0.0)
+    (name, bgr, instances) = found.images[0]
+    assert len(instances) > 0 and type(instances.pred_masks).__name__ == "ROIMasks"
+    ((picture, caption),) = found.pictures()
+    assert caption == images[0].name
+    meta = type(service.predictor.metadata)(name="t", thing_classes=list(found.vocabulary.names))
+    plain = draw_detections(bgr, instances[:0], meta)[:, :, ::-1]  # the image, drawn larger
+    assert picture.shape == plain.shape
+    full = service.predictor(bgr, vocabulary=found.vocabulary)["instances"]
+    union = full[full.scores >= 0.0].pred_masks.any(dim=0).numpy().astype(np.uint8)
+    union = cv2.resize(union, picture.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+    covered = (picture != plain).any(axis=2)[union].mean()
+    full_picture = draw_detections(bgr, full[full.scores >= 0.0].to("cpu"), meta)[:, :, ::-1]
+    full_covered = (full_picture != plain).any(axis=2)[union].mean()  # polygons, not pixels
+    assert union.sum() > 0 and covered > full_covered - 0.03, (covered, full_covered)
