@@ -416,6 +416,12 @@ def test_images_over_the_pixel_limit_are_refused_from_the_header(demo, toy, tmp_
     args = ["--input", str(folder / "a_good.png"), "--max-megapixels", "0.001"]
     assert _main(demo, toy, *args) == 1
     assert "64x64 px (0.0 megapixels), above --max-megapixels 0.001" in capsys.readouterr().err
+    # Allowed by the flag, OpenCV's own limit refuses it: said in words, not its assertion.
+    args = ["--input", str(folder / "b_huge.png"), "--max-megapixels", "5000"]
+    assert _main(demo, toy, *args) == 1
+    err = capsys.readouterr().err
+    assert "b_huge.png: cannot decode the image: 60000x60000 px is over OpenCV's own limit" in err
+    assert "ssertion" not in err
 
 
 def test_lazy_masks_are_the_pasted_masks(predictor):

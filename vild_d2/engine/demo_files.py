@@ -212,6 +212,7 @@ def _stat_reason(path: str) -> Optional[str]:
 
 def image_size(path: str) -> Tuple[int, int]:
     """(width, height) from the file's header, no pixel decoded; InputError if not an image."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our limit, not PIL's "bomb"
     try:
         with Image.open(path) as image:
             return image.size
@@ -222,6 +223,8 @@ def image_size(path: str) -> Tuple[int, int]:
         ) from None
     except OSError as e:
         raise InputError(f"cannot read image: {e.strerror or e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def read_image(path: str, max_megapixels: float) -> np.ndarray:
@@ -234,7 +237,6 @@ def read_image(path: str, max_megapixels: float) -> np.ndarray:
     why = _stat_reason(path)
     if why is not None:
         raise InputError(why)
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below; PIL's would say "decompression bomb"
     w, h = image_size(path)
     if w * h > max_megapixels * 1e6:
         raise InputError(
@@ -245,8 +247,11 @@ def read_image(path: str, max_megapixels: float) -> np.ndarray:
     try:
         image = cv2.imread(path, cv2.IMREAD_COLOR)
     except cv2.error as e:  # OpenCV's own checks: its text is a C++ assertion, say it in words
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise InputError(f"cannot decode the image: OpenCV refused it ({last.strip()})") from None
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(e):
+            why = f"{w}x{h} px is over OpenCV's own limit of 2^30 pixels per image"
+        else:
+            why = f"OpenCV's reader failed in {_cv2_where(str(e))}"
+        raise InputError(f"cannot decode the image: {why}") from None
     if image is None:
         raise InputError(
             f"cannot decode the image ({w}x{h} px in its header): corrupt or truncated?"
@@ -267,3 +272,10 @@ def write_picture(path: Path, bgr: np.ndarray, overwrite: bool) -> None:
         raise InputError(str(e)) from None
     if not written:
         raise InputError(f"{path} appeared during the run: left as it is (--overwrite replaces)")
+
+
+def _cv2_where(message: str) -> str:
+    """The function an OpenCV error names ("... in function 'x'"), else its source file."""
+    if "in function '" in message:
+        return message.split("in function '")[1].split("'")[0]
+    return message.split(": error:")[0].rsplit("/", 1)[-1] or "its decoder"
