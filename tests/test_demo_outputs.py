@@ -595,3 +595,15 @@ def test_a_file_size_limit_mid_batch_is_named_with_the_summary(toy, tmp_path):
     assert failed[4].startswith(f"FAILED {out / 'detections.json'}: ")
     assert "0 processed, 5 failed" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["detections.jsonl"]  # no half picture
+
+
+def test_an_existing_video_output_is_not_replaced(demo, toy, tmp_path, capsys):
+    video = tmp_path / "in.mp4"
+    video.write_bytes(b"not read: refused before")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "in.mp4").write_bytes(b"the user's own video")
+    before = _tree(tmp_path)
+    assert _main(demo, toy, "--video-input", str(video), "--output", str(out)) == 2
+    assert "exist already" in capsys.readouterr().err
+    assert _tree(tmp_path) == before
