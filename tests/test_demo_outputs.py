@@ -607,3 +607,17 @@ def test_an_existing_video_output_is_not_replaced(demo, toy, tmp_path, capsys):
     assert _main(demo, toy, "--video-input", str(video), "--output", str(out)) == 2
     assert "exist already" in capsys.readouterr().err
     assert _tree(tmp_path) == before
+
+
+def test_a_video_over_the_pixel_limit_is_refused(demo, toy, tmp_path, capsys):
+    video = tmp_path / "in.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5, (96, 64))
+    for _ in range(2):
+        writer.write(np.zeros((64, 96, 3), np.uint8))
+    writer.release()
+    args = ["--video-input", str(video), "--output", str(tmp_path / "out"), "--json"]
+    assert _main(demo, toy, *args, "--max-megapixels", "0.001") == 1
+    assert "frames of 96x64 px (0.0 megapixels), above --max-megapixels 0.001" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["detections.json"]

@@ -240,6 +240,15 @@ def run_video(predictor, path, out, args, results):
     if not video.isOpened():
         results.fail(path, "cannot open video")
         return
+    w, h = int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    if w * h > args.max_megapixels * 1e6:  # from the container's header, as for an image
+        video.release()
+        results.fail(
+            path,
+            f"frames of {w}x{h} px ({w * h / 1e6:.1f} megapixels), above --max-megapixels "
+            f"{args.max_megapixels:g}",
+        )
+        return
     frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     fps = video.get(cv2.CAP_PROP_FPS) or 25.0
     # Written under a hidden name, renamed at the end: a file at ``out`` is never written into
