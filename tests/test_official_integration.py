@@ -25,6 +25,8 @@ from vild_d2.official import official_variables, random_official_weights
 from vild_d2.serve import DetectionService, ServerThread, build_app
 from tiny_world import save_random_clip, tool_world  # tests/ helper
 
+pytestmark = pytest.mark.slow  # tools in subprocesses, a 49M-parameter model
+
 CONFIGS = {
     "vild": "configs/LVIS-OVD/official/vild_R50_tf.yaml",
     "ensemble": "configs/LVIS-OVD/official/vild_ensemble_R50_tf.yaml",
