@@ -213,4 +213,10 @@ def _check_store(store: DistillStore, dataset: str, cfg, embed_dim, online: bool
     }
     if embed_dim is not None:
         expected["embed_dim"] = embed_dim
-    store.check(expected, what)
+    try:
+        store.check(expected, what)
+    except StoreError as e:
+        raise StoreError(
+            f"{e} (CLIPs are compared by the sha256 of their bytes; the config's "
+            f"MODEL.VILD.CLIP_MODEL is {cfg.MODEL.VILD.CLIP_MODEL})"
+        ) from None

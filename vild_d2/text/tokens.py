@@ -72,6 +72,11 @@ def check_distinguishable(
         if cut:
             truncated.append(name)
         key = (seen, tuple(process_name(s) for s in synonyms[k]) if synonyms else ())
+        if key in first and names[first[key]] == name:
+            raise ValueError(
+                f"duplicate class name {_short(name)} (items {first[key] + 1} and {k + 1}): "
+                "remove one"
+            )
         if key in first:
             other = names[first[key]]
             why = (
