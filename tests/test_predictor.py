@@ -142,3 +142,14 @@ def test_bad_vocabularies_are_refused_clearly(toy):
     assert vocabulary_from_cli("lvis") == "lvis" and vocabulary_from_cli() is None
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         predictor(np.zeros((10, 10), np.uint8))
+
+
+def test_min_size_test_0_leaves_the_image_to_the_model(toy, photo):
+    """INPUT.MIN_SIZE_TEST 0 (detectron2: no test resize; the official configs resize inside
+    the model): the predictor passes the image at its own size."""
+    root, config_file, opts = toy
+    predictor = ViLDPredictor(load_config(config_file, [*opts, "INPUT.MIN_SIZE_TEST", "0"]))
+    small = photo[:96, :128]
+    inputs = predictor.preprocess(small)
+    assert tuple(inputs["image"].shape) == (3, 96, 128)
+    assert predictor(small)["instances"].image_size == (96, 128)

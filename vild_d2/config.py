@@ -114,7 +114,8 @@ def add_vild_config(cfg):
     # for (META_ARCHITECTURE "OfficialViLDRCNN"; vild_d2/official, docs/OFFICIAL.md).
     _C.MODEL.VILD.OFFICIAL = CN()
     # Norm of every official module: "BN" (batch statistics in training), "SyncBN" (the
-    # official TPU recipe), "FrozenBN" (fine-tuning / inference only).
+    # official TPU recipe; CUDA only), "NaiveSyncBN" (synchronised over any backend, gloo on a
+    # CPU too), "FrozenBN" (fine-tuning / inference only).
     _C.MODEL.VILD.OFFICIAL.NORM = "BN"
     # tf.layers.batch_normalization's settings: epsilon 1e-4, TF momentum 0.997, i.e.
     # PyTorch momentum 1 - 0.997 (PyTorch weighs the new batch, TF the running value).
@@ -191,7 +192,10 @@ RULES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "LSJ.MAX_SCALE": ("a number >= LSJ.MIN_SCALE", _number),
     "DATASET_FILES": ("a list of dataset files", _texts),
     "ALLOW_PARTIAL_WEIGHTS": ("True or False", _flag),
-    "OFFICIAL.NORM": ("'BN', 'SyncBN' or 'FrozenBN'", lambda v: v in ("BN", "SyncBN", "FrozenBN")),
+    "OFFICIAL.NORM": (
+        "'BN', 'SyncBN', 'NaiveSyncBN' or 'FrozenBN'",
+        lambda v: v in ("BN", "SyncBN", "NaiveSyncBN", "FrozenBN"),
+    ),
     "OFFICIAL.BN_EPS": ("a number > 0", lambda v: _number(v) and v > 0),
     "OFFICIAL.BN_MOMENTUM": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
     "OFFICIAL.IMAGE_SIZE": ("an integer >= 32", lambda v: _integer(v) and v >= 32),

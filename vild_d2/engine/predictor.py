@@ -242,13 +242,15 @@ class ViLDPredictor:
         if self.input_format == "RGB":  # the input is BGR, as with DefaultPredictor
             original_image = original_image[:, :, ::-1]
         transform = self.aug.get_transform(original_image)
-        if min(transform.new_h, transform.new_w) < 1:
+        # INPUT.MIN_SIZE_TEST 0 (the official configs: the model resizes) gives a NoOpTransform.
+        new_h, new_w = getattr(transform, "new_h", height), getattr(transform, "new_w", width)
+        if min(new_h, new_w) < 1:
             # A 3 x 4000 strip's short side would be resized to 0 px: say so, not a PIL error.
             raise ValueError(
                 f"image of {height}x{width} (HxW) px is too elongated: resized for the model "
                 f"(INPUT.MIN_SIZE_TEST {self.cfg.INPUT.MIN_SIZE_TEST}, MAX_SIZE_TEST "
-                f"{self.cfg.INPUT.MAX_SIZE_TEST}) it would be {transform.new_h}x"
-                f"{transform.new_w} px; crop it or cut it into tiles"
+                f"{self.cfg.INPUT.MAX_SIZE_TEST}) it would be {new_h}x{new_w} px; crop it or "
+                "cut it into tiles"
             )
         image = transform.apply_image(original_image)
         image = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
