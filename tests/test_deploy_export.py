@@ -86,6 +86,10 @@ def _differences(got, ref):
 
 @pytest.mark.parametrize("k", SIZES)
 def test_one_file_serves_every_vocabulary(exported, k):
+    if k == 1203 and exported["variant"] == "vild":
+        # At test time ViLD is ViLD-text's network (they differ only in training): K = 1, 3
+        # and 36 run for it, the 1203-class run (~50 s on 2 cores) for ViLD-text and ensemble.
+        pytest.skip("same test-time graph as vild_text at K = 1203")
     predictor = exported["predictor"]
     vocab = vocabulary_of_size(k, predictor)
     bgr = _bgr(skdata.coffee())  # another image, size and aspect ratio than traced on
@@ -179,6 +183,8 @@ def test_bad_inputs_are_refused_before_the_graph_runs(exported, monkeypatch):
 
 
 def test_the_kind_of_file_is_read_from_its_inputs(exported, tmp_path):
+    if exported["variant"] == "vild":
+        pytest.skip("same graph inputs as vild_text (a baked export takes ~30 s)")
     predictor = exported["predictor"]
     image = predictor.preprocess(_bgr(skdata.coffee()))["image"]
     export_onnx(predictor.model, image, str(tmp_path / "baked.onnx"))
