@@ -196,6 +196,24 @@ def test_setup_declares_what_the_package_imports():
     assert not problems, "setup.py does not declare:\n" + "\n".join(problems)
 
 
+def test_the_runtime_imports_only_its_extra():
+    """vild_d2_runtime (an exported model without PyTorch) needs only the [runtime] extra: not
+    torch, detectron2 or vild_d2 (which would bring them), nor anything of the core."""
+    _, extras = declared(ROOT / "setup.py")
+    distributions = importlib.metadata.packages_distributions()
+    runtime = ROOT / "vild_d2_runtime"
+    problems = []
+    for path in sorted(runtime.rglob("*.py")):
+        for module, line in _imports(path, runtime):
+            top = module.split(".")[0]
+            if top == runtime.name or top in sys.stdlib_module_names:
+                continue
+            dists = {_normal(d) for d in distributions.get(top, [top])}
+            if not dists & extras["runtime"]:
+                problems.append(f"{path.relative_to(ROOT)}:{line}: {module} ({', '.join(dists)})")
+    assert not problems, "vild_d2_runtime imports beyond its extra:\n" + "\n".join(problems)
+
+
 def test_dependency_check_finds_an_undeclared_import(tmp_path):
     """The check can fail: a core module importing an extra's distribution, and an import of
     a distribution declared nowhere, are both named."""
