@@ -41,7 +41,12 @@ def walk(tmp_path_factory):
     )
     clip = save_random_clip(str(tmp / "clip.pt"))
     env = dict(os.environ, VILD_D2_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")
-    vild = {"DATASET_FILES": f"('{dataset_file}',)", "CLIP_MODEL": f'"{clip}"'}
+    vild = {
+        "DATASET_FILES": f"('{dataset_file}',)",
+        "CLIP_MODEL": f'"{clip}"',
+        # The Shapes configs cache text embeddings in the checkout's output/: keep them here.
+        "EMBEDDING_CACHE_DIR": f'"{tmp / "cache"}"',
+    }
     datasets = {"DATASETS": "\n  TRAIN: ('toy_train_base',)\n  TEST: ('toy_val',)"}
     stores = {"DISTILL": f"\n      STORES: ('{tmp / 'stores' / 'targets'}',)"}
     configs = {

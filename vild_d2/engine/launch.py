@@ -186,6 +186,10 @@ def _check_port_free(port: int, dist_url: str) -> None:
         ) from e
 
 
+# What gloo says when the other end of a collective has gone (a peer process died).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
 def _cpu_worker(
     local_rank, main_func, world_size, per_machine, machine_rank, host, port, args, timeout
 ):
@@ -204,6 +208,12 @@ def _cpu_worker(
     comm.synchronize()
     try:
         return main_func(*args)
+    except RuntimeError as e:
+        # A collective that failed because a peer died: let the peer's own error (the cause)
+        # reach the launcher first, as spawn reports the first process that exits.
+        if any(s in str(e) for s in _PEER_GONE):
+            time.sleep(3)
+        raise
     finally:
         comm._LOCAL_PROCESS_GROUP = None
         dist.destroy_process_group()
