@@ -534,43 +534,34 @@ def test_bad_weights_or_config_are_one_line_exit_2(demo, toy, tmp_path, capsys, 
 
 @pytest.mark.slow
 def test_memory_does_not_grow_with_image_size_times_detections(toy, tmp_path):
-    """4000 x 4000 px, 50 detections (masks kept 28 x 28, pasted one at a time): measured
-    1.50 GB peak here; with every mask pasted full-size (before) 2.52 GB. 8000 x 8000: 1.64 GB,
-    was 7.37 GB (README, "Bad input")."""
+    """4000 x 4000 px: the demo's peak with 50 detections against its peak with 1, so what the
+    machine adds to both (libraries, allocator) cancels: an absolute bound passed here (1.50 GB)
+    and failed on CI (2.00 GB). Masks kept 28 x 28 and pasted one at a time: 1.46 -> 1.53 GB
+    here; every mask pasted full-size (before, checked by undoing it in tools/demo.py): 1.49 ->
+    2.57 GB (README, "Bad input")."""
     from skimage import data as skdata
 
     image = tmp_path / "big.png"
     cv2.imwrite(str(image), cv2.resize(skdata.astronaut()[:, :, ::-1], (4000, 4000)))
     config_file, opts = toy
-    cmd = [
-        sys.executable,
-        "tools/demo.py",
-        "--config-file",
-        config_file,
-        "--input",
-        str(image),
-        "--confidence-threshold",
-        "0",
-        "--output",
-        str(tmp_path / "out"),
-        "--json",
-        "--opts",
-        *opts,
-        "TEST.DETECTIONS_PER_IMAGE",
-        "50",
-        "MODEL.ROI_HEADS.NMS_THRESH_TEST",
-        "1.0",
-    ]
-    log = tmp_path / "log.txt"
-    with open(log, "w") as f:  # a file, not a pipe: nothing blocks while we wait
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the session's
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    (record,) = json.loads((tmp_path / "out" / "detections.json").read_text())["images"]
-    assert len(record["detections"]) == 50
-    peak_gb = usage.ru_maxrss * 1024 / 1e9  # Linux: kB
-    assert peak_gb < 2.0, peak_gb
+
+    def peak_gb(detections):
+        out = tmp_path / f"out{detections}"
+        cmd = [sys.executable, "tools/demo.py", "--config-file", config_file]
+        cmd += ["--input", str(image), "--confidence-threshold", "0", "--output", str(out)]
+        cmd += ["--json", "--opts", *opts, "TEST.DETECTIONS_PER_IMAGE", str(detections)]
+        cmd += ["MODEL.ROI_HEADS.NMS_THRESH_TEST", "1.0"]
+        log = tmp_path / f"log{detections}.txt"
+        with open(log, "w") as f:  # a file, not a pipe: nothing blocks while we wait
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the session's
+        assert os.waitstatus_to_exitcode(status) == 0, log.read_text()[-3000:]
+        (record,) = json.loads((out / "detections.json").read_text())["images"]
+        assert len(record["detections"]) == detections
+        return usage.ru_maxrss * 1024 / 1e9  # Linux: kB
+
+    one, fifty = peak_gb(1), peak_gb(50)
+    assert fifty - one < 0.3, (one, fifty)
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ choice, so that both runs compute the same thing up to float rounding:
 import vild_d2  # noqa: F401  (first: compat bridges)
 
 import filecmp
+import importlib.util
 import json
 import os
 import shutil
@@ -296,6 +297,19 @@ def test_taken_port_is_named(env_world):
             ok=False,
         )
     assert f"port {port} cannot be used" in log
+
+
+def test_without_dist_url_one_machine_picks_a_free_port():
+    """detectron2's default is one fixed port per user (two jobs on a machine collide); ours is
+    "auto" on one machine, and several machines must name machine 0's address."""
+    spec = importlib.util.spec_from_file_location("vild_train_net_tool", "tools/train_net.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.parse_args(["--num-gpus", "2"]).dist_url == "auto"
+    url = "tcp://10.0.0.1:29500"
+    assert tool.parse_args(["--num-machines", "2", "--dist-url", url]).dist_url == url
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--num-machines", "2", "--machine-rank", "1"])
 
 
 def test_missing_rank_times_out_naming_it(env_world):

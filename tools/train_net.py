@@ -37,11 +37,23 @@ def get_parser():
         default=1800,
         help="seconds the processes wait for each other: to join, then at each collective",
     )
+    # detectron2's default is one fixed port per user: two jobs on one machine would collide
+    parser.set_defaults(dist_url=None)
     return parser
 
 
+def parse_args(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.dist_url is None:
+        if args.num_machines > 1:
+            parser.error("--num-machines > 1 needs --dist-url tcp://HOST:PORT of machine 0")
+        args.dist_url = "auto"  # a free port on 127.0.0.1
+    return args
+
+
 if __name__ == "__main__":
-    args = get_parser().parse_args()
+    args = parse_args()
     print("Command Line Args:", args)
     try:
         launch(
