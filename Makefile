@@ -18,11 +18,12 @@ $(STAMP): requirements.lock setup.py tools/install_detectron2.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# The linter and formatter check first (pyproject.toml), then the whole suite.
+# The linter and formatter check first (pyproject.toml), then the whole suite in two workers
+# (pytest-xdist; a file's tests stay together, so its module fixtures are built once).
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The shapes world end to end (demo/run_shapes.py): world, tiny CLIP teacher, base RPN,
 # proposals, CLIP targets, ViLD-ensemble, LVIS evaluation, picture. Stages are cached.

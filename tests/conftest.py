@@ -2,7 +2,16 @@
 
 import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2 imports)
 
+import os
+
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on the two cores: one thread each (and in the tools
+    # they start), or the workers' thread pools contend for the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from tiny_world import save_random_clip  # tests/ helper
 
