@@ -112,8 +112,7 @@ def tool(monkeypatch):
     torch.set_num_threads(threads)
 
 
-# The vocabulary task (15 s) is checked in the all-tasks run above; --task selects it as any.
-@pytest.mark.parametrize("task", [t for t in TASKS if t != "vocabulary"])
+@pytest.mark.parametrize("task", TASKS)
 def test_quick_task_writes_its_sections(tool, task, tmp_path):
     """--task runs one task: its measures and ratios, the shared setup, nothing of the others."""
     out = tmp_path / "bench.json"

@@ -40,10 +40,6 @@ TINY = [
     "4",
     "--proposals",
     "16",
-    # One process per run: the 2-process launch is train_net's, tested in test_distributed.py
-    # (here it costs 4 s a run); the 2-process command is checked below without running it.
-    "--processes",
-    "1",
     *CHECK,
     "--opts",
     "SOLVER.IMS_PER_BATCH",
