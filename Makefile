@@ -1,6 +1,5 @@
 # The README's two commands: `make test` and `make demo`. Each creates .venv/ (if missing) and
-# installs the pinned stack into it first (--no-compile: Python compiles what is imported, on
-# first import, instead of every file of torch & co. at install: 35 s less on 2 cores).
+# installs the pinned stack into it first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +13,7 @@ install: $(STAMP)
 $(STAMP): requirements.lock setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==24.3.1"
-	$(PY) -m pip install -q --no-deps --no-compile -r requirements.lock
+	$(PY) -m pip install -q --no-deps -r requirements.lock
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
