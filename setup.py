@@ -4,7 +4,7 @@ detectron2 is deliberately not in install_requires: there is no official detectr
 PyPI. Install it first (a source build, or `python tools/install_detectron2.py`); see README.
 
 ``install_requires`` is what the core (everything but the extras' subpackages) imports; each
-extra is what its subpackage adds (tests/test_dependencies.py checks both against the imports):
+extra is what its subpackage adds (tests/test_package_layout.py checks both against the imports):
 
 * ``vild_d2[serve]``: the web page and JSON API (``vild_d2.serve``, ``tools/serve.py``).
 * ``vild_d2[export]``: ONNX export and running the exported model (``tools/export_model.py``).
@@ -33,7 +33,13 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "serve": ["gradio>=6.0,<7", "fastapi>=0.110", "uvicorn>=0.27", "scikit-image>=0.22"],
+    "serve": [
+        "gradio>=6.0,<7",
+        "fastapi>=0.110",
+        "starlette>=0.40",  # its multipart parser (max_part_size), checked as it arrives
+        "uvicorn>=0.27",
+        "scikit-image>=0.22",
+    ],
     "export": ["onnx>=1.14", "onnxruntime>=1.16"],
     "runtime": ["numpy>=1.23", "onnxruntime>=1.16", "opencv-python-headless>=4.5", "ftfy", "regex"],
     "dev": ["pytest>=8", "ruff==0.8.4", "httpx>=0.27", "selenium>=4.20", "scikit-image>=0.22"],

@@ -15,6 +15,8 @@ Scale-out and serving tasks, run only when named (``--task``):
 * :mod:`.train_processes`: training iterations/s in 1 and 2 processes.
 * :mod:`.precompute`: the CLIP-targets job end to end vs the CLIP forward alone.
 * :mod:`.serve`: the web server under load vs direct predictor calls.
+* :mod:`.deploy`: the exported model in ``vild_d2_runtime`` (no PyTorch) vs the PyTorch
+  predictor.
 
 What the tasks share is in :mod:`.common` (timing, inputs, worker processes) and
 :mod:`.models` (the models made to do alike work, :class:`~benchmarks.models.BenchmarkSetup`).

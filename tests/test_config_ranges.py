@@ -99,3 +99,60 @@ def test_non_finite_values_from_a_yaml_file_are_named(tmp_path):
         load_config(str(config))
     assert "TEMPERATURE = nan: must be a number in (0, 1]" in str(e.value), e.value
     assert "DISTILL_WEIGHT = inf: must be a number >= 0" in str(e.value), e.value
+
+
+# --- issue 27: detectron2's keys that vild_d2 reads; yacs's "Type mismatch" -------------------
+D2_BAD = [
+    ("INPUT.MIN_SIZE_TEST", "-1", "an integer >= 0"),
+    ("INPUT.MAX_SIZE_TEST", "0", "an integer >= 1"),
+    ("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "0", "an integer >= 1"),
+    ("TEST.DETECTIONS_PER_IMAGE", "0", "an integer >= 1"),
+    ("TEST.DETECTIONS_PER_IMAGE", "-1", "an integer >= 1"),
+    ("MODEL.RPN.PRE_NMS_TOPK_TEST", "0", "an integer >= 1"),
+    ("MODEL.RPN.POST_NMS_TOPK_TEST", "-5", "an integer >= 1"),
+    ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", "0", "an integer >= 1"),
+    ("MODEL.RPN.POST_NMS_TOPK_TRAIN", "0", "an integer >= 1"),
+    ("MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]", "numbers > 0"),
+    ("MODEL.PIXEL_STD", "[57.0, 0.0, 57.0]", "numbers > 0"),
+    ("MODEL.PIXEL_STD", "[1.0, 1.0]", "one number per channel"),
+    ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "nan", "a number <= 1"),
+    ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.5", "a number <= 1"),
+    ("MODEL.ROI_HEADS.NMS_THRESH_TEST", "1.5", "[0, 1]"),
+]
+
+
+@pytest.mark.parametrize("key,value,allowed", D2_BAD)
+def test_detectron2_keys_vild_d2_reads_are_range_checked(key, value, allowed):
+    with pytest.raises(ValueError) as e:
+        load_config(CONFIG, [key, value])
+    message = str(e.value)
+    assert f"{key} = " in message and allowed in message, message
+
+
+def test_a_number_of_another_type_gets_the_range_message_not_type_mismatch():
+    # yacs refused both for their type ("Type mismatch (float vs int)", "(float vs str)").
+    opts = ["MODEL.VILD.TEMPERATURE", "-1", "MODEL.VILD.ENSEMBLE_LAMBDA", "nan"]
+    with pytest.raises(ValueError) as e:
+        load_config(CONFIG, opts)
+    message = str(e.value)
+    assert "Type mismatch" not in message
+    assert "MODEL.VILD.TEMPERATURE = -1.0: must be a number in (0, 1]" in message, message
+    assert "MODEL.VILD.ENSEMBLE_LAMBDA = nan: must be a number in [0, 1]" in message, message
+    # An integer in range is the float it spells; "inf" is named too.
+    assert load_config(CONFIG, ["MODEL.VILD.TEMPERATURE", "1"]).MODEL.VILD.TEMPERATURE == 1.0
+    with pytest.raises(ValueError, match=r"DISTILL_WEIGHT = inf: must be a number >= 0"):
+        load_config(CONFIG, ["MODEL.VILD.DISTILL_WEIGHT", "inf"])
+    # A key without a range keeps yacs's refusal of a NaN (it is never let through).
+    with pytest.raises(ValueError, match="Type mismatch"):
+        load_config(CONFIG, ["SOLVER.BASE_LR", "nan"])
+
+
+def test_zero_pixel_std_from_a_yaml_file_is_named(tmp_path):
+    config = tmp_path / "std.yaml"
+    config.write_text(f"_BASE_: {Path(CONFIG).resolve()}\nMODEL:\n  PIXEL_STD: [0, 0, 0]\n")
+    with pytest.raises(ValueError, match=r"MODEL\.PIXEL_STD = \[0, 0, 0\]: must be numbers > 0"):
+        load_config(str(config))
+
+
+def test_min_size_test_zero_means_no_resize_and_is_accepted():
+    assert load_config(CONFIG, ["INPUT.MIN_SIZE_TEST", "0"]).INPUT.MIN_SIZE_TEST == 0

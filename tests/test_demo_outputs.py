@@ -22,7 +22,8 @@ from vild_d2.config import load_config
 
 from tiny_world import make_random_model  # tests/ helper
 
-NEVER = ["--confidence-threshold", "1.01"]  # no detection drawn: a picture is its input, scaled
+# (Almost) no detection drawn: a picture is its input, scaled. (1 is the top of the range.)
+NEVER = ["--confidence-threshold", "1.0"]
 
 
 def _load_demo():
@@ -55,6 +56,14 @@ def _image(path, colour, size=(64, 64)):
 def _main(demo, toy, *args):
     config_file, opts = toy
     return demo.main(["--config-file", config_file, *args, "--opts", *opts])
+
+
+def _main_not_interrupted(demo, toy, *args):
+    """_main, where a KeyboardInterrupt escaping main fails the test (not the whole session)."""
+    try:
+        return _main(demo, toy, *args)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main: no summary printed")
 
 
 def _snapshot(folder):
@@ -189,8 +198,9 @@ def test_results_are_on_disk_after_each_image(demo, toy, tmp_path, monkeypatch):
             return super().__call__(image, **kwargs)
 
     monkeypatch.setattr(demo, "ViLDPredictor", KilledOnThirdImage)
-    with pytest.raises(KeyboardInterrupt):  # --overwrite: the older run's results may go
-        _main(demo, toy, "--input", str(folder), "--output", str(out), "--json", "--overwrite")
+    # --overwrite: the older run's results may go. Interrupted: summary, exit 130.
+    args = ["--input", str(folder), "--output", str(out), "--json", "--overwrite"]
+    assert _main_not_interrupted(demo, toy, *args) == 130
     # detections.jsonl: the vocabulary, then one line per finished image; no detections.json.
     header, *records = map(json.loads, (out / "detections.jsonl").read_text().splitlines())
     assert header["vocabulary"] == ["red square", "blue circle", "green triangle"]
@@ -614,3 +624,81 @@ def test_a_video_over_the_pixel_limit_is_refused(demo, toy, tmp_path, capsys):
         capsys.readouterr().err
     )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["detections.json"]
+
+
+# --- issue 27: Ctrl-C, two runs into one folder, ranges -----------------------------------------
+def test_ctrl_c_leaves_pictures_and_records_consistent(demo, toy, tmp_path, monkeypatch, capsys):
+    """A real SIGINT arriving just as the second picture is written: that picture's record is
+    written too, then the run stops with its summary (before: 2 pictures, 1 record, and a
+    KeyboardInterrupt out of main)."""
+    import signal
+
+    folder = tmp_path / "in"
+    for k in range(4):
+        _image(folder / f"{k}.png", (50 * k, 100, 200))
+    out = tmp_path / "out"
+    written = []
+    real_write = demo.write_picture
+
+    def write_then_ctrl_c(path, bgr, overwrite):
+        real_write(path, bgr, overwrite)
+        written.append(path.name)
+        if len(written) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as the user's Ctrl-C, at the worst moment
+
+    monkeypatch.setattr(demo, "write_picture", write_then_ctrl_c)
+    args = ["--input", str(folder), "--output", str(out), "--json", *NEVER]
+    assert _main_not_interrupted(demo, toy, *args) == 130
+    summary = capsys.readouterr().out
+    assert "2 processed, 0 failed; interrupted (Ctrl-C): 2 input(s) not processed" in summary
+    header, *records = map(json.loads, (out / "detections.jsonl").read_text().splitlines())
+    assert [os.path.basename(r["output"]) for r in records] == ["0.png", "1.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "detections.jsonl"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_second_json_run_into_the_same_folder_is_one_line(
+    demo, toy, tmp_path, monkeypatch, capsys
+):
+    """Two --json runs started together into one folder: both pass the start-up check; the
+    one that comes second to create the .jsonl stops with one line, exit 2, writing nothing."""
+    photo = _image(tmp_path / "x.png", (0, 0, 200))
+    out = tmp_path / "out"
+
+    class OtherRunStartsMeanwhile(demo.ViLDPredictor):
+        def __init__(self, cfg):
+            super().__init__(cfg)  # while this run loads its model, the other one starts
+            out.mkdir(exist_ok=True)
+            (out / "detections.jsonl").write_text('{"vocabulary": ["the other run"]}\n')
+
+    monkeypatch.setattr(demo, "ViLDPredictor", OtherRunStartsMeanwhile)
+    assert _main(demo, toy, "--input", str(photo), "--output", str(out), "--json") == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "detections.jsonl appeared since this run started: another run is writing" in line
+    assert sorted(p.name for p in out.iterdir()) == ["detections.jsonl"]  # nothing of ours
+    assert "the other run" in (out / "detections.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--confidence-threshold", "nan", "--confidence-threshold nan: must be a number in [0, 1]"),
+        (
+            "--confidence-threshold",
+            "-0.1",
+            "--confidence-threshold -0.1: must be a number in [0, 1]",
+        ),
+        ("--confidence-threshold", "1.5", "--confidence-threshold 1.5: must be a number in [0, 1]"),
+        ("--confidence-threshold", "inf", "--confidence-threshold inf: must be a number in [0, 1]"),
+        ("--max-megapixels", "nan", "--max-megapixels nan: must be a finite number > 0"),
+        ("--max-megapixels", "0", "--max-megapixels 0: must be a finite number > 0"),
+        ("--max-megapixels", "-5", "--max-megapixels -5: must be a finite number > 0"),
+        ("--max-megapixels", "inf", "--max-megapixels inf: must be a finite number > 0"),
+    ],
+)
+def test_ranges_of_the_demos_numbers(demo, toy, tmp_path, capsys, flag, value, message):
+    photo = _image(tmp_path / "x.png", (0, 0, 200))
+    out = tmp_path / "out"
+    assert _main(demo, toy, "--input", str(photo), "--output", str(out), flag, value) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"error: {message}"
+    assert not out.exists()

@@ -28,7 +28,9 @@ from vild_d2.export import export_onnx, export_text_encoder_onnx
 from vild_d2.text import builtin_vocabulary, fill_prompts, load_templates
 from vild_d2_runtime import Detector, GraphKindError, TextEncoder, Tokenizer
 from vild_d2_runtime import fill_prompts as runtime_fill_prompts
-from vild_d2_runtime.image import paste_masks, resize_bilinear, resized_shape, rle_encode
+from vild_d2_runtime import detections_to_json
+from vild_d2_runtime.image import image_size, paste_mask, paste_masks, resize_bilinear
+from vild_d2_runtime.image import resized_shape, rle_encode
 
 from tiny_world import make_random_model, save_random_clip  # tests/ helper
 
@@ -109,7 +111,10 @@ def test_rle_equals_pycocotools():
     masks = [rng.random((37, 53)) > p for p in (0.0, 0.5, 0.97, 1.0)]
     blob = np.zeros((300, 200), dtype=bool)
     blob[40:260, 30:170] = True
-    for mask in masks + [blob, np.ones((1, 1), dtype=bool)]:
+    bars = np.zeros((50, 40), dtype=bool)  # full-height columns side by side, edges, corners
+    bars[:, 3:9] = bars[:, 20] = bars[0, 30] = bars[-1, 31] = bars[-1, -1] = True
+    edges = [bars, bars.T.copy(), ~bars, np.ones((1, 1), dtype=bool), np.zeros((1, 1), bool)]
+    for mask in masks + [blob] + edges:
         ref = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
         ours = rle_encode(mask)
         assert ours["size"] == list(ref["size"]) and ours["counts"] == ref["counts"].decode()
@@ -123,6 +128,145 @@ def test_paste_masks_equals_detectron2():
     ref = paste_masks_in_image(probs, boxes, (240, 320)).numpy()
     got = paste_masks(probs.numpy(), boxes.numpy(), (240, 320))
     assert (got != ref).sum() <= 1e-5 * ref.size  # float rounding at the 0.5 threshold only
+
+
+def test_banded_resize_and_paste_equal_the_whole(monkeypatch):
+    """The resize and the mask paste work in bands of rows (memory): with bands of a few rows
+    they still give detectron2's results, and one mask at a time equals all at once."""
+    import vild_d2_runtime.image as runtime_image
+
+    monkeypatch.setattr(runtime_image, "_BAND", 500)
+    image = np.random.default_rng(1).integers(0, 256, (61, 89, 3), dtype=np.uint8)
+    for new_h, new_w in ((30, 44), (128, 187)):
+        transform = T.ResizeTransform(61, 89, new_h, new_w)
+        assert np.array_equal(resize_bilinear(image, new_h, new_w), transform.apply_image(image))
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(6, 28, 28, generator=g)
+    boxes = torch.tensor([[-5.0, 3, 120, 90], [10, 10, 40.5, 20], [0, 0, 160, 120]] * 2)
+    ref = paste_masks_in_image(probs, boxes, (120, 160)).numpy()
+    got = paste_masks(probs.numpy(), boxes.numpy(), (120, 160))
+    assert (got != ref).sum() <= 1e-5 * ref.size
+    one = np.stack([paste_mask(m, b, (120, 160)) for m, b in zip(probs.numpy(), boxes.numpy())])
+    assert np.array_equal(one, got)
+
+
+def _png_claiming(path, width, height):
+    """A small PNG whose header claims width x height (its data would not even decode)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b""))
+    return path
+
+
+def test_image_size_is_read_from_the_header(tmp_path):
+    from PIL import Image
+
+    image = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    files = []
+    for suffix in ("png", "jpg", "bmp", "tif", "webp"):
+        files.append(tmp_path / f"cv2.{suffix}")
+        cv2.imwrite(str(files[-1]), image)
+    saved_by_pil = [
+        ("progressive.jpg", {"progressive": True}),
+        ("lossless.webp", {"lossless": True}),
+        ("lzw.tif", {"compression": "tiff_lzw"}),
+    ]
+    for name, options in saved_by_pil:
+        files.append(tmp_path / name)
+        Image.fromarray(image).save(files[-1], **options)
+    files.append(tmp_path / "alpha.webp")
+    Image.fromarray(np.dstack([image, image[:, :, :1]])).save(files[-1])
+    for path in files:
+        assert image_size(str(path)) == Image.open(path).size == (53, 37), path.name
+    assert image_size(str(_png_claiming(tmp_path / "huge.png", 20000, 20000))) == (20000, 20000)
+    (tmp_path / "notes.txt").write_text("hello")
+    assert image_size(str(tmp_path / "notes.txt")) is None
+
+
+def test_masks_pasted_one_at_a_time_hold_one_mask(tmp_path):
+    """detections_to_json with the graph's small masks: the RLEs of the masks pasted all at
+    once, while the memory traced never holds more than a few full-size masks (all at once:
+    16 of them)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    n, size = 16, (2000, 3000)
+    xy = rng.uniform(0, 1500, (n, 2))
+    dets = {
+        "boxes": np.concatenate([xy, xy + rng.uniform(200, 1400, (n, 2))], 1).astype(np.float32),
+        "scores": rng.uniform(0.5, 1, n).astype(np.float32),
+        "classes": np.zeros(n, dtype=np.int64),
+        "mask_probs": rng.uniform(0, 1, (n, 28, 28)).astype(np.float32),
+    }
+    tracemalloc.start()
+    try:
+        records = detections_to_json(dets, ["thing"], size, 0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    whole = paste_masks(dets["mask_probs"], dets["boxes"], size, 0.5)
+    assert [r["segmentation"] for r in records] == [rle_encode(m) for m in whole]
+    one_mask = size[0] * size[1]  # bytes of one bool mask
+    print(f"peak {peak / one_mask:.1f} masks' worth")
+    assert peak < 6 * one_mask  # all at once: over 16
+
+
+def test_runtime_cli_bad_files_and_options_are_one_line_exit_2(tmp_path, capsys):
+    """In-process main(): an empty, a garbage and a truncated .onnx; an --output that is a
+    folder (checked before the model is opened); options out of range (NaN included)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vild_d2_runtime.__main__ import main
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["out"])],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, [3, None, None])],
+        [helper.make_tensor_value_info("out", TensorProto.UINT8, [3, None, None])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [4096], [0.5] * 4096)],
+    )
+    whole = tmp_path / "whole.onnx"
+    onnx.save(helper.make_model(graph), str(whole))
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "garbage.onnx").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "truncated.onnx").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    base = ["--names", "cat", "--input", str(image)]
+    cases = [
+        (["--model", str(tmp_path / "empty.onnx")], "empty.onnx: empty file (0 bytes)"),
+        (["--model", str(tmp_path / "garbage.onnx")], "garbage.onnx: not a loadable ONNX model"),
+        (["--model", str(tmp_path / "truncated.onnx")], "truncated.onnx: not a loadable ONNX"),
+        (["--model", str(tmp_path)], "is a folder, not an ONNX file"),
+        (["--model", "none.onnx", "--output", str(tmp_path)], f"--output {tmp_path} is a folder"),
+        (["--model", "none.onnx", "--confidence-threshold", "nan"], "--confidence-threshold nan: "
+         "must be in [0, 1]"),
+        (["--model", "none.onnx", "--max-megapixels", "0"], "--max-megapixels 0: must be above 0"),
+        (["--model", "none.onnx", "--max-megapixels", "nan"], "--max-megapixels nan: must be"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert main([*args, *base]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_nan_in_the_name_cache_is_recomputed(text_encoder_onnx, tmp_path):
+    path = str(text_encoder_onnx["path"])
+    first = TextEncoder(path, cache_dir=str(tmp_path)).encode(["cat", "dog"])
+    (cached,) = [f for f in tmp_path.rglob("*.npy") if np.allclose(np.load(f), first[0])]
+    np.save(cached, np.full(first.shape[1], np.nan, np.float32))
+    fresh = TextEncoder(path, cache_dir=str(tmp_path))
+    again = fresh.encode(["cat", "dog"])
+    assert np.isfinite(again).all() and np.allclose(again, first, atol=1e-6)
+    assert fresh.encoded_names == 1  # "cat" recomputed, "dog" read
+    assert np.allclose(np.load(cached), first[0], atol=1e-6)  # and the file repaired
 
 
 # --- the detector ----------------------------------------------------------------------------
@@ -176,17 +320,22 @@ def test_runtime_without_torch_gives_the_predictors_detections(deployed, tmp_pat
     images = {"coffee.jpg": skdata.coffee(), "chelsea.png": skdata.chelsea()}
     for name, rgb in images.items():
         cv2.imwrite(str(tmp_path / name), _bgr(rgb))
+    huge = str(_png_claiming(tmp_path / "huge.png", 20000, 20000))  # 389 KB, 1.2 GB decoded
     out = tmp_path / "dets.json"
     args = ["--model", str(deployed["out"] / "model.onnx"), "--names", ", ".join(NAMES),
-            "--input", str(tmp_path / "coffee.jpg"), str(tmp_path / "chelsea.png"),
+            "--input", str(tmp_path / "coffee.jpg"), huge, str(tmp_path / "chelsea.png"),
             "--output", str(out), "--confidence-threshold", "0"]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, cwd=tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one input failed, the others done
     assert "BLOCKED MODULES LOADED: []" in proc.stderr
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("FAILED")]
+    why = "20000x20000 px (400.0 megapixels), above --max-megapixels 100: downscale it"
+    assert len(failed) == 1 and failed[0].startswith(f"FAILED {huge}: {why}"), proc.stderr
     result = json.loads(out.read_text())
-    assert result["vocabulary"] == NAMES and result["errors"] == []
+    assert result["vocabulary"] == NAMES and [e["input"] for e in result["errors"]] == [huge]
+    assert len(result["images"]) == 2
     for record in result["images"]:
         bgr = cv2.imread(record["file_name"], cv2.IMREAD_COLOR)  # what the runtime read
         ref = library_json(deployed["predictor"](bgr, vocabulary=NAMES)["instances"], NAMES)
@@ -233,6 +382,8 @@ def test_runtime_refuses_bad_input(deployed, tmp_path, monkeypatch, tiny_clip_pa
             detector.run(image, *args)
     with pytest.raises(ValueError, match="image: expected uint8"):
         detector.run(image.astype(np.float32), emb, mask)
+    with pytest.raises(ValueError, match=r"H, W >= 1, got \(3, 0, 0\)"):
+        detector.run(np.zeros((3, 0, 0), np.uint8), emb, mask)
     bgr = _bgr(skdata.coffee())
     for bad, message in [
         (bgr.astype(np.float32) / 255, "got float32"),
@@ -245,8 +396,13 @@ def test_runtime_refuses_bad_input(deployed, tmp_path, monkeypatch, tiny_clip_pa
             detector(bad, NAMES)
     with pytest.raises(ValueError, match=r"K = 0|empty vocabulary"):
         detector(bgr, [])
-    with pytest.raises(ValueError, match="duplicate class names"):
+    with pytest.raises(ValueError, match="duplicate class name"):
         detector(bgr, ["cat", "cat"])
+    # vild_d2's rule (issue 27): names CLIP reads alike, and control characters, are refused.
+    with pytest.raises(ValueError, match=r"'red star' \(item 1\) and 'red  star' \(item 2\)"):
+        detector(bgr, ["red star", "red  star"])
+    with pytest.raises(ValueError, match=r"'red\\x00star' has a control character \(U\+0000"):
+        detector(bgr, ["cat", "red\x00star"])
 
     # Files of the wrong kind, told apart by their input names.
     predictor = deployed["predictor"]

@@ -1,5 +1,7 @@
 """Usage lines and docs name only config files that exist: every ``configs/...yaml`` path in
-the README, docs, tools, demo, Makefile and the package is checked."""
+the README, docs, tools, demo, benchmarks, Makefile, setup.py and both packages is checked
+(in code too; tests/test_package_layout.py checks every other repository path that comments
+and docstrings name)."""
 
 import re
 from pathlib import Path
@@ -7,7 +9,17 @@ from typing import Iterable, List
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_PATH = re.compile(r"(?<![\w./-])configs/[\w./-]+?\.yaml\b")
-SCANNED = ("README.md", "Makefile", "docs/**/*.md", "tools/*.py", "demo/*.py", "vild_d2/**/*.py")
+SCANNED = (
+    "README.md",
+    "Makefile",
+    "setup.py",
+    "docs/**/*.md",
+    "tools/*.py",
+    "demo/*.py",
+    "benchmarks/*.py",
+    "vild_d2/**/*.py",
+    "vild_d2_runtime/**/*.py",
+)
 
 
 def config_paths(text: str) -> List[str]:

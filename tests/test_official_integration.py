@@ -21,7 +21,7 @@ from detectron2.modeling import build_model
 
 from vild_d2 import ViLDCheckpointer, ViLDPredictor
 from vild_d2.config import load_config
-from vild_d2.official import official_variables, random_official_weights
+from vild_d2.official import convert_checkpoint, official_variables, random_official_weights
 from vild_d2.serve import DetectionService, ServerThread, build_app
 from tiny_world import save_random_clip, tool_world  # tests/ helper
 
@@ -54,7 +54,7 @@ SMALL = [
     "MODEL.VILD.DISTILL.MAX_BOXES",
     "16",
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-    "-1.0",
+    "0.0",
     "TEST.DETECTIONS_PER_IMAGE",
     "20",
     "DATALOADER.NUM_WORKERS",
@@ -90,7 +90,8 @@ def _converter():
 
 
 def _convert(tool, variant, out, tf_vars):
-    with mock.patch.object(tool, "read_tf_checkpoint", lambda prefix: dict(tf_vars)):
+    # (the real reader on a real TF checkpoint: tests/test_official_user_path.py)
+    with mock.patch.object(convert_checkpoint, "read_tf_checkpoint", lambda prefix: dict(tf_vars)):
         return tool.main(
             [
                 "--checkpoint",
@@ -171,7 +172,7 @@ def test_converter_writes_nothing_on_failure(env, tmp_path, capsys):
     tf_vars = random_official_weights(official_variables(50), 0)
     del tf_vars["fpn/p6/kernel"]
     assert _convert(env["tool"], "vild", tmp_path / "bad.pth", tf_vars) == 2
-    assert "missing: fpn/p6/kernel" in capsys.readouterr().err
+    assert "1 missing (fpn/p6/kernel)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

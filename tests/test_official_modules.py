@@ -190,8 +190,9 @@ def test_converter_names_every_problem_at_once():
     with pytest.raises(ValueError) as err:
         convert_official_weights(tf_vars, 50)
     msg = str(err.value)
-    assert "missing: fpn/p6/kernel" in msg and "wrong shape: fpn/l2/bias" in msg
-    assert "unexpected: fpn/extra/kernel" in msg and "3 problems" in msg
+    assert "\n" not in msg and "1 missing (fpn/p6/kernel)" in msg
+    assert "1 of another shape (fpn/l2/bias [3] (expected [256]))" in msg
+    assert "1 unexpected (fpn/extra/kernel)" in msg
 
 
 def test_converter_layouts_and_suffixes():

@@ -206,6 +206,51 @@ def test_val_annotation_without_area(tmp_path):
         DatasetCatalog.get("own_k_val")
 
 
+# --- issue 27: boxes past the image's edge; names CLIP reads alike ------------------------------
+# The images are 100 x 100 px. Each box below extends 50 px past one edge.
+@pytest.mark.parametrize(
+    "box,edge",
+    [((60, 10, 90, 20), "right"), ((10, 60, 20, 90), "bottom"), ((-50, 10, 60, 20), "left")],
+)
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_box_past_the_images_edge_is_refused(tmp_path, box, edge, split):
+    bad = TRAIN + [_ann(7, 3, 2, box)]
+    _register(tmp_path, f"own_edge_{split}_{edge}", **{split: bad})
+    dataset = f"own_edge_{split}_{edge}_" + ("train_base" if split == "train" else "val")
+    with pytest.raises(ValueError) as e:
+        DatasetCatalog.get(dataset)
+    message = str(e.value)
+    assert f"{split}.json: 1 bad item(s)" in message
+    assert (
+        f"annotation id 7 (image id 3): bbox {list(box)} extends 50 px past the image's {edge} edge"
+        in message
+    )
+
+
+def test_a_box_within_a_pixel_of_the_edge_is_kept(tmp_path):
+    """Float rounding of a converted json (x + w = 100.4 on a 100 px image) is not an error."""
+    train = TRAIN + [_ann(7, 3, 2, (50.2, 0, 50.2, 100.9))]
+    _register(tmp_path, "own_edge_ok", train=train)
+    boxes = [
+        a["bbox"] for d in DatasetCatalog.get("own_edge_ok_train_base") for a in d["annotations"]
+    ]
+    assert [50.2, 0.0, 50.2, 100.9] in boxes
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("Cat", r"category names 'cat' \(id 5\) and 'Cat' \(id 11\) are the same name to CLIP"),
+        ("ｃａｔ", r"category names 'cat' \(id 5\) and 'ｃａｔ' \(id 11\) are the same name"),
+        ("c\x00at", r"category id 11: class name 'c\\x00at' has a control character"),
+    ],
+)
+def test_category_names_clip_reads_alike_are_duplicates(tmp_path, name, message):
+    val = _write(tmp_path, "val", TRAIN, categories=CATS + [{"id": 11, "name": name}])
+    with pytest.raises(ValueError, match=r"val.json: " + message):
+        _register(tmp_path, "own_alike_" + name.encode("unicode_escape").hex(), val_json=val)
+
+
 # --- the evaluators on hand-made data ----------------------------------------------------------
 
 

@@ -3,8 +3,11 @@ evaluates."""
 
 import vild_d2  # noqa: F401  (first: compat bridges)
 
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -110,22 +113,97 @@ def test_training_vocabulary_must_match_training_classes(tiny_env, tmp_path):
     assert Trainer.build_model(cfg).roi_heads.box_predictor.cls_score.train_vocabulary.names == base
 
 
-def test_resume_continues_from_last_checkpoint(tiny_env, tmp_path):
-    env = tiny_env["env"]
-    common = [
-        "--config-file",
-        "configs/Shapes/vild.yaml",
-        *tiny_env["common"],
-        "DATASETS.TEST",
-        "()",
-        "OUTPUT_DIR",
-        str(tmp_path),
-    ]
-    _train_net(env, *common, "SOLVER.MAX_ITER", "2")
-    log = _train_net(env, "--resume", *common, "SOLVER.MAX_ITER", "4")
-    assert "Starting training from iteration 2" in log
-    checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=False)
-    assert checkpoint["iteration"] == 3
+def _weights_differ(a_path, b_path):
+    a = torch.load(a_path, weights_only=True)["model"]
+    b = torch.load(b_path, weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_killed_run_resumes_bit_identical(tiny_env, tmp_path):
+    """``kill -9`` after a checkpoint, then ``--resume`` (given after the overrides): the final
+    weights equal an uninterrupted run's, bit for bit (optimizer momentum, RNG states and the
+    data stream's position are in the checkpoint)."""
+    # One thread: on a busy machine, OpenMP threads that wait for each other slowed these runs
+    # ten-fold (and a single thread leaves nothing to reorder).
+    env = dict(tiny_env["env"], OMP_NUM_THREADS="1")
+
+    def command(out):
+        return [
+            sys.executable,
+            "tools/train_net.py",
+            "--config-file",
+            "configs/Shapes/vild.yaml",
+            *tiny_env["common"],
+            "DATASETS.TEST",
+            "()",
+            "SEED",
+            "3",
+            "SOLVER.MAX_ITER",
+            "10",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "2",
+            "OUTPUT_DIR",
+            str(out),
+        ]
+
+    _train_net(env, *command(tmp_path / "whole")[2:])
+    # Killed once the checkpoint of iteration 3 is complete (last_checkpoint names it).
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(command(killed), env=env, stdout=log, stderr=subprocess.STDOUT)
+        last = killed / "last_checkpoint"
+        while proc.poll() is None:
+            if last.is_file() and last.read_text().strip() == "model_0000003.pth":
+                proc.kill()
+                break
+            time.sleep(0.005)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not (killed / "model_final.pth").exists()
+    log = _train_net(env, *command(killed)[2:], "--resume")
+    start = int(re.search(r"Starting training from iteration (\d+)", log).group(1))
+    assert 4 <= start < 10
+    assert _weights_differ(tmp_path / "whole" / "model_final.pth", killed / "model_final.pth") == []
+
+
+def test_cold_and_warm_text_cache_train_the_same(tiny_env, tmp_path):
+    """The same SEED trains the same weights whether the text embeddings are computed (CLIP is
+    loaded: its construction draws random numbers) or read from the cache."""
+    from detectron2.utils.env import seed_all_rng
+
+    from vild_d2.config import load_config
+    from vild_d2.engine import Trainer
+
+    cache = tmp_path / "cache"  # empty: the first run computes, the second reads
+    for run in ("cold", "warm"):
+        cfg = load_config(
+            "configs/Shapes/vild.yaml",
+            [
+                *tiny_env["common"],
+                "MODEL.VILD.EMBEDDING_CACHE_DIR",
+                str(cache),
+                "DATASETS.TRAIN",
+                f"('{tiny_env['world']['train']}',)",
+                "DATASETS.TEST",
+                "()",
+                "SOLVER.MAX_ITER",
+                "2",
+                "OUTPUT_DIR",
+                str(tmp_path / run),
+            ],
+        )
+        seed_all_rng(5)  # as detectron2's default_setup does with SEED 5
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        assert any(p.name.endswith(".pt") for p in (cache / "text").iterdir())
+    assert (
+        _weights_differ(
+            tmp_path / "cold" / "model_final.pth", tmp_path / "warm" / "model_final.pth"
+        )
+        == []
+    )
 
 
 def test_each_test_dataset_is_evaluated_with_its_own_classes(tiny_env, tmp_path):
@@ -170,7 +248,13 @@ def test_each_test_dataset_is_evaluated_with_its_own_classes(tiny_env, tmp_path)
             return {"seen": {"classes": float(len(self.names))}}
 
     probes = [VocabularySeen(), VocabularySeen()]
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
     results = Trainer.test(cfg, model, probes)
+    # An evaluation during training leaves the training's RNG as it was (the test loaders draw
+    # from it): otherwise a resumed run would not continue as an uninterrupted one.
+    assert torch.equal(torch.rand(3), expected)
     for probe, name in zip(probes, cfg.DATASETS.TEST):
         assert probe.names == MetadataCatalog.get(name).thing_classes
     assert results[val]["seen"]["classes"] == 36.0

@@ -12,12 +12,17 @@ Examples:
 
 import argparse
 import dataclasses
+import io
 import logging
+import sys
 from pathlib import Path
+
 import torch
 
 import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2.data loads)
 from vild_d2.data import register_dataset_files
+from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
+from vild_d2.fileio import atomic_write
 from vild_d2.text import (
     TextEncoder,
     load_templates,
@@ -51,12 +56,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", required=True, help="output vocabulary file (.pth)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+def _check_output(path: Path, overwrite: bool) -> None:
+    """Before any work: --output must be a file name, and not replace one without
+    --overwrite."""
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; it must be a file (e.g. names.pth)")
+    if path.exists() and not overwrite:
+        raise ValueError(
+            f"--output {path} already exists: choose another name, or pass --overwrite to "
+            "replace it"
+        )
+
+
+def _build(args):
     register_dataset_files(args.dataset_file)
     encoder = TextEncoder(
         args.clip,
@@ -69,17 +85,35 @@ def main(argv=None) -> None:
         vocab = vocabulary_from_dataset(args.dataset, encoder, use_synonyms=args.synonyms)
         if novel is not None:  # explicit --novel overrides the dataset's novel_classes
             vocab = dataclasses.replace(vocab, novel=novel_mask(vocab.names, novel))
+        return vocab
+    if args.names_file:
+        lines = Path(args.names_file).read_text(encoding="utf-8").splitlines()
+        names = [line.strip() for line in lines if line.strip()]
     else:
-        if args.names_file:
-            lines = Path(args.names_file).read_text(encoding="utf-8").splitlines()
-            names = [line.strip() for line in lines if line.strip()]
-        else:
-            names = parse_names(args.names)
-        vocab = vocabulary_from_names(names, encoder, novel=novel)
-    vocab.save(args.output)
+        names = parse_names(args.names)
+    return vocabulary_from_names(names, encoder, novel=novel)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    output = Path(args.output).expanduser()
+    try:
+        _check_output(output, args.overwrite)
+        vocab = _build(args)
+        # Written whole (temporary file, then renamed); without --overwrite a file that
+        # appeared meanwhile is kept.
+        buffer = io.BytesIO()
+        torch.save(vocab.state_dict(), buffer)
+        if not atomic_write(output, [buffer.getvalue()], exclusive=not args.overwrite):
+            raise ValueError(f"--output {output} appeared meanwhile: left as it is")
+    except (*STARTUP_ERRORS, OSError) as e:  # names, CLIP file, dataset, output: one line
+        print(startup_error_line(e) or f"error: {e}", file=sys.stderr)
+        return 2
     num_novel = "unknown" if vocab.novel is None else int(vocab.novel.sum())
-    print(f"K={len(vocab)} D={vocab.dim} novel={num_novel} -> wrote {Path(args.output).resolve()}")
+    print(f"K={len(vocab)} D={vocab.dim} novel={num_novel} -> wrote {output.resolve()}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

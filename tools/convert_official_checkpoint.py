@@ -7,39 +7,30 @@
 Reads ``<PREFIX>.index`` + ``<PREFIX>.data-*`` without TensorFlow, maps every official variable
 onto the config's model (ResNet depth and ViLD / ViLD-ensemble from the config), and writes:
 
-* ``--output``: ``{"model": state_dict, "vocabulary": ..., "official": {...}}``, loadable by
-  ``ViLDCheckpointer`` (``MODEL.WEIGHTS``; ``load`` restores the vocabulary too);
+* ``--output``: ``{"model": state_dict, "vocabulary": ..., "official": {...}}`` for
+  ``MODEL.WEIGHTS``: with the official configs the model takes the 1203 LVIS classes from it,
+  no CLIP needed (only names the checkpoint does not hold are encoded with CLIP);
 * ``<output stem>_vocabulary.pth``: the official frozen classifier as a saved vocabulary (the
-  1203 LVIS v1 names in id order, rare = novel), for ``MODEL.VILD.TRAIN_VOCABULARY`` /
-  ``TEST_VOCABULARY`` (no CLIP needed to build the model) or ``tools/demo.py --vocabulary``.
+  LVIS v1 names in id order, rare = novel), for ``--vocabulary`` or
+  ``MODEL.VILD.TRAIN_VOCABULARY`` / ``TEST_VOCABULARY`` of another model.
+
+``--novel-classes FILE``: the classes ViLD-ensemble weighs as novel, instead of LVIS v1's rare
+ones: class ids 1..1203 (the official class numbers) or names, one per line or
+comma-separated, or the official ``rare_mask_path`` .npy (1 = base, 0 = novel).
 
 Training-only variables (``global_step``, optimiser slots) are skipped; any other missing, extra
-or mis-shaped variable stops the conversion with one error naming them all. Nothing is written
-unless everything succeeded (both files appear together, renamed from temporary files).
+or mis-shaped variable stops the conversion with one line (the counts and a few names).
+Nothing is written unless everything succeeded (both files appear together).
 Exit status: 0 done, 2 bad input (nothing written).
 """
 
 import argparse
-import io
 import logging
-import os
-import re
 import sys
-import tempfile
-from pathlib import Path
 
 import vild_d2  # noqa: F401  (first: compat bridges)
-import torch
-from detectron2.modeling import build_model
 
-from vild_d2.config import load_config
-from vild_d2.official.convert import convert_official_weights, official_vocabulary
-from vild_d2.official.tf_checkpoint import read_tf_checkpoint
-
-logger = logging.getLogger("convert_official_checkpoint")
-
-# Variables of a training checkpoint that are no model weights.
-_TRAINING_ONLY = re.compile(r"(^global_step$)|(/(Momentum|ExponentialMovingAverage|Adam\w*)$)")
+from vild_d2.official.convert_checkpoint import convert_official_checkpoint
 
 
 def parse_args(argv=None):
@@ -49,92 +40,33 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="the vild_d2 checkpoint (.pth) to write")
     p.add_argument("--vocabulary", default="lvis", help="built-in names of the classifier's "
                    "columns (default lvis: the official LVIS v1 classifier)")  # fmt: skip
+    p.add_argument(
+        "--novel-classes",
+        default="",
+        metavar="FILE",
+        help="novel class ids (1..K) or names, or a rare-mask .npy (default: LVIS v1's rare ones)",
+    )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides")
     return p.parse_args(argv)
-
-
-def _serialise(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def _write_together(files):
-    """Write {path: bytes} through temporary files renamed at the end (all or nothing)."""
-    temps = []
-    try:
-        for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append(tmp)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in zip(temps, files):
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def convert(args) -> dict:
-    """The conversion without writing: {path: bytes} of the two outputs."""
-    cfg = load_config(args.config_file, args.opts)
-    depth, ensemble = cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.VILD.VARIANT == "ensemble"
-    if cfg.MODEL.META_ARCHITECTURE != "OfficialViLDRCNN":
-        raise ValueError(
-            f"{args.config_file} is not an official-architecture config (META_ARCHITECTURE "
-            "OfficialViLDRCNN): use configs/LVIS-OVD/official/"
-        )
-    tf_vars = read_tf_checkpoint(args.checkpoint)
-    skipped = sorted(n for n in tf_vars if _TRAINING_ONLY.search(n.split(":")[0]))
-    if skipped:
-        logger.info("Skipping %d training-only variables (%s ...)", len(skipped), skipped[:3])
-    tf_vars = {n: v for n, v in tf_vars.items() if n not in set(skipped)}
-    state, info = convert_official_weights(tf_vars, depth, ensemble)
-    vocab = official_vocabulary(info["classifier"], args.vocabulary)
-    output = Path(args.output).expanduser()
-    vocab_path = output.with_name(output.stem + "_vocabulary.pth")
-    # Check that the config's model takes every tensor (built with this vocabulary: no CLIP).
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab.save(f"{tmp}/vocabulary.pth")
-        check_cfg = load_config(args.config_file, [
-            *args.opts, "MODEL.VILD.TRAIN_VOCABULARY", f"{tmp}/vocabulary.pth",
-            "MODEL.VILD.TEST_VOCABULARY", f"{tmp}/vocabulary.pth", "MODEL.DEVICE", "cpu",
-        ])  # fmt: skip
-        model = build_model(check_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(f"the converted weights do not fit {args.config_file}: missing "
-                         f"{missing[:8]}, unexpected {unexpected[:8]}")  # fmt: skip
-    checkpoint = {
-        "model": state,
-        "vocabulary": vocab.state_dict(),
-        "official": {
-            "checkpoint": str(args.checkpoint),
-            "depth": depth,
-            "ensemble": ensemble,
-            "vocabulary_file": vocab_path.name,
-        },  # fmt: skip
-    }
-    logger.info("Converted %d tensors (R%d%s), %d classes", len(state), depth,
-                " ensemble" if ensemble else "", len(vocab))  # fmt: skip
-    return {output: _serialise(checkpoint), vocab_path: _serialise(vocab.state_dict())}
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
-        files = convert(args)
+        written = convert_official_checkpoint(
+            args.checkpoint,
+            args.config_file,
+            args.output,
+            opts=args.opts,
+            vocabulary=args.vocabulary,
+            novel_classes=args.novel_classes or None,
+        )
     except (ValueError, OSError, KeyError) as e:  # the reader's and converter's own errors
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print("error: " + " ".join(message.split()), file=sys.stderr)
         return 2
-    _write_together(files)
-    for path in files:
+    for path in written:
         print(f"wrote {path}")
     return 0
 

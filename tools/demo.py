@@ -32,17 +32,24 @@ single output file (--output a/pic.png -> a/pic.json). While running, the .jsonl
 gets one line per input as soon as it is done (line 1: the vocabulary; then an image record,
 or {"input", "error"} for a failure), so a crash or kill loses at most the input in progress.
 At the end it is replaced by the .json (written atomically). Old results there are an
-existing file like any other: refused unless --overwrite. If the JSON cannot be written (a
-full disk) that is a FAILED line too, and the exit status 1.
+existing file like any other: refused unless --overwrite; so is a second run writing into the
+same folder at the same time (one line, exit 2). If the JSON cannot be written (a full disk)
+that is a FAILED line too, and the exit status 1.
+
+Ctrl-C: an input's picture and its record are written together (Ctrl-C waits the few
+milliseconds that takes), so the pictures and the .jsonl always agree; the run stops, prints
+its summary, leaves the .jsonl (no .json: the results are not whole) and exits 130.
 
 Exit status: 0 = every input processed; 1 = some inputs failed (each is reported, the others
 are still written); 2 = nothing done (bad arguments, vocabulary, config or weights, in one
-line; no images found; an output that would replace an input or an existing file).
+line; no images found; an output that would replace an input or an existing file); 130 =
+interrupted (Ctrl-C).
 """
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -60,6 +67,7 @@ from vild_d2.engine.demo_files import (  # noqa: F401  (file_key, output_paths: 
     InputError,
     expand_inputs,
     file_key,
+    interrupts_deferred,
     output_paths,
     plan_outputs,
     read_image,
@@ -88,7 +96,12 @@ def get_parser():
         "registered dataset (default: the vocabulary stored in the checkpoint)",
     )
     p.add_argument("--custom-vocabulary", default="", help='comma-separated names: "cat,dog"')
-    p.add_argument("--confidence-threshold", type=float, default=0.5)
+    p.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="detections scoring below it are dropped: a number in [0, 1] (default 0.5)",
+    )
     p.add_argument(
         "--output",
         help="folder for the pictures (or a file name for one input); never an input's folder",
@@ -113,6 +126,17 @@ def get_parser():
     return p
 
 
+def check_ranges(args):
+    """The first argument out of its range, as "--flag value: must be ..." (None: all fine);
+    NaN is out of every range (it would compare False with every score or size)."""
+    t, mp = args.confidence_threshold, args.max_megapixels
+    if not (math.isfinite(t) and 0 <= t <= 1):
+        return f"--confidence-threshold {t:g}: must be a number in [0, 1]"
+    if not (math.isfinite(mp) and mp > 0):
+        return f"--max-megapixels {mp:g}: must be a finite number > 0"
+    return None
+
+
 class Results:
     """
     The --json results. While running, one JSON line per input is appended (and flushed) to
@@ -133,7 +157,13 @@ class Results:
             if overwrite:  # asked for: an old run's results must not pass for this run's
                 for old in (json_path, self._log_path):
                     old.unlink(missing_ok=True)  # unlinked, not truncated: a hard link keeps it
-            self._log = open(self._log_path, "x")  # "x": never a file this run did not create
+            try:
+                self._log = open(self._log_path, "x")  # "x": never a file this run did not create
+            except FileExistsError:  # not there when the outputs were checked
+                raise ValueError(
+                    f"{self._log_path} appeared since this run started: another run is writing "
+                    f"into {json_path.parent}; choose another --output (or pass --overwrite)"
+                ) from None
             self._append(self.header)
 
     def _append(self, obj):
@@ -145,6 +175,11 @@ class Results:
         except OSError as e:  # a full disk: keep going, the summary says so
             logger.error("cannot write %s: %s", self._log_path, e.strerror or e)
             self.close()
+
+    @property
+    def log_path(self):
+        """The .jsonl while running (None without --json)."""
+        return self._log_path
 
     def add(self, record):
         self.records.append(record)
@@ -208,31 +243,35 @@ def detect(predictor, image, threshold):
 
 
 def process_image(predictor, path, out, args):
-    """Detect, draw and write one image; returns its JSON record. Raises on a bad input."""
+    """Detect and draw one image: (its JSON record, its picture or None); nothing written yet.
+    Raises on a bad input."""
     image = read_image(path, args.max_megapixels)
     instances = detect(predictor, image, args.confidence_threshold)
     h, w = image.shape[:2]
     record = {"file_name": path, "height": h, "width": w}
+    picture = None
     if out is not None:
-        write_picture(out, draw(predictor, image, instances), args.overwrite)
+        picture = draw(predictor, image, instances)
         record["output"] = str(out)
     record["detections"] = detections_to_json(instances, predictor.metadata.thing_classes)
     logger.info("%s: %d detections", path, len(instances))
-    return record
+    return record, picture
 
 
 def run_images(predictor, paths, outputs, args, results):
     for path, out in zip(tqdm.tqdm(paths, disable=len(paths) < 2, desc="images"), outputs):
         try:
-            record = process_image(predictor, path, out, args)
+            record, picture = process_image(predictor, path, out, args)
+            with interrupts_deferred():  # the picture and its record: both or neither
+                if picture is not None:
+                    write_picture(out, picture, args.overwrite)
+                results.add(record)
         except Exception as e:  # one bad input must not stop the batch: report it, go on
             why = describe(e)
             expected = (InputError, ValueError, OSError, MemoryError)
             unexpected = not isinstance(e, expected)  # a traceback helps then
             logger.error("%s: %s", path, why, exc_info=unexpected)
             results.fail(path, why)
-            continue
-        results.add(record)
 
 
 def run_video(predictor, path, out, args, results):
@@ -263,23 +302,23 @@ def run_video(predictor, path, out, args, results):
                     break
                 instances = detect(predictor, frame, args.confidence_threshold)
                 drawn = draw(predictor, frame, instances)
-                if out is not None:
-                    if writer is None:
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        fourcc = cv2.VideoWriter_fourcc(*"mp4v")
-                        writer = cv2.VideoWriter(str(part), fourcc, fps, drawn.shape[1::-1])
-                    writer.write(drawn)
                 names = predictor.metadata.thing_classes
-                results.add(
-                    {
-                        "file_name": path,
-                        "frame": done,
-                        "height": frame.shape[0],
-                        "width": frame.shape[1],
-                        "detections": detections_to_json(instances, names),
-                    }
-                )
-                done += 1
+                record = {
+                    "file_name": path,
+                    "frame": done,
+                    "height": frame.shape[0],
+                    "width": frame.shape[1],
+                    "detections": detections_to_json(instances, names),
+                }
+                with interrupts_deferred():  # the frame and its record: both or neither
+                    if out is not None:
+                        if writer is None:
+                            out.parent.mkdir(parents=True, exist_ok=True)
+                            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+                            writer = cv2.VideoWriter(str(part), fourcc, fps, drawn.shape[1::-1])
+                        writer.write(drawn)
+                    results.add(record)
+                    done += 1
                 bar.update()
     except Exception as e:  # the frames done so far are kept (picture and JSON)
         logger.error("%s: frame %d: %s", path, done, describe(e), exc_info=True)
@@ -313,6 +352,10 @@ def main(argv=None):
     setup_logger(name="detectron2", abbrev_name="d2")
     if args.json and not args.output:
         print("error: --json needs --output", file=sys.stderr)
+        return 2
+    bad_range = check_ranges(args)
+    if bad_range:
+        print(f"error: {bad_range}", file=sys.stderr)
         return 2
 
     # Inputs and outputs first: an output that would replace an input, or a file this run did
@@ -351,7 +394,12 @@ def main(argv=None):
     vocab = predictor.vocabulary
     logger.info("Vocabulary: %d classes %s", len(vocab), vocab.names[:8])
 
-    results = Results(json_path, predictor.vocabulary.names, args.overwrite)
+    try:
+        results = Results(json_path, predictor.vocabulary.names, args.overwrite)
+    except (ValueError, OSError) as e:  # e.g. another run writing into the same folder
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    interrupted = False
     try:
         for item, why in errors:
             results.fail(item, why)
@@ -360,11 +408,22 @@ def main(argv=None):
         else:
             run_images(predictor, paths, outs, args, results)
         results.finish()
+    except KeyboardInterrupt:  # Ctrl-C: what is done is whole (pictures = records); say so
+        interrupted = True
     finally:
         results.close()  # interrupted: the .jsonl keeps what was done
     for item, why in results.errors:
         print(f"FAILED {item}: {why}", file=sys.stderr)
-    print(f"{len(results.records)} processed, {len(results.errors)} failed")
+    summary = f"{len(results.records)} processed, {len(results.errors)} failed"
+    if interrupted:
+        kept = f"; {results.log_path} holds them" if results.log_path else ""
+        if args.video_input:
+            print(f"{summary} (frames); interrupted (Ctrl-C){kept}")
+        else:
+            left = len(paths) - len(results.records) - (len(results.errors) - len(errors))
+            print(f"{summary}; interrupted (Ctrl-C): {left} input(s) not processed{kept}")
+        return 130
+    print(summary)
     return 1 if results.errors else 0
 
 

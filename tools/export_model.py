@@ -19,6 +19,8 @@ Writes ``model.ts`` (or ``model.onnx``) and ``vocabulary.json`` (the class names
 runs the exported model on that image and prints its largest difference from the eager model
 (exit status 1 if they differ beyond float rounding: other detections, classes, or boxes/scores
 off by more than BOX_TOLERANCE_PX / SCORE_TOLERANCE).
+Files already in --output are refused (exit 2, before any work) unless --overwrite; the files
+are written in a hidden folder inside --output and each moved in whole.
 Outputs: pred_boxes (N, 4) XYXY, pred_classes (N,), pred_masks (N, 1, 28, 28) probabilities,
 scores (N,), image_size (2,), in the RESIZED image's coordinates (detector_postprocess not
 applied; see vild_d2.export.outputs_to_instances). Input: one (3, H, W) image, already resized
@@ -27,18 +29,22 @@ applied; see vild_d2.export.outputs_to_instances). Input: one (3, H, W) image, a
 
 import argparse
 import json
+import math
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import vild_d2  # noqa: F401  (first: compat bridges)
-import cv2
 import numpy as np
 import torch
 
 from vild_d2 import ViLDPredictor
 from vild_d2.config import load_config
+from vild_d2.engine.demo_files import InputError, read_image
 from vild_d2.engine.predictor import vocabulary_from_cli
+from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
 from vild_d2.export import (
     deploy_metadata,
     export_onnx,
@@ -54,6 +60,7 @@ from vild_d2.export import (
 BOX_TOLERANCE_PX = 1e-2
 SCORE_TOLERANCE = 1e-4
 TEXT_COSINE = 0.99999  # exported text tower + numpy prompt ensemble vs the model's vocabulary
+BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"  # CLIP's BPE merges, copied beside text_encoder.onnx
 
 
 def get_parser():
@@ -69,19 +76,67 @@ def get_parser():
         action="store_true",
         help="the vocabulary as graph inputs (one file for every vocabulary) + text_encoder.onnx",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace files already in --output")
+    p.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=100.0,
+        help="a larger --sample-image is refused from its header, before decoding (default 100)",
+    )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
     return p
 
 
-def _sample_image(path):
+def _sample_image(path, max_megapixels):
     if path:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"cannot read sample image {path}")
-        return image
+        try:  # the demo's reader: the size from the header first, then one line per problem
+            return read_image(path, max_megapixels)
+        except InputError as e:
+            raise ValueError(f"--sample-image {path}: {e}") from None
     from vild_d2.data.images import sample_photo
 
     return np.ascontiguousarray(sample_photo("astronaut")[:, :, ::-1])  # RGB -> BGR
+
+
+def _output_files(args):
+    """The names this run writes into --output."""
+    names = ["model.ts" if args.format == "torchscript" else "model.onnx"]
+    if args.vocabulary_input:
+        return names + ["text_encoder.onnx", BPE_NAME]
+    return names + ["vocabulary.json"]
+
+
+def _check_output(args) -> Path:
+    """--output as a folder in which nothing would be replaced without --overwrite; checked
+    before any work."""
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; it must be a folder (made if missing)")
+    existing = [name for name in _output_files(args) if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(
+            f"--output {out} already has {', '.join(existing)}: choose another folder, or pass "
+            "--overwrite to replace them"
+        )
+    return out
+
+
+def _publish(stage: Path, out: Path, overwrite: bool) -> None:
+    """Move every file written in ``stage`` into ``out`` (each whole, by rename); without
+    ``overwrite`` a file that appeared in ``out`` meanwhile is left as it is (an error)."""
+    for f in sorted(stage.iterdir()):
+        dest = out / f.name
+        if overwrite:
+            os.replace(f, dest)
+            continue
+        try:
+            os.link(f, dest)  # fails if dest exists
+        except FileExistsError:
+            raise ValueError(f"{dest} appeared during the export: left as it is") from None
+        except OSError:  # a filesystem without hard links
+            if dest.exists():
+                raise ValueError(f"{dest} appeared during the export: left as it is") from None
+            os.replace(f, dest)
 
 
 def _run_exported(fmt, path, image, vocabulary=()):
@@ -105,9 +160,9 @@ def _export_text_side(predictor, out):
 
     path = out / "text_encoder.onnx"
     export_text_encoder_onnx(predictor.model.text_encoder, str(path))
-    bpe = Path(clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    bpe = Path(clip.__file__).parent / BPE_NAME
     shutil.copyfile(bpe, out / bpe.name)
-    print(f"wrote {path} and {bpe.name}")
+    print(f"wrote {path.name} and {bpe.name}")
     try:
         from vild_d2_runtime import TextEncoder as RuntimeTextEncoder
     except ImportError:
@@ -127,38 +182,52 @@ def _export_text_side(predictor, out):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
+        if not (math.isfinite(args.max_megapixels) and args.max_megapixels > 0):
+            raise ValueError(f"--max-megapixels {args.max_megapixels}: must be a number > 0")
+        out = _check_output(args)
+        sample = _sample_image(args.sample_image, args.max_megapixels)
         spec = vocabulary_from_cli(args.vocabulary, args.custom_vocabulary)
         predictor = ViLDPredictor(load_config(args.config_file, args.opts))
         if spec is not None:
             predictor.set_vocabulary(spec)
-        inputs = predictor.preprocess(_sample_image(args.sample_image))
-    except (ValueError, FileNotFoundError, KeyError, AssertionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        inputs = predictor.preprocess(sample)
+    except STARTUP_ERRORS as e:  # config, weights, vocabulary, sample image: one line
+        print(startup_error_line(e, args.config_file), file=sys.stderr)
         return 2
-    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     image = inputs["image"].to(predictor.model.device)
     vocab_input = args.vocabulary_input
     meta = deploy_metadata(predictor) if vocab_input else None
+    names = list(predictor.vocabulary.names)
+    # Written in a hidden folder inside --output, then moved in whole: a crash leaves no
+    # half-written model, and an existing file is never replaced without --overwrite.
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
         if args.format == "torchscript":
-            path = out / "model.ts"
-            export_torchscript(predictor.model, image, str(path), vocab_input, meta)
+            export_torchscript(predictor.model, image, str(stage / "model.ts"), vocab_input, meta)
         else:
-            path = out / "model.onnx"
             export_onnx(
-                predictor.model, image, str(path), vocabulary_input=vocab_input, metadata=meta
+                predictor.model,
+                image,
+                str(stage / "model.onnx"),
+                vocabulary_input=vocab_input,
+                metadata=meta,
             )
-        text_status = _export_text_side(predictor, out) if vocab_input else 0
+        text_status = _export_text_side(predictor, stage) if vocab_input else 0
+        if not vocab_input:
+            vocabulary_json = json.dumps({"names": names, "format": args.format})
+            (stage / "vocabulary.json").write_text(vocabulary_json)
+        _publish(stage, out, args.overwrite)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = list(predictor.vocabulary.names)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    path = out / _output_files(args)[0]
     listed = f"{', '.join(names[:5])}{'...' * (len(names) > 5)}"
     if vocab_input:
         print(f"wrote {path} (vocabulary as input; checked with {len(names)} classes: {listed})")
     else:
-        (out / "vocabulary.json").write_text(json.dumps({"names": names, "format": args.format}))
         print(f"wrote {path} ({len(names)} classes: {listed})")
 
     vocabulary = ()

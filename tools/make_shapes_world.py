@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the shapes world (vild_d2/shapes/world.py): images and LVIS v1 jsons, deterministic in
+"""Write the shapes world (vild_d2/data/datasets/shapes.py): images and LVIS v1 jsons, deterministic in
 its parameters. Novel categories appear in training images but are annotated only in val.
 
 Usage: python tools/make_shapes_world.py [--root $DETECTRON2_DATASETS/shapes] [--seed 0]

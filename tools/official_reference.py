@@ -9,6 +9,13 @@ folder that holds `models/`). It writes `tests/fixtures/official_vild/*.npz`, de
     TF_USE_LEGACY_KERAS=1 /work/tfref/venv/bin/python tools/official_reference.py \
         --tpu-repo /work/tfref/tpu --tpu-commit 7dc921f846c9e4071f3884b768a7ddf521272a49
 
+With `--mode train` (and `TF_ENABLE_ONEDNN_OPTS=0`) it runs one official training step instead and
+writes `train_*.npz` (see `tools/official_train_reference.py` and FORMAT.md, "Training fixture"):
+
+    TF_USE_LEGACY_KERAS=1 TF_ENABLE_ONEDNN_OPTS=0 /work/tfref/venv/bin/python \
+        tools/official_reference.py --mode train --tpu-repo /work/tfref/tpu \
+        --tpu-commit 7dc921f846c9e4071f3884b768a7ddf521272a49
+
 The weights are `random_official_weights(official_variables(50, ensemble), seed)`, loaded from
 `vild_d2/official/{variables,random_weights}.py` by file path (they are numpy-only, so the TF venv
 does not need torch or detectron2).
@@ -115,13 +122,13 @@ class Taps:
         setattr(obj, attr, wrapped)
 
 
-def build(tf, tpu_models, config_name, image_size, batch, paths):
-    """Builds the official inference graph; returns (images placeholder, image_info, fetches)."""
+def official_params(tpu_models, config_name, image_size, paths, overrides=None):
+    """The official config (yaml over the `vild` defaults) with the input size and file paths set.
+
+    `overrides`: a further nested dict applied last (the train mode's augmentation switches).
+    """
     from configs import factory as config_factory
-    from dataloader import anchor, mode_keys
     from hyperparameters import params_dict
-    from modeling import factory as model_factory
-    from ops import spatial_transform_ops
 
     params = config_factory.config_generator("vild")
     yaml = os.path.join(
@@ -138,8 +145,20 @@ def build(tf, tpu_models, config_name, image_size, batch, paths):
         },
         is_strict=True,
     )
+    if overrides:
+        params_dict.override_params_dict(params, overrides, is_strict=True)
     params.validate()
     params.lock()
+    return params
+
+
+def build(tf, tpu_models, config_name, image_size, batch, paths):
+    """Builds the official inference graph; returns (images placeholder, image_info, fetches)."""
+    from dataloader import anchor, mode_keys
+    from modeling import factory as model_factory
+    from ops import spatial_transform_ops
+
+    params = official_params(tpu_models, config_name, image_size, paths)
 
     images = tf.placeholder(tf.float32, [batch, image_size, image_size, 3], name="images")
     image_info = tf.placeholder(tf.float32, [batch, 4, 2], name="image_info")
@@ -278,6 +297,13 @@ def main():
         help="detectron2's lvis_v1_categories.py (for the rare mask)",
     )
     parser.add_argument("--save-checkpoint", default="", help="also save TF checkpoints here")
+    parser.add_argument(
+        "--mode",
+        choices=("infer", "train"),
+        default="infer",
+        help="infer: the inference fixture; train: one official training step "
+        "(tools/official_train_reference.py, writes train_*.npz)",
+    )
     args = parser.parse_args()
 
     tpu_models = os.path.join(os.path.abspath(args.tpu_repo), "models")
@@ -300,6 +326,11 @@ def main():
     rare_mask = lvis_rare_mask(args.lvis_categories)
     np.save(paths["classifier"], random_mod.random_classifier(args.seed))
     np.save(paths["rare_mask"], rare_mask)
+    if args.mode == "train":
+        import official_train_reference
+
+        official_train_reference.run(args, tf, tpu_models, images, batch, info, paths, rare_mask)
+        return
 
     results = {}
     for name in args.configs.split(","):

@@ -13,6 +13,7 @@ The API answers the JSON layout of tools/demo.py --json; a bad request gets a 4x
 
 import argparse
 import logging
+import math
 import sys
 
 import vild_d2  # noqa: F401  (first: compat bridges)
@@ -47,14 +48,57 @@ def get_parser():
         default=Limits.max_request_megapixels,
         help="all images of one request together (bounds the server's memory)",
     )
-    p.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_mb)
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=Limits.max_upload_mb,
+        help="per file; the upload is refused at the limit, not after",
+    )
+    p.add_argument(
+        "--slow-timeout",
+        type=float,
+        default=Limits.slow_timeout_s,
+        help="seconds for a request's headers, and for its body plus 1 s per 16 KB: slower "
+        "clients are cut off",
+    )
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=Limits.keep_alive_s,
+        help="seconds an idle connection is kept open (uvicorn's timeout_keep_alive)",
+    )
     p.add_argument("--no-page", action="store_true", help="the API only (no Gradio)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
     return p
 
 
+def check_ranges(args) -> None:
+    """ValueError naming the option, its value and its range; NaN is in no range."""
+    unit = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    positive = (lambda v: 0.0 < v < math.inf, "above 0 and finite")
+    checks = {
+        "--threshold": (args.threshold, *unit),
+        "--score-floor": (args.score_floor, *unit),
+        "--port": (args.port, lambda v: 0 <= v <= 65535, "in [0, 65535]"),
+        "--max-names": (args.max_names, lambda v: v >= 1, "at least 1"),
+        "--max-megapixels": (args.max_megapixels, *positive),
+        "--max-request-megapixels": (args.max_request_megapixels, *positive),
+        "--max-upload-mb": (args.max_upload_mb, *positive),
+        "--slow-timeout": (args.slow_timeout, *positive),
+        "--timeout-keep-alive": (args.timeout_keep_alive, *positive),
+    }
+    for key, (value, ok, allowed) in checks.items():
+        if not ok(value):  # NaN fails every comparison
+            raise ValueError(f"{key} {value:g}: must be {allowed}")
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    try:
+        check_ranges(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     setup_logger(name="vild_d2")
     setup_logger(name="detectron2", abbrev_name="d2")
     # Every request may switch the vocabulary: one INFO line per switch is noise here.
@@ -70,6 +114,8 @@ def main(argv=None):
         max_megapixels=args.max_megapixels,
         max_request_megapixels=args.max_request_megapixels,
         max_upload_mb=args.max_upload_mb,
+        slow_timeout_s=args.slow_timeout,
+        keep_alive_s=args.timeout_keep_alive,
     )
     service = DetectionService(
         predictor, limits=limits, threshold=args.threshold, title=args.config_file

@@ -13,10 +13,19 @@ from detectron2.engine import default_argument_parser
 from vild_d2.checkpoint import ViLDCheckpointer
 from vild_d2.engine import Trainer, launch, setup
 from vild_d2.engine.launch import ProcessDiedError, RendezvousError
+from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
+
+
+class InputError(Exception):
+    """The config or a dataset was refused before anything was written: one line, exit 2."""
 
 
 def main(args):
-    cfg = setup(args)
+    try:
+        # The config and the datasets are checked before the output folder is written to.
+        cfg = setup(args, check_data=True)
+    except STARTUP_ERRORS as e:
+        raise InputError(startup_error_line(e, args.config_file)) from e
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # complete: every parameter must come from the checkpoint, or the APs mean nothing
@@ -44,12 +53,36 @@ def get_parser():
 
 def parse_args(argv=None):
     parser = get_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(_flags_first(parser, argv))
     if args.dist_url is None:
         if args.num_machines > 1:
             parser.error("--num-machines > 1 needs --dist-url tcp://HOST:PORT of machine 0")
         args.dist_url = "auto"  # a free port on 127.0.0.1
     return args
+
+
+def _flags_first(parser, argv):
+    """``argv`` with the flags given after the ``KEY VALUE`` overrides (``... SOLVER.MAX_ITER 5
+    --resume``) moved before them: detectron2's parser takes everything after the first
+    override as overrides, so such a flag was silently dropped (or became a bad key)."""
+    opts = parser.parse_args(argv).opts
+    head = argv[: len(argv) - len(opts)]
+    takes_value = {s for a in parser._actions for s in a.option_strings if a.nargs != 0}
+    flags, overrides, i = [], [], 0
+    while i < len(opts):
+        token = opts[i]
+        if token.startswith("--"):  # a config key never does; a value may (so keys only)
+            n = 2 if token in takes_value and i + 1 < len(opts) else 1
+            flags += opts[i : i + n]
+            i += n
+        else:
+            overrides += opts[i : i + 2]
+            i += 2
+    if not flags:
+        return argv
+    # The flags parse as usual (an unknown one is argparse's error, exit 2).
+    return head + flags + overrides
 
 
 if __name__ == "__main__":
@@ -68,3 +101,6 @@ if __name__ == "__main__":
     except (RendezvousError, ProcessDiedError) as e:  # one line: what happened, what to check
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except InputError as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)

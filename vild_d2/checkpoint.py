@@ -2,6 +2,7 @@
 trained ViLD model's parameters silently unloaded."""
 
 import logging
+import os
 from typing import List
 
 import numpy as np
@@ -9,12 +10,19 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch.nn.parallel import DistributedDataParallel
 
+from .fileio import atomic_torch_save, atomic_write
+from .safe_load import UnsafeFileError, load_pickle, torch_load
 from .text import Vocabulary
 
 __all__ = ["ViLDCheckpointer", "IncompatibleCheckpointError"]
 
 logger = logging.getLogger(__name__)
 
+# What to do about a weights file that is refused because it would run code.
+_UNSAFE_HINT = (
+    "use a checkpoint of tensors only (what training writes; a .pkl of numpy arrays in dicts "
+    "as detectron2's model zoo has); re-save weights you trust as torch.save(state_dict)"
+)
 # Parameters renamed since checkpoints were first written: the text classifier's projection and
 # background embedding moved from the box predictor into its own module (its ``cls_score``).
 _RENAMED = {
@@ -43,14 +51,22 @@ class IncompatibleCheckpointError(RuntimeError):
 class _VocabularyState:
     """Checkpointable view of a ViLD model's test vocabulary (names, embeddings, novel mask)."""
 
-    def __init__(self, model):
+    def __init__(self, model, checkpointer=None):
         self.model = model
+        self.checkpointer = checkpointer  # names the file in errors
 
     def state_dict(self):
         return self.model.vocabulary.state_dict()
 
     def load_state_dict(self, state):
-        self.model.set_vocabulary(Vocabulary.from_state_dict(state, where="checkpoint"))
+        # Checked as the weights are (NaN embeddings, names CLIP cannot tell apart): refused
+        # with the file's name, not loaded to score every box NaN.
+        path = getattr(self.checkpointer, "_path", "checkpoint")
+        try:
+            vocabulary = Vocabulary.from_state_dict(state, where=f"{path}: stored vocabulary")
+        except ValueError as e:
+            raise IncompatibleCheckpointError(str(e)) from None
+        self.model.set_vocabulary(vocabulary)
 
 
 class ViLDCheckpointer(DetectionCheckpointer):
@@ -95,7 +111,7 @@ class ViLDCheckpointer(DetectionCheckpointer):
     ):
         module = model.module if isinstance(model, DistributedDataParallel) else model
         if hasattr(module, "set_vocabulary"):
-            checkpointables.setdefault("vocabulary", _VocabularyState(module))
+            checkpointables.setdefault("vocabulary", _VocabularyState(module, self))
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         if complete and partial:
             raise ValueError("a checkpoint load is either complete (evaluation) or partial")
@@ -104,15 +120,77 @@ class ViLDCheckpointer(DetectionCheckpointer):
         self._path = "<checkpoint>"
 
     def _load_file(self, filename):
+        """detectron2's formats, read without running code from the file: a ``.pkl`` (model
+        zoo, Caffe2 / ImageNet initialisation) through :func:`vild_d2.safe_load.load_pickle`
+        (numpy arrays in dicts), anything else with ``torch.load(weights_only=True)``."""
         self._path = filename  # for the errors of _load_model
         try:
-            return super()._load_file(filename)
+            if filename.endswith(".pkl"):
+                return self._load_pkl(filename)
+            loaded = torch_load(filename, hint=_UNSAFE_HINT)
+        except UnsafeFileError as e:
+            raise IncompatibleCheckpointError(str(e)) from None
         except Exception as e:  # torch.load / pickle on other bytes: open-ended errors
             raise IncompatibleCheckpointError(
                 f"{filename} is not a checkpoint (torch.load / pickle could not read it: "
                 f"{type(e).__name__}: {e}); MODEL.WEIGHTS must be a .pth written by training or "
                 "a detectron2 model-zoo .pkl"
             ) from e
+        if not isinstance(loaded, dict):
+            raise IncompatibleCheckpointError(
+                f"{filename} is not a checkpoint: it holds a {type(loaded).__name__}, not a dict "
+                "of tensors"
+            )
+        if filename.endswith(".pyth"):  # pycls: weights under "model_state"
+            if "model_state" not in loaded:
+                raise IncompatibleCheckpointError(
+                    f"{filename} is not a pycls checkpoint: it has no 'model_state'"
+                )
+            state = {
+                k: v
+                for k, v in loaded["model_state"].items()
+                if not k.endswith("num_batches_tracked")
+            }
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        return loaded if "model" in loaded else {"model": loaded}
+
+    def _load_pkl(self, filename):
+        """A detectron2 model-zoo ``.pkl`` ({"model": ..., "__author__": ...}) as it is, or a
+        Caffe2 / Detectron one (its "blobs", or the dict itself) with detectron2's name
+        matching, as detectron2's ``_load_file`` reads them."""
+        data = load_pickle(filename, hint=_UNSAFE_HINT)
+        if not isinstance(data, dict):
+            raise TypeError(f"a pickled {type(data).__name__}, not a dict of arrays")
+        if "model" in data and "__author__" in data:
+            logger.info("Reading a file from '%s'", data["__author__"])
+            return data
+        blobs = data.get("blobs", data)  # detection models keep theirs under "blobs"
+        blobs = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+        return {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def save(self, name, **kwargs):
+        """As fvcore's ``Checkpointer.save`` (model, checkpointables, ``kwargs``), written
+        atomically: through a temporary file in the same folder, renamed once complete, and
+        only then named in ``last_checkpoint``. A crash or a full disk mid-write leaves the
+        previous file (if any) and ``last_checkpoint`` as they were."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        if os.path.basename(save_file) != basename:
+            raise ValueError(f"checkpoint name {name!r} must be a file name, not a path")
+        logger.info("Saving checkpoint to %s", save_file)
+        atomic_torch_save(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """``last_checkpoint`` (what ``resume`` reads), replaced atomically."""
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        atomic_write(path, [last_filename_basename.encode("utf-8")])
 
     def _load_model(self, checkpoint):
         state = checkpoint["model"]

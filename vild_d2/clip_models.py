@@ -14,6 +14,7 @@ import torch
 from clip.model import CLIP
 
 from .fileio import file_sha256
+from .safe_load import torch_refusal
 
 __all__ = [
     "CLIP_WIDTHS",
@@ -66,6 +67,18 @@ def load_clip(spec: str, device: Device = "cpu") -> Tuple[CLIP, str]:
         ValueError: a local file that is not a CLIP checkpoint.
     """
     identity = clip_identity(spec)
+    # clip.load builds a randomly initialised CLIP before it loads the weights: without a fork,
+    # that init would consume the global RNG, so training with a cold text-embedding cache
+    # would start from other random weights (and data order) than with a warm one.
+    with torch.random.fork_rng(devices=[]):
+        model = _load_clip(spec, device)
+    # build_model casts weights to fp16, which CPU matmuls do not support well: use fp32 there.
+    if torch.device(device).type == "cpu":
+        model = model.float()
+    return model.eval(), identity
+
+
+def _load_clip(spec: str, device: Device) -> CLIP:
     if spec in clip.available_models():
         try:
             model, _ = clip.load(spec, device=device, jit=False)
@@ -82,14 +95,14 @@ def load_clip(spec: str, device: Device = "cpu") -> Tuple[CLIP, str]:
         try:
             model, _ = clip.load(path, device=device, jit=False)
         except _UNREADABLE as e:  # torch.load / build_model on other bytes: open-ended errors
+            refused = torch_refusal(path, e, hint="--clip / MODEL.VILD.CLIP_MODEL must be CLIP")
+            if refused is not None:  # a pickle that would run code: no torch advice to retry
+                raise refused from None
             raise ValueError(
                 f"{path} is not a CLIP checkpoint that clip.load reads (an OpenAI JIT archive "
                 f"or a state dict of clip.model.CLIP): {type(e).__name__}: {e}"
             ) from e
-    # build_model casts weights to fp16, which CPU matmuls do not support well: use fp32 there.
-    if torch.device(device).type == "cpu":
-        model = model.float()
-    return model.eval(), identity
+    return model
 
 
 # Embedding widths of the clip.available_models() names (their text_projection widths).

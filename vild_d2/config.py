@@ -1,9 +1,11 @@
 """The project's config node, ``cfg.MODEL.VILD``."""
 
+import ast
 import math
 import re
 from typing import Any, Callable, Dict, Sequence, Tuple
 
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -18,8 +20,8 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     registers the datasets of ``MODEL.VILD.DATASET_FILES``."""
     cfg = get_cfg()
     add_vild_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    _merge_config_file(cfg, config_file)
+    cfg.merge_from_list(numbers_in_opts(cfg, opts))  # "-1" for a float key: the range says
     cfg.freeze()
     check_vild_config(cfg)
     if cfg.MODEL.VILD.DATASET_FILES:  # here, so that every tool registers them
@@ -27,6 +29,34 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
 
         register_dataset_files(cfg.MODEL.VILD.DATASET_FILES)
     return cfg
+
+
+def _merge_config_file(cfg: CN, config_file: str) -> None:
+    """``cfg.merge_from_file(config_file)`` with YAML's safe loader for the file and every
+    ``_BASE_`` (detectron2 allows ``yaml.unsafe_load``, where a ``!!python/...`` tag runs code
+    while the file is read). Everything else is detectron2's: ``_BASE_`` resolved relative to
+    the file, lists of bases, version upgrades.
+
+    Raises:
+        ValueError: a tag YAML's safe loader does not know, naming the file, line and tag.
+    """
+    try:
+        cfg.merge_from_file(config_file, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        where = mark.name if mark is not None and not mark.name.startswith("<") else config_file
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        tag = re.search(r"tag '([^']*)'", str(e.problem))
+        tag = tag.group(1).replace("tag:yaml.org,2002:", "!!") if tag else "a tag"
+        raise ValueError(
+            f"{where}:{at}: refused the YAML tag {tag}: a config holds plain values only (a "
+            "python tag would run code while the file is read)"
+        ) from None
+    except (AttributeError, TypeError) as e:  # fvcore on a file that is not a mapping
+        raise ValueError(
+            f"{config_file} (or a _BASE_ of it) is not a config: a YAML file of KEY: value "
+            f"lines is expected, not a Python file, a list or an empty file ({e})"
+        ) from None
 
 
 def needs_distillation(cfg) -> bool:
@@ -132,6 +162,32 @@ def add_vild_config(cfg):
     # Post-processing (postprocess.pre_nms_num_boxes): per class, the top-scoring boxes kept
     # before its NMS; then MODEL.ROI_HEADS.NMS_THRESH_TEST and TEST.DETECTIONS_PER_IMAGE.
     _C.MODEL.VILD.OFFICIAL.PRE_NMS_TOPK_PER_CLASS = 1000
+    # Detections mapped back to the input image (evaluation, --json, pictures): "official"
+    # pastes masks as the official evaluation (utils/mask_utils.py: paste_instance_masks),
+    # "detectron2" with paste_masks_in_image; CLIP_BOXES_TO_IMAGE clips boxes to the image and
+    # drops the ones left empty, as detectron2 does (the official evaluation does neither).
+    # The official configs set "official" and False (vild_d2/official/masks.py).
+    _C.MODEL.VILD.OFFICIAL.PASTE_MASKS = "detectron2"
+    _C.MODEL.VILD.OFFICIAL.CLIP_BOXES_TO_IMAGE = True
+    # Training as the official code (vild_d2/official/training, docs/OFFICIAL.md "Training"):
+    # its anchor labelling, RoI and mask sampling, losses and reductions. False = detectron2's
+    # samplers and losses on the official architecture.
+    _C.MODEL.VILD.OFFICIAL.TRAINING = False
+    # Ground-truth slots per image (vild_parser max_num_instances): the -1 padding is appended to
+    # the proposals and sampled as background, as officially.
+    _C.MODEL.VILD.OFFICIAL.MAX_INSTANCES = 300
+    # Distillation boxes per image (architecture.max_num_rois), padded with -1 boxes that the box
+    # head's batch norms see.
+    _C.MODEL.VILD.OFFICIAL.MAX_DISTILL_ROIS = 300
+    # Mask RoIs per image (mask_sampling.num_mask_samples_per_image) and the parser's soft crop
+    # of each ground-truth mask (vild_parser.mask_crop_size).
+    _C.MODEL.VILD.OFFICIAL.NUM_MASK_SAMPLES = 128
+    _C.MODEL.VILD.OFFICIAL.MASK_CROP_SIZE = 112
+    # frcnn_class_loss.mask_rare: multiply the logits of the training vocabulary's novel classes
+    # by 0 in the class loss (they stay in the softmax as logit 0). Only meaningful with a
+    # training vocabulary that includes the novel classes (the official one: all 1203 LVIS
+    # classes); with vild_d2's base-only training vocabulary there is nothing to mask.
+    _C.MODEL.VILD.OFFICIAL.MASK_RARE = False
 
 
 # --- what each MODEL.VILD value may be ------------------------------------------------------
@@ -157,8 +213,8 @@ def _flag(v) -> bool:
     return isinstance(v, bool)
 
 
-# Every leaf of cfg.MODEL.VILD: (what it may be, the test). tests/test_config.py checks that no
-# key is left without a rule.
+# Every leaf of cfg.MODEL.VILD: (what it may be, the test). tests/test_config_ranges.py checks that
+# no key is left without a rule.
 RULES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "VARIANT": (f"one of {', '.join(VARIANTS)}", lambda v: v in VARIANTS),
     "CLIP_MODEL": ("a CLIP name or checkpoint path", lambda v: _text(v) and bool(v.strip())),
@@ -201,6 +257,48 @@ RULES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "OFFICIAL.IMAGE_SIZE": ("an integer >= 32", lambda v: _integer(v) and v >= 32),
     "OFFICIAL.ANCHOR_SIZE": ("a number > 0", lambda v: _number(v) and v > 0),
     "OFFICIAL.PRE_NMS_TOPK_PER_CLASS": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
+    "OFFICIAL.PASTE_MASKS": (
+        "'official' or 'detectron2'",
+        lambda v: v in ("official", "detectron2"),
+    ),
+    "OFFICIAL.CLIP_BOXES_TO_IMAGE": ("True or False", _flag),
+    "OFFICIAL.TRAINING": ("True or False", _flag),
+    "OFFICIAL.MAX_INSTANCES": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
+    "OFFICIAL.MAX_DISTILL_ROIS": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
+    "OFFICIAL.NUM_MASK_SAMPLES": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
+    "OFFICIAL.MASK_CROP_SIZE": ("an integer >= 2", lambda v: _integer(v) and v >= 2),
+    "OFFICIAL.MASK_RARE": ("True or False", _flag),
+}
+
+
+def _positive_integer(v) -> bool:
+    return _integer(v) and v >= 1
+
+
+def _numbers(v, ok=lambda x: True) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(_number(x) and ok(x) for x in v)
+
+
+# detectron2's own keys that vild_d2's model, predictor, tools and exporter read: out of range,
+# they fail far from the config (a division by a zero PIXEL_STD, a resize to 0 px, no box).
+D2_RULES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
+    "INPUT.MIN_SIZE_TEST": ("an integer >= 0 (0 = no resize)", lambda v: _integer(v) and v >= 0),
+    "INPUT.MAX_SIZE_TEST": ("an integer >= 1", _positive_integer),
+    "MODEL.PIXEL_MEAN": ("finite numbers, one per channel", _numbers),
+    "MODEL.PIXEL_STD": (
+        "numbers > 0, one per channel (the image is divided by them)",
+        lambda v: _numbers(v, lambda x: x > 0),
+    ),
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN": ("an integer >= 1", _positive_integer),
+    "MODEL.RPN.PRE_NMS_TOPK_TEST": ("an integer >= 1", _positive_integer),
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN": ("an integer >= 1", _positive_integer),
+    "MODEL.RPN.POST_NMS_TOPK_TEST": ("an integer >= 1", _positive_integer),
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": ("an integer >= 1", _positive_integer),
+    "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": ("an integer >= 1", _positive_integer),
+    # Below 0 keeps every box, also probabilities that underflow to 0 (an untrained model).
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST": ("a number <= 1", lambda v: _number(v) and v <= 1),
+    "MODEL.ROI_HEADS.NMS_THRESH_TEST": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+    "TEST.DETECTIONS_PER_IMAGE": ("an integer >= 1", _positive_integer),
 }
 
 
@@ -212,9 +310,58 @@ def _leaves(node: CN, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def _get(cfg, full_key: str):
+    """The value of a dotted key; KeyError if there is none."""
+    node = cfg
+    for part in full_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(full_key)
+        node = node[part]
+    return node
+
+
+def _has_rule(full_key: str) -> bool:
+    vild = "MODEL.VILD."
+    return full_key in D2_RULES or (full_key.startswith(vild) and full_key[len(vild) :] in RULES)
+
+
+def numbers_in_opts(cfg, opts: Sequence[Any]) -> list:
+    """
+    ``opts`` (``KEY VALUE ...``) for ``cfg.merge_from_list``, with the values that yacs would
+    refuse for their type alone turned into the number they spell, so that the range check
+    names them instead of yacs's "Type mismatch": an integer for a float key (``TEMPERATURE
+    -1`` -> -1.0), and ``nan`` / ``inf`` for a range-checked float key (other keys keep
+    yacs's refusal of them).
+    """
+    opts = list(opts)
+    for i in range(0, len(opts) - 1, 2):
+        key, value = opts[i], opts[i + 1]
+        if not isinstance(key, str) or not isinstance(value, str):
+            continue
+        try:
+            default = _get(cfg, key)
+        except KeyError:  # yacs names an unknown key
+            continue
+        if not isinstance(default, float):
+            continue
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        if isinstance(parsed, int) and not isinstance(parsed, bool):
+            opts[i + 1] = float(parsed)
+        elif isinstance(parsed, str) and _has_rule(key):
+            try:
+                opts[i + 1] = float(parsed)  # "nan", "inf", "-Infinity"
+            except ValueError:
+                pass  # not a number at all: yacs's message says so
+    return opts
+
+
 def check_vild_config(cfg) -> None:
     """
-    Range-check every ``cfg.MODEL.VILD`` value (:data:`RULES`).
+    Range-check every ``cfg.MODEL.VILD`` value (:data:`RULES`) and detectron2's keys that
+    vild_d2 reads (:data:`D2_RULES`).
 
     Raises:
         ValueError: naming each key out of range, its value and what it may be.
@@ -222,7 +369,7 @@ def check_vild_config(cfg) -> None:
     problems = []
     values = dict(_leaves(cfg.MODEL.VILD))
     for key, value in values.items():
-        if key not in RULES:  # (tests/test_config.py keeps every key covered)
+        if key not in RULES:  # (tests/test_config_ranges.py keeps every key covered)
             continue
         allowed, ok = RULES[key]
         if not ok(value):
@@ -231,6 +378,19 @@ def check_vild_config(cfg) -> None:
     if _number(lsj_min) and _number(lsj_max) and lsj_max < lsj_min:
         problems.append(
             f"MODEL.VILD.LSJ.MAX_SCALE = {lsj_max!r}: must be >= LSJ.MIN_SCALE ({lsj_min!r})"
+        )
+    for key, (allowed, ok) in D2_RULES.items():
+        try:
+            value = _get(cfg, key)
+        except KeyError:  # a config without that node (e.g. a test's)
+            continue
+        if not ok(value):
+            problems.append(f"{key} = {value!r}: must be {allowed}")
+    mean, std = cfg.MODEL.get("PIXEL_MEAN"), cfg.MODEL.get("PIXEL_STD")
+    if _numbers(mean) and _numbers(std) and len(mean) != len(std):
+        problems.append(
+            f"MODEL.PIXEL_STD = {list(std)!r}: must have one number per channel, as "
+            f"MODEL.PIXEL_MEAN ({len(mean)})"
         )
     if problems:
         raise ValueError("config values out of range:\n  " + "\n  ".join(problems))

@@ -5,12 +5,11 @@ import contextlib
 import errno
 import functools
 import hashlib
-import io
 import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["atomic_torch_save", "atomic_write", "cache_root", "file_sha256"]
+__all__ = ["atomic_open", "atomic_torch_save", "atomic_write", "cache_root", "file_sha256"]
 
 # A full disk or quota: what to do about it is worth saying.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -104,14 +103,43 @@ def cache_root() -> Path:
     return Path(os.path.expanduser(os.getenv("VILD_D2_CACHE") or "~/.cache/vild_d2"))
 
 
+@contextlib.contextmanager
+def atomic_open(path, hint: str = ""):
+    """
+    A binary file to write ``path`` with, as :func:`atomic_write` writes it: the data goes to a
+    hidden temporary file in the same folder, which replaces ``path`` once the ``with`` block
+    ends without an exception (fsync'ed first). An exception inside the block, or a failed
+    write, leaves ``path`` as it was and removes the temporary file. For writers that stream
+    (``torch.save`` into the file) rather than hold every byte in memory first.
+
+    Raises:
+        OSError: as :func:`atomic_write`, naming ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _naming(e, path, hint) from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
 def atomic_torch_save(obj, path, hint: str = "") -> None:
-    """``torch.save(obj, path)`` through :func:`atomic_write` (readers never see a partial
-    file). torch is imported here, not at module level, so the file helpers stay light."""
+    """``torch.save(obj, path)`` through :func:`atomic_open` (readers never see a partial
+    file; a failure leaves ``path`` as it was). torch is imported here, not at module level,
+    so the file helpers stay light."""
     import torch
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, [buffer.getvalue()], hint=hint)
+    with atomic_open(path, hint=hint) as f:
+        torch.save(obj, f)
 
 
 def file_sha256(path) -> str:

@@ -11,12 +11,24 @@ ensemble, preprocessing and post-processing are numpy. See docs/DEPLOY.md.
     dets = detector(cv2.imread("photo.jpg"), ["red star", "blue cross"])
 """
 
-from .detector import Detector, check_vocabulary, detections_to_json, json_header
-from .graphs import GraphKindError, graph_kind
-from .image import check_image
-from .prompts import fill_prompts, parse_names, process_name
-from .text import TextEncoder
-from .tokenizer import Tokenizer
+import importlib
+
+# Imported when first used (PEP 562): ``vild_d2`` imports the name rules (.prompts, .names)
+# without onnxruntime, which only the graphs (.detector, .text) need.
+_PUBLIC = {
+    "Detector": ".detector",
+    "check_vocabulary": ".detector",
+    "detections_to_json": ".detector",
+    "json_header": ".detector",
+    "GraphKindError": ".graphs",
+    "graph_kind": ".graphs",
+    "check_image": ".image",
+    "fill_prompts": ".prompts",
+    "parse_names": ".prompts",
+    "process_name": ".prompts",
+    "TextEncoder": ".text",
+    "Tokenizer": ".tokenizer",
+}
 
 __all__ = [
     "Detector",
@@ -32,3 +44,15 @@ __all__ = [
     "parse_names",
     "process_name",
 ]
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

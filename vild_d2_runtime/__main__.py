@@ -5,11 +5,16 @@
         --input photo.jpg photos/ --output detections.json --confidence-threshold 0.3
 
 Exit status: 0 = every input processed; 1 = some inputs failed (each is listed under "errors");
-2 = nothing done (bad arguments, model files or names).
+2 = nothing done (bad arguments, model files or names, an --output that is a folder: one line).
+
+Memory: an image over --max-megapixels (default 100, as tools/demo.py) is refused, from its
+header for PNG, JPEG, BMP, TIFF and WebP (before decoding); masks are pasted one at a time,
+only for detections over the threshold.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,6 +22,7 @@ from pathlib import Path
 import cv2
 
 from .detector import Detector, detections_to_json, json_header
+from .image import image_size
 from .prompts import parse_names
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -32,10 +38,64 @@ def get_parser():
     p.add_argument("--novel", default="", help="novel names (default: those outside training)")
     p.add_argument("--input", nargs="+", required=True, help="image files or folders")
     p.add_argument("--output", default="", help="JSON file (default: standard output)")
-    p.add_argument("--confidence-threshold", type=float, default=0.5)
+    p.add_argument("--confidence-threshold", type=float, default=0.5, help="in [0, 1]")
+    p.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=100.0,
+        help="larger images are refused (from their header where possible; default 100)",
+    )
     p.add_argument("--cache-dir", default="", help="cache name embeddings on disk here")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = default)")
     return p
+
+
+def check_arguments(args) -> None:
+    """ValueError naming the option, its value and the range, for a value out of range (NaN
+    included), and for an --output that is a folder or lies under a file: before any work."""
+    ranges = [
+        ("--confidence-threshold", args.confidence_threshold, 0.0, 1.0),
+        ("--max-megapixels", args.max_megapixels, 1e-6, math.inf),
+        ("--threads", args.threads, 0, 1024),
+    ]
+    for key, value, low, high in ranges:
+        if not (low <= value <= high):  # NaN fails every comparison
+            shown = f"in [{low:g}, {high:g}]" if high != math.inf else "above 0"
+            raise ValueError(f"{key} {value:g}: must be {shown}")
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise ValueError(
+                f"--output {out} is a folder: give a file name (e.g. {out / 'detections.json'})"
+            )
+        for parent in out.parents:
+            if parent.exists() and not parent.is_dir():
+                raise ValueError(f"--output {out}: {parent} is a file, not a folder")
+
+
+def read_image(path: str, max_megapixels: float):
+    """BGR uint8, or raise ValueError with the reason (one line)."""
+    if not os.path.exists(path):
+        raise ValueError("file not found")
+    if not os.path.isfile(path):
+        raise ValueError("not a file")
+    size = image_size(path)  # from the header: before a byte of pixels is decoded
+    if size is not None:
+        _check_megapixels(*size, max_megapixels)
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("cannot read image (corrupt?)")
+    _check_megapixels(image.shape[1], image.shape[0], max_megapixels)  # other formats
+    return image
+
+
+def _check_megapixels(w: int, h: int, limit: float) -> None:
+    if w * h > limit * 1e6:
+        raise ValueError(
+            f"{w}x{h} px ({w * h / 1e6:.1f} megapixels), above --max-megapixels {limit:g}: "
+            "downscale it (the model sees it at about 1 megapixel anyway), or raise "
+            "--max-megapixels if the memory allows"
+        )
 
 
 def _images(inputs):
@@ -50,6 +110,7 @@ def _images(inputs):
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
+        check_arguments(args)
         names = parse_names(args.names)
         novel = parse_names(args.novel) if args.novel else None
         detector = Detector(
@@ -63,30 +124,23 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     records, errors = [], []
+    mask_threshold = detector.meta["mask_threshold"]
     for path in _images(args.input):
-        image = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
-        if image is None:
-            why = "file not found" if not os.path.exists(path) else "cannot read image (corrupt?)"
+        try:
+            image = read_image(path, args.max_megapixels)
+            h, w = image.shape[:2]
+            # Over the threshold only, and masks pasted one at a time while encoding.
+            dets = detector(
+                image, names, novel, score_threshold=args.confidence_threshold, paste_masks=False
+            )
+            del image
+            found = detections_to_json(dets, names, (h, w), mask_threshold)
+        except (ValueError, MemoryError) as e:
+            why = str(e) if not isinstance(e, MemoryError) else "out of memory"
             errors.append({"input": path, "error": why})
             print(f"FAILED {path}: {why}", file=sys.stderr)
             continue
-        try:
-            dets = detector(image, names, novel)
-        except ValueError as e:
-            errors.append({"input": path, "error": str(e)})
-            print(f"FAILED {path}: {e}", file=sys.stderr)
-            continue
-        keep = dets["scores"] >= args.confidence_threshold
-        dets = {k: v[keep] for k, v in dets.items()}
-        h, w = image.shape[:2]
-        records.append(
-            {
-                "file_name": path,
-                "height": h,
-                "width": w,
-                "detections": detections_to_json(dets, names),
-            }
-        )
+        records.append({"file_name": path, "height": h, "width": w, "detections": found})
     text = json.dumps(dict(json_header(names), images=records, errors=errors))
     if args.output:
         out = Path(args.output)

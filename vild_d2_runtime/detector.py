@@ -5,19 +5,29 @@ Shape shorthand: K = classes, D = embedding width, N = detections.
 """
 
 import collections
+import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .graphs import open_graph
-from .image import check_image, paste_masks, postprocess_boxes, resize_bilinear, resized_shape
+from .image import check_image, paste_mask, postprocess_boxes, resize_bilinear, resized_shape
+from .image import paste_masks as paste_all_masks
 from .image import rle_encode
+from .names import check_distinguishable, truncation_message
 from .text import TextEncoder
 
 __all__ = ["Detector", "Detections", "check_vocabulary", "json_header", "detections_to_json"]
 
+logger = logging.getLogger(__name__)
+
 TEXT_ENCODER_FILE = "text_encoder.onnx"  # the exporter writes it beside model.onnx
+# What the runtime reads of the detector's metadata (vild_d2.export writes them all).
+_META_KEYS = (
+    "inputs", "outputs", "embedding_dim", "train_names", "input_format", "min_size_test",
+    "max_size_test", "mask_threshold",
+)  # fmt: skip
 
 Detections = Dict[str, np.ndarray]
 
@@ -73,8 +83,19 @@ def json_header(names: Sequence[str]) -> dict:
     }
 
 
-def detections_to_json(dets: Detections, names: Sequence[str]) -> List[dict]:
-    """Detections -> list of JSON-ready records (vild_d2.engine.detections' layout)."""
+def detections_to_json(
+    dets: Detections,
+    names: Sequence[str],
+    image_size: Optional[Tuple[int, int]] = None,
+    mask_threshold: float = 0.5,
+) -> List[dict]:
+    """Detections -> list of JSON-ready records (vild_d2.engine.detections' layout). Masks:
+    ``dets["masks"]`` (N, H, W) as they are, or ``dets["mask_probs"]`` (N, M, M) pasted into
+    the image of ``image_size`` (H, W) at ``mask_threshold`` one at a time (one H x W mask in
+    memory at once; ``Detector(..., paste_masks=False)``)."""
+    if "mask_probs" in dets and image_size is None:
+        raise ValueError("detections_to_json: mask_probs need the image_size (H, W)")
+    scratch = np.zeros(image_size, dtype=bool) if "mask_probs" in dets else None
     out = []
     for i, (x0, y0, x1, y1) in enumerate(dets["boxes"].tolist()):
         cls = int(dets["classes"][i])
@@ -86,6 +107,10 @@ def detections_to_json(dets: Detections, names: Sequence[str]) -> List[dict]:
         }
         if "masks" in dets:
             record["segmentation"] = rle_encode(dets["masks"][i])
+        elif scratch is not None:
+            scratch[:] = False
+            paste_mask(dets["mask_probs"][i], dets["boxes"][i], image_size, mask_threshold, scratch)
+            record["segmentation"] = rle_encode(scratch)
         out.append(record)
     return out
 
@@ -122,6 +147,12 @@ class Detector:
         """
         kind = "detector with a vocabulary input"
         self.session, self.meta = open_graph(model, kind, threads, providers)
+        missing = [k for k in _META_KEYS if k not in self.meta]
+        if missing:
+            raise ValueError(
+                f"{model}: its metadata lacks {', '.join(missing)}: export it again with this "
+                "version's tools/export_model.py --vocabulary-input"
+            )
         self.uses_novel_mask = "novel_mask" in self.meta["inputs"]
         self.dim = int(self.meta["embedding_dim"])
         self.train_names = set(self.meta["train_names"])
@@ -155,9 +186,13 @@ class Detector:
             return hit
         if not names or not all(names):
             raise ValueError(f"empty vocabulary or empty class name in {names!r}")
-        if len(set(names)) != len(names):
-            dups = sorted(n for n, c in collections.Counter(names).items() if c > 1)
-            raise ValueError(f"duplicate class names in vocabulary: {dups}")
+        # vild_d2's rule: control characters, and names CLIP reads alike, are refused.
+        encoder = self.text_encoder
+        truncated = check_distinguishable(
+            names, encoder.templates, encoder.tokenizer.encode, None, encoder.context_length
+        )
+        if truncated:
+            logger.warning(truncation_message(truncated, encoder.context_length))
         if novel is not None and set(novel) - set(names):
             raise ValueError(
                 f"novel classes not among the class names: {sorted(set(novel) - set(names))}"
@@ -196,6 +231,8 @@ class Detector:
             raise ValueError(f"image: expected a (3, H, W) uint8 array, got {shape}")
         if image_chw.dtype != np.uint8:
             raise ValueError(f"image: expected uint8, got {image_chw.dtype}")
+        if min(image_chw.shape[1:]) < 1:
+            raise ValueError(f"image: expected (3, H, W) with H, W >= 1, got {image_chw.shape}")
         emb, mask = check_vocabulary(
             class_embeddings, novel_mask, dim=self.dim, uses_novel_mask=self.uses_novel_mask
         )
@@ -205,13 +242,23 @@ class Detector:
         return self.session.run(None, feeds)
 
     def __call__(
-        self, image: np.ndarray, names: Sequence[str], novel: Optional[Sequence[str]] = None
+        self,
+        image: np.ndarray,
+        names: Sequence[str],
+        novel: Optional[Sequence[str]] = None,
+        *,
+        score_threshold: float = 0.0,
+        paste_masks: bool = True,
     ) -> Detections:
         """
         Args:
             image: (H, W, 3) BGR uint8 (as cv2.imread gives).
             names: the K class names to detect.
             novel: the novel ones (ViLD-ensemble's scoring); default: those outside training.
+            score_threshold: detections below it are dropped before any mask is pasted.
+            paste_masks: False = "mask_probs" (N, M, M) float32 instead of "masks", pasted one
+                at a time by :func:`detections_to_json`: memory then does not grow with image
+                size x detections (N x H x W bytes: 8 GB for 100 masks of 9000 x 9000 px).
         Returns:
             {"boxes": (N, 4) XYXY, "scores": (N,), "classes": (N,) indices into ``names``,
             "masks": (N, H, W) bool (mask models)}, in the original image's coordinates.
@@ -222,6 +269,7 @@ class Detector:
         fields = dict(zip(self.meta["outputs"], outputs))
         resized = tuple(int(v) for v in fields["image_size"])
         boxes, keep = postprocess_boxes(fields["pred_boxes"], resized, original)
+        keep &= fields["scores"] >= score_threshold
         dets = {
             "boxes": boxes[keep],
             "scores": fields["scores"][keep],
@@ -229,5 +277,9 @@ class Detector:
         }
         if "pred_masks" in fields:
             probs = fields["pred_masks"][keep][:, 0]
-            dets["masks"] = paste_masks(probs, dets["boxes"], original, self.meta["mask_threshold"])
+            if not paste_masks:
+                dets["mask_probs"] = probs
+            else:
+                threshold = self.meta["mask_threshold"]
+                dets["masks"] = paste_all_masks(probs, dets["boxes"], original, threshold)
         return dets

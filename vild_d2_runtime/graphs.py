@@ -35,18 +35,31 @@ def open_graph(
 ) -> Tuple[onnxruntime.InferenceSession, dict]:
     """
     Open ``path`` as a graph of kind ``want`` (a value of _KINDS); returns (session, metadata).
-    Raises FileNotFoundError, or GraphKindError naming what the file is and what to do.
+    Raises FileNotFoundError, GraphKindError naming what the file is and what to do, or
+    ValueError for a file ONNX Runtime cannot load (empty, truncated, not ONNX) or metadata
+    that is not the exporter's.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not an ONNX file")
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not an ONNX model: export it again")
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(
-        str(path), options, providers=list(providers or ["CPUExecutionProvider"])
-    )
+    try:
+        session = onnxruntime.InferenceSession(
+            str(path), options, providers=list(providers or ["CPUExecutionProvider"])
+        )
+    except Exception as e:  # ONNX Runtime's own errors (InvalidProtobuf, Fail, ...): no base
+        why = str(e).split("failed:", 1)[-1].strip().splitlines()[0][:200]
+        raise ValueError(
+            f"{path}: not a loadable ONNX model (truncated, corrupt, or another kind of file?): "
+            f"{why}"
+        ) from None
     names = tuple(i.name for i in session.get_inputs())
     kind = graph_kind(names)
     if kind != want:
@@ -67,4 +80,10 @@ def open_graph(
             f"{path} has no '{METADATA_KEY}' metadata: it was not written by "
             "tools/export_model.py --vocabulary-input"
         )
-    return session, json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise GraphKindError(f"{path}: its '{METADATA_KEY}' metadata is not the exporter's JSON")
+    return session, meta

@@ -1,6 +1,6 @@
 """Class names -> ViLD classifier embeddings with the exported CLIP text tower
 (``text_encoder.onnx``) and the prompt ensemble in numpy, cached per name in memory and
-optionally on disk. Equals ``vild_d2.text.TextEncoder`` (tests/test_deploy_text.py)."""
+optionally on disk. Equals ``vild_d2.text.TextEncoder`` (tests/test_deploy_runtime.py)."""
 
 import collections
 import hashlib
@@ -126,6 +126,10 @@ class TextEncoder:
         except (OSError, ValueError):  # a corrupt cache file is recomputed, never fatal
             return None
         if emb.shape != (self.dim,) or emb.dtype != np.float32:
+            return None
+        # NaN, infinite or not unit length (a damaged or foreign file): recomputed, and the
+        # file replaced by the new embedding.
+        if not np.isfinite(emb).all() or abs(float(np.linalg.norm(emb)) - 1.0) > 1e-3:
             return None
         self._remember(name, emb, write=False)
         return emb

@@ -3,10 +3,13 @@ the run did not create unless ``--overwrite``), reading an image with an accurat
 cannot be read (its size checked from the header before any pixel is decoded), and writing a
 picture atomically."""
 
+import contextlib
 import errno
 import glob
 import os
+import signal
 import stat
+import threading
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -23,6 +26,7 @@ __all__ = [
     "InputError",
     "expand_inputs",
     "file_key",
+    "interrupts_deferred",
     "output_paths",
     "plan_outputs",
     "read_image",
@@ -257,6 +261,27 @@ def read_image(path: str, max_megapixels: float) -> np.ndarray:
             f"cannot decode the image ({w}x{h} px in its header): corrupt or truncated?"
         )
     return image
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """
+    Ctrl-C (SIGINT) inside the block waits until the block is done, then raises
+    ``KeyboardInterrupt``: an input's picture and its record are written both or neither. (The
+    detection itself stays interruptible at once; only these few milliseconds of writing are
+    deferred.) Outside the main thread, where Python delivers no signal, it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        if received:
+            raise KeyboardInterrupt
 
 
 def write_picture(path: Path, bgr: np.ndarray, overwrite: bool) -> None:

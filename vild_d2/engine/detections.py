@@ -15,7 +15,6 @@ import pycocotools.mask as mask_util
 import torch
 
 from detectron2.data.catalog import Metadata
-from detectron2.layers import paste_masks_in_image
 from detectron2.structures import Instances, ROIMasks
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import ColorMode, Visualizer
@@ -53,10 +52,10 @@ def mask_of(instances: Instances, i: int) -> np.ndarray:
     masks = instances.pred_masks
     if isinstance(masks, ROIMasks):
         h, w = instances.image_size
-        pasted = paste_masks_in_image(
-            masks.tensor[i : i + 1], instances.pred_boxes[i : i + 1], (h, w), threshold=0.5
-        )
-        return pasted[0].numpy().astype(bool, copy=False)
+        # The masks' own pasting: detectron2's paste_masks_in_image, or a subclass's (the
+        # official configs': vild_d2/official/masks.py).
+        pasted = masks[i : i + 1].to_bitmasks(instances.pred_boxes.tensor[i : i + 1], h, w, 0.5)
+        return pasted.tensor[0].numpy().astype(bool, copy=False)
     return masks[i].numpy().astype(bool, copy=False)
 
 

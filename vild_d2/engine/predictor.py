@@ -232,7 +232,10 @@ class ViLDPredictor:
             if paste_masks:
                 return self.model([inputs])[0]
             raw = self.model.inference([inputs], do_postprocess=False)[0]
-        return {"instances": rescale_detections(raw, inputs["height"], inputs["width"])}
+        # A model that maps detections back its own way (the official configs: as the official
+        # evaluation, vild_d2/official/masks.py) says so with its own rescale_detections.
+        rescale = getattr(self.model, "rescale_detections", rescale_detections)
+        return {"instances": rescale(raw, inputs["height"], inputs["width"])}
 
     def preprocess(self, original_image: np.ndarray) -> dict:
         """(H, W, 3) BGR uint8 image (checked as in :meth:`__call__`) -> the model's input dict

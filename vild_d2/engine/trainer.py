@@ -1,5 +1,6 @@
 """The detectron2 Trainer for ViLD, and ``setup(args)`` shared by the tools."""
 
+import contextlib
 import json
 import logging
 import os
@@ -11,9 +12,8 @@ import yaml
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
-    build_detection_train_loader,
 )
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.evaluation import (
     COCOEvaluator,
     DatasetEvaluator,
@@ -30,22 +30,59 @@ from ..config import load_config
 from ..data import ViLDDatasetMapper
 from ..evaluation import COCOOpenVocabularyEvaluator
 from ..fileio import atomic_write
-from .training_data import get_training_dicts
+from .resume import (
+    ResumeStateHook,
+    build_resumable_train_loader,
+    load_resume_state,
+    preserved_rng_state,
+    restore_rng_state,
+    resume_state,
+)
+from .training_data import get_test_dicts, get_training_dicts
 
 __all__ = ["Trainer", "setup", "check_same_config"]
 
 logger = logging.getLogger(__name__)
 
 
-def setup(args):
-    """Config from ``args.config_file`` + ``args.opts`` with the ViLD node; detectron2's setup."""
+def setup(args, *, check_data: bool = False):
+    """
+    Config from ``args.config_file`` + ``args.opts`` with the ViLD node; detectron2's setup.
+    With ``check_data``, the datasets the run reads (training, or the test ones with
+    ``args.eval_only``) are loaded first (:meth:`Trainer.check_data`), so that a refused
+    dataset leaves the output folder as it was: detectron2's setup writes ``config.yaml`` and
+    ``log.txt`` there. What they log meanwhile goes to the log once it is set up.
+    """
     cfg = load_config(args.config_file, args.opts)
     check_same_config(cfg)
+    held = []
+    if check_data:
+        with _holding_log_records(held):
+            Trainer.check_data(cfg, eval_only=getattr(args, "eval_only", False))
     default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers; ours report vocabulary
     # switches and distillation stores.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vild_d2")
+    for record in held:
+        logging.getLogger(record.name).handle(record)
     return cfg
+
+
+@contextlib.contextmanager
+def _holding_log_records(held: list):
+    """Within the block, INFO and higher log records of every logger are appended to ``held``
+    instead of being emitted (no handler is set up yet)."""
+    root = logging.getLogger()
+    handler = logging.Handler(logging.INFO)
+    handler.emit = held.append
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def check_same_config(cfg) -> None:
@@ -85,7 +122,8 @@ def _flatten(node, prefix=""):
 class Trainer(DefaultTrainer):
     """DefaultTrainer with ViLD's mapper, evaluators and vocabulary-saving checkpointer; it
     trains data-parallel on CPU processes too (gloo; the ``create_ddp_model`` bridge in
-    :mod:`vild_d2.compat`)."""
+    :mod:`vild_d2.compat`). Its checkpoints also hold the data stream's position and the RNG
+    states (:mod:`vild_d2.engine.resume`): a resumed run ends as an uninterrupted one would."""
 
     def build_hooks(self):
         # DefaultTrainer.__init__ made a plain DetectionCheckpointer; swap in ours before the
@@ -97,7 +135,70 @@ class Trainer(DefaultTrainer):
             partial=self.cfg.MODEL.VILD.ALLOW_PARTIAL_WEIGHTS,
             trainer=weakref.proxy(self),
         )
-        return super().build_hooks()
+        ret = super().build_hooks()
+        if comm.get_world_size() > 1:
+            # Only rank 0 saves: every rank's resume state is gathered just before it does.
+            at = next(
+                i
+                for i, h in enumerate(ret + [None])
+                if h is None or isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+            )
+            ret.insert(at, ResumeStateHook(self.cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter))
+        return ret
+
+    def state_dict(self):
+        ret = super().state_dict()
+        # detectron2 0.6's DefaultTrainer leaves out its SimpleTrainer's state: the optimizer
+        # (momentum), and AMP's grad scaler. Saved under the key later detectron2 releases use.
+        ret["_trainer"] = self._trainer.state_dict()
+        resume = resume_state(self)
+        if resume is not None:
+            ret["resume"] = resume
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning(
+                "The checkpoint has no optimizer state (written by an older vild_d2): the "
+                "optimizer's momentum starts again from zero."
+            )
+        # The RNGs are set when training starts: loading the rest of the checkpoint (e.g. the
+        # vocabulary) must not move them.
+        self._rng_to_restore = load_resume_state(self, state_dict.get("resume"))
+
+    def train(self):
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng is not None:
+            restore_rng_state(rng)
+            self._rng_to_restore = None
+        return super().train()
+
+    # Dataset dicts loaded by check_data, for the loader built next from the same config.
+    _checked_dicts: dict = {}
+
+    @classmethod
+    def check_data(cls, cfg, *, eval_only: bool = False) -> None:
+        """Load the training dataset dicts (or with ``eval_only`` the test datasets'), which
+        raises if a dataset is refused; kept for the loaders built next from this config."""
+        key = _data_key(cfg)
+        cls._checked_dicts.clear()
+        if eval_only:
+            for name in cfg.DATASETS.TEST:
+                cls._checked_dicts[(key, name)] = get_test_dicts(cfg, name)
+        else:
+            cls._checked_dicts[(key, None)] = get_training_dicts(cfg)
+
+    @classmethod
+    def _dicts(cls, cfg, dataset_name=None):
+        dicts = cls._checked_dicts.pop((_data_key(cfg), dataset_name), None)
+        if dicts is not None:
+            return dicts
+        if dataset_name is None:
+            return get_training_dicts(cfg)
+        return get_test_dicts(cfg, dataset_name)
 
     @classmethod
     def build_model(cls, cfg):
@@ -107,15 +208,19 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """detectron2's loader with :class:`ViLDDatasetMapper`, over the training dicts joined
-        to their distillation stores (:func:`vild_d2.engine.get_training_dicts`)."""
+        """detectron2's loader, made resumable (:func:`build_resumable_train_loader`), with
+        :class:`ViLDDatasetMapper`, over the training dicts joined to their distillation stores
+        (:func:`vild_d2.engine.get_training_dicts`)."""
         mapper = ViLDDatasetMapper(cfg, is_train=True)
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=get_training_dicts(cfg))
+        return build_resumable_train_loader(cfg, mapper, cls._dicts(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        # the dicts of vild_d2 (get_test_dicts): detectron2's would unpickle proposal files
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=ViLDDatasetMapper(cfg, is_train=False)
+            cls._dicts(cfg, dataset_name),
+            mapper=ViLDDatasetMapper(cfg, is_train=False),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
 
     @classmethod
@@ -146,7 +251,10 @@ class Trainer(DefaultTrainer):
                 one.defrost()
                 one.DATASETS.TEST = (name,)
                 one_evaluator = None if evaluators is None else [evaluators[i]]
-                results[name] = super().test(one, model, one_evaluator)
+                # An evaluation during training (EvalHook) must not move the training's RNGs
+                # (the test loader draws a seed from them): a resume would not be exact.
+                with preserved_rng_state():
+                    results[name] = super().test(one, model, one_evaluator)
                 if comm.is_main_process():
                     path = os.path.join(cfg.OUTPUT_DIR, "inference", name, "results.json")
                     atomic_write(path, [json.dumps(results[name], indent=1).encode()])
@@ -188,6 +296,15 @@ class Trainer(DefaultTrainer):
             f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; vild_d2 evaluates "
             "'lvis', 'coco', 'coco_ovd' and 'pascal_voc' datasets"
         )
+
+
+def _data_key(cfg) -> str:
+    """The config as the data loaders read it (:meth:`Trainer.test` narrows DATASETS.TEST to
+    one dataset at a time)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = ()
+    return cfg.dump()
 
 
 def _check_training_vocabulary(cfg, model):

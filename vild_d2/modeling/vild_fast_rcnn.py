@@ -78,9 +78,14 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         )
 
     @classmethod
+    def _build_text_encoder(cls, cfg) -> TextEncoder:
+        """The encoder of the config's vocabularies (a subclass may answer names without CLIP)."""
+        return build_text_encoder(cfg)
+
+    @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        encoder = build_text_encoder(cfg)
+        encoder = cls._build_text_encoder(cfg)
         train_vocabulary, test_vocabulary = build_vocabularies(cfg, encoder)
         ret.update(
             box2box_transform=Box2BoxTransform(weights=cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS),

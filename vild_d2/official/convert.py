@@ -147,6 +147,59 @@ def _convert(value: np.ndarray, layout: str) -> np.ndarray:
     return value
 
 
+def _examples(items: List[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (
+        f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    )
+
+
+def variable_problems(
+    values: Dict[str, np.ndarray], expected: Dict[str, tuple], depth: int, ensemble: bool
+) -> str:
+    """ "" if ``values`` (normalised names) has exactly the ``expected`` names and shapes, else
+    ONE line: the counts of missing, unexpected and mis-shaped variables, a few of each, and
+    what the checkpoint looks like instead (the other ViLD variant, another depth, another
+    model) when that can be told."""
+    missing = [n for n in expected if n not in values]
+    unexpected = [n for n in values if n not in expected]
+    shapes = [
+        f"{n} {list(values[n].shape)} (expected {list(s)})"
+        for n, s in expected.items()
+        if n in values and tuple(values[n].shape) != tuple(s)
+    ]
+    if not (missing or unexpected or shapes):
+        return ""
+    kind = f"R{depth}" + (" ViLD-ensemble" if ensemble else " ViLD")
+    parts = [f"{len(values)} variables found, {len(expected)} expected"]
+    if missing:
+        parts.append(f"{len(missing)} missing ({_examples(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({_examples(shapes, 2)})")
+    other = dict(official_variables(depth, not ensemble))
+    depths = {int(m.group(1)) for n in values for m in [re.match(r"resnet(\d+)/", n)] if m}
+    if set(values) == set(other):
+        hint = (
+            f"it is an R{depth} {'ViLD' if ensemble else 'ViLD-ensemble'} checkpoint: use "
+            f"the {'vild' if ensemble else 'vild_ensemble'}_R{depth}_tf.yaml config"
+        )
+    elif depths and depth not in depths:
+        hint = (
+            f"its backbone is ResNet-{'/'.join(map(str, sorted(depths)))}: use the config of "
+            "that depth (MODEL.RESNETS.DEPTH)"
+        )
+    elif len(set(values) & set(expected)) < len(expected) // 2:
+        hint = "it is not an official ViLD checkpoint (fewer than half of the names match)"
+    else:
+        hint = ""
+    return (
+        f"the checkpoint's variables do not match the official {kind}: "
+        + "; ".join(parts)
+        + (f"; {hint}" if hint else "")
+    )
+
+
 def convert_official_weights(
     tf_vars: Dict[str, np.ndarray], depth: int = 50, ensemble: bool = False
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -159,7 +212,8 @@ def convert_official_weights(
         (state_dict, vocabulary info): the model's float32 tensors, and ``{"classifier":
         (K, D)}``, the frozen text classifier's class embeddings (rows = classes).
     Raises:
-        ValueError naming every missing, unexpected and wrongly shaped variable at once.
+        ValueError: one line (:func:`variable_problems`) if the variables are not the official
+            model's.
     """
     values = {}
     for name, value in tf_vars.items():
@@ -168,20 +222,9 @@ def convert_official_weights(
             raise ValueError(f"two variables normalise to {key!r} (one is {name!r})")
         values[key] = np.asarray(value)
     expected = dict(official_variables(depth, ensemble))
-    problems = [f"missing: {n} {list(s)}" for n, s in expected.items() if n not in values]
-    problems += [f"unexpected: {n} {list(v.shape)}" for n, v in values.items()
-                 if n not in expected]  # fmt: skip
-    problems += [
-        f"wrong shape: {n} {list(values[n].shape)}, expected {list(s)}"
-        for n, s in expected.items()
-        if n in values and tuple(values[n].shape) != tuple(s)
-    ]
+    problems = variable_problems(values, expected, depth, ensemble)
     if problems:
-        kind = f"R{depth}" + (" ensemble" if ensemble else "")
-        raise ValueError(
-            f"the checkpoint's variables do not match the official ViLD {kind} "
-            f"({len(problems)} problems):\n  " + "\n  ".join(problems)
-        )
+        raise ValueError(problems)
     mapping = official_key_map(depth, ensemble)
     mapped = {n for n, _, _ in mapping} | {CLASSIFIER_VARIABLE}
     assert mapped == set(expected), sorted(mapped ^ set(expected))  # the map is complete

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from torch import nn
 
-__all__ = ["tf_same_padding", "pad_same", "MaxPool2dSame", "Conv2dSame", "official_norm"]
+__all__ = ["tf_same_padding", "pad_same", "MaxPool2dSame", "Conv2dSame", "OfficialBatchNorm2d",
+           "official_norm"]  # fmt: skip
 
 
 def tf_same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
@@ -59,6 +60,26 @@ class Conv2dSame(nn.Conv2d):
         return super().forward(pad_same(x, self.kernel_size[0], self.stride[0]))
 
 
+class OfficialBatchNorm2d(nn.BatchNorm2d):
+    """``tf.layers.batch_normalization`` in training: the BIASED batch variance both normalises
+    and enters the moving average (PyTorch's BatchNorm2d puts the unbiased one there). At test
+    time, and in every other respect, it is ``nn.BatchNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.track_running_stats:
+            return super().forward(x)
+        dims = [0, 2, 3]
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        with torch.no_grad():
+            self.running_mean.add_(self.momentum * (mean.detach() - self.running_mean))
+            self.running_var.add_(self.momentum * (var.detach() - self.running_var))
+            self.num_batches_tracked.add_(1)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
 def official_norm(kind: str, eps: float = 1e-4, momentum: float = 0.003) -> Callable:
     """A ``channels -> module`` factory (what detectron2's ``get_norm`` accepts) for the official
     batch norm: "BN", "SyncBN" (torch's; detectron2's naive one on a CPU-only process group
@@ -66,7 +87,7 @@ def official_norm(kind: str, eps: float = 1e-4, momentum: float = 0.003) -> Call
 
     def make(channels: int) -> nn.Module:
         if kind == "BN":
-            return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+            return OfficialBatchNorm2d(channels, eps=eps, momentum=momentum)
         if kind == "SyncBN":
             return nn.SyncBatchNorm(channels, eps=eps, momentum=momentum)
         if kind == "NaiveSyncBN":

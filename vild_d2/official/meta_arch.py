@@ -8,7 +8,10 @@ official input pipeline.
   is first resized, its longer side to IMAGE_SIZE, with TF's legacy bilinear resize;
 * the RPN and the box post-processing clip to the whole canvas, [0, IMAGE_SIZE - 1], as the
   official code does (its ``image_info[1]`` is the canvas); detections are then mapped back to
-  the input image as detectron2 does (``detector_postprocess``).
+  the input image as the official evaluation does with the official configs (not clipped to
+  the image, masks pasted by its ``paste_instance_masks``: OFFICIAL.CLIP_BOXES_TO_IMAGE False,
+  OFFICIAL.PASTE_MASKS "official"; :mod:`vild_d2.official.masks`), or as detectron2 does
+  (``detector_postprocess``).
 """
 
 import math
@@ -22,6 +25,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 
 from ..modeling import ViLDRCNN
+from .masks import official_postprocess
 from .preprocessing import legacy_resize_bilinear, official_scaled_size
 
 __all__ = ["OfficialViLDRCNN"]
@@ -32,19 +36,29 @@ class OfficialViLDRCNN(ViLDRCNN):
     """ViLD with the official (TensorFlow) preprocessing; see the module docstring."""
 
     @configurable
-    def __init__(self, *, image_size: int = 1024, **kwargs):
+    def __init__(self, *, image_size: int = 1024, paste_masks: str = "detectron2",
+                 clip_boxes_to_image: bool = True, **kwargs):  # fmt: skip
         """
         Args:
             image_size: the square canvas (and the test-time longer side), 1024 officially.
+            paste_masks: "official" (the official evaluation's ``paste_instance_masks``) or
+                "detectron2" (``paste_masks_in_image``).
+            clip_boxes_to_image: clip the detections to the input image and drop the ones left
+                empty (detectron2's ``detector_postprocess``; the official evaluation does not).
             kwargs: as :class:`ViLDRCNN`.
         """
         super().__init__(**kwargs)
         self.image_size = int(image_size)
+        self.paste_masks = paste_masks
+        self.clip_boxes_to_image = bool(clip_boxes_to_image)
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        ret["image_size"] = cfg.MODEL.VILD.OFFICIAL.IMAGE_SIZE
+        official = cfg.MODEL.VILD.OFFICIAL
+        ret["image_size"] = official.IMAGE_SIZE
+        ret["paste_masks"] = official.PASTE_MASKS
+        ret["clip_boxes_to_image"] = official.CLIP_BOXES_TO_IMAGE
         return ret
 
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
@@ -105,5 +119,16 @@ class OfficialViLDRCNN(ViLDRCNN):
         for r, x in zip(results, batched_inputs):
             height = x.get("height", x["image"].shape[-2])
             width = x.get("width", x["image"].shape[-1])
-            processed.append({"instances": detector_postprocess(r, height, width)})
+            processed.append({"instances": self.rescale_detections(r, height, width, True)})
         return processed
+
+    def rescale_detections(self, results: Instances, height: int, width: int,
+                           paste: bool = False) -> Instances:  # fmt: skip
+        """:meth:`inference`'s un-postprocessed ``results`` -> the input image's ``height`` x
+        ``width``, as the config's PASTE_MASKS and CLIP_BOXES_TO_IMAGE say (both detectron2's:
+        ``detector_postprocess``). ``paste`` False keeps the masks (N, M, M), pasted one at a
+        time when used (what :class:`vild_d2.ViLDPredictor` asks for)."""
+        if paste and self.paste_masks == "detectron2" and self.clip_boxes_to_image:
+            return detector_postprocess(results, height, width)
+        return official_postprocess(results, height, width, self.paste_masks,
+                                    self.clip_boxes_to_image, paste_now=paste)  # fmt: skip

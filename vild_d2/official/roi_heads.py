@@ -11,7 +11,7 @@ to [0, size - 1], per class the top ``pre_nms_topk_per_class`` scores, NMS, then
 (vild_d2's is its last): :meth:`official_class_logits` gives the official layout.
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -24,12 +24,21 @@ from torch import nn
 from ..modeling import ViLDOutputLayers, ViLDROIHeads, ensemble_scores
 from .box_coding import OfficialBox2BoxTransform, clip_boxes_official
 from .poolers import OfficialROIPooler
+from .training.roi_training import OfficialRoISettings, official_roi_losses
+from .training.sampling import Shuffler
+from .vocabulary import official_text_encoder
 
 __all__ = ["OfficialViLDOutputLayers", "OfficialViLDROIHeads", "official_detections"]
 
 
 class OfficialViLDOutputLayers(ViLDOutputLayers):
     """:class:`ViLDOutputLayers` with the official box coding ((dy, dx, dh, dw) deltas, "+1")."""
+
+    @classmethod
+    def _build_text_encoder(cls, cfg):
+        # A converted official checkpoint (MODEL.WEIGHTS) answers the names it holds (the LVIS
+        # vocabularies of the official configs) without CLIP.
+        return official_text_encoder(cfg)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -100,20 +109,35 @@ class OfficialViLDROIHeads(ViLDROIHeads):
     """ViLD RoI heads with the official pooling, box coding and post-processing."""
 
     @configurable
-    def __init__(self, *, pre_nms_topk_per_class: int = 1000, **kwargs):
+    def __init__(self, *, pre_nms_topk_per_class: int = 1000,
+                 official_training: Optional[OfficialRoISettings] = None, **kwargs):  # fmt: skip
         """
         Args:
             pre_nms_topk_per_class: per class, boxes kept before its NMS (official 1000).
+            official_training: the official RoI sampling and losses in training
+                (vild_d2/official/training/roi_training.py; MODEL.VILD.OFFICIAL.TRAINING);
+                None = detectron2's. Random choices come from ``self.shuffler``.
             kwargs: as :class:`ViLDROIHeads`.
         """
         super().__init__(**kwargs)
         self.pre_nms_topk_per_class = pre_nms_topk_per_class
+        self.official_training = official_training
+        self.shuffler = Shuffler()
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["pre_nms_topk_per_class"] = cfg.MODEL.VILD.OFFICIAL.PRE_NMS_TOPK_PER_CLASS
+        if cfg.MODEL.VILD.OFFICIAL.TRAINING:
+            ret["official_training"] = OfficialRoISettings.from_config(cfg)
         return ret
+
+    def forward(self, images, features, proposals, targets=None, distill=None):
+        if self.training and self.official_training is not None:
+            losses = official_roi_losses(self, features, proposals, targets, distill,
+                                         self.official_training, self.shuffler)  # fmt: skip
+            return proposals, losses
+        return super().forward(images, features, proposals, targets, distill)
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):

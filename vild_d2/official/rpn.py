@@ -21,6 +21,9 @@ from torch import nn
 
 from .box_coding import OfficialBox2BoxTransform, clip_boxes_official
 from .layers import norm_from_config
+from .training.anchor_labels import official_rpn_targets
+from .training.losses import rpn_box_loss, rpn_score_loss
+from .training.sampling import Shuffler
 
 __all__ = ["OfficialRPNHead", "OfficialRPN", "official_rpn_proposals"]
 
@@ -128,15 +131,59 @@ def official_rpn_proposals(
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class OfficialRPN(RPN):
-    """detectron2's RPN (anchor labels, losses) with the official box coding and proposal
-    selection (MODEL.PROPOSAL_GENERATOR.NAME "OfficialRPN"). Boxes are clipped to the
-    ImageList's ``image_sizes``: the official meta-architecture gives the padded canvas there."""
+    """detectron2's RPN with the official box coding and proposal selection
+    (MODEL.PROPOSAL_GENERATOR.NAME "OfficialRPN"). Boxes are clipped to the ImageList's
+    ``image_sizes``: the official meta-architecture gives the padded canvas there.
+
+    With ``official_training`` (MODEL.VILD.OFFICIAL.TRAINING), the anchor targets and losses are
+    the official ones (vild_d2/official/training: anchor_labels.py, losses.py), the sampler's
+    random choices drawn from ``self.shuffler``; otherwise detectron2's."""
+
+    @configurable
+    def __init__(self, *, official_training: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.official_training = official_training
+        self.shuffler = Shuffler()
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         ret = super().from_config(cfg, input_shape)
         ret["box2box_transform"] = OfficialBox2BoxTransform(cfg.MODEL.RPN.BBOX_REG_WEIGHTS)
+        ret["official_training"] = cfg.MODEL.VILD.OFFICIAL.TRAINING
         return ret
+
+    @torch.no_grad()
+    def label_and_sample_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
+        if not self.official_training:
+            return super().label_and_sample_anchors(anchors, gt_instances)
+        anchors = Boxes.cat(anchors).tensor
+        labels, targets = [], []
+        for inst in gt_instances:
+            scores, deltas = official_rpn_targets(
+                anchors, inst.gt_boxes.tensor, self.shuffler,
+                high=self.anchor_matcher.thresholds[-2], low=self.anchor_matcher.thresholds[1],
+                batch_size=self.batch_size_per_image, positive_fraction=self.positive_fraction,
+            )  # fmt: skip
+            self.shuffler.log("rpn_score_targets", scores)
+            labels.append(scores)
+            targets.append(deltas)
+        return labels, targets
+
+    def losses(self, anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+        if not self.official_training:
+            return super().losses(
+                anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes
+            )
+        sizes = [x.shape[1] for x in pred_objectness_logits]
+        labels = torch.stack(gt_labels).split(sizes, dim=1)
+        targets = torch.stack(gt_boxes).split(sizes, dim=1)  # the box targets (deltas)
+        losses = {
+            "loss_rpn_cls": rpn_score_loss(
+                pred_objectness_logits, labels, self.batch_size_per_image
+            ),  # fmt: skip
+            "loss_rpn_loc": rpn_box_loss(pred_anchor_deltas, targets, self.smooth_l1_beta),
+        }
+        return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
     def predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes):
         with torch.no_grad():

@@ -1,16 +1,22 @@
 """The Gradio page: images (uploads or samples), a vocabulary (typed or built-in), a threshold
 -> pictures with boxes and masks, a table, a JSON download and the time taken."""
 
+import contextlib
 import json
-import tempfile
+import os
 import uuid
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from .service import MODEL_VOCABULARY, BadInput, DetectionService
 
-__all__ = ["build_page", "TYPED"]
+__all__ = ["build_page", "upload_folder", "TYPED"]
+
+# Gradio's cache (uploads, drawn pictures, the JSON downloads): every 10 minutes, its files
+# older than an hour are deleted, and all of them when the server stops.
+DELETE_CACHE = (600, 3600)
 
 TYPED = "typed names"  # the vocabulary choice "use the names in the text box"
 TABLE_HEADERS = ["image", "class", "novel", "score", "box (x, y, w, h)"]
@@ -22,23 +28,40 @@ def _label(service: DetectionService, builtin: str) -> str:
     return builtin
 
 
-def build_page(service: DetectionService, json_dir: str = None) -> gr.Blocks:
-    """
-    Args:
-        json_dir: where the JSON downloads are written (default: a new temporary folder).
-    """
-    json_dir = Path(json_dir or tempfile.mkdtemp(prefix="vild_d2_serve_"))
-    json_dir.mkdir(parents=True, exist_ok=True)
+def upload_folder() -> str:
+    """Gradio's upload folder (``GRADIO_TEMP_DIR``, else ``<tmp>/gradio``): the only files the
+    page reads besides the server's own samples."""
+    return os.path.realpath(get_upload_folder())
+
+
+def open_upload(path: str):
+    """An uploaded file, opened for reading: only inside gradio's upload folder (what the page
+    uploaded), whatever path a client sends (vild_d2.serve.guard refuses others first)."""
+    real, root = os.path.realpath(path), upload_folder()
+    if os.path.commonpath([real, root]) != root:
+        raise BadInput(f"{Path(path).name}: not a file uploaded to this server", 403)
+    try:
+        return open(real, "rb")
+    except FileNotFoundError:  # gradio's cache is emptied after an hour
+        raise BadInput(f"{Path(path).name}: no longer on the server: upload it again") from None
+
+
+def build_page(service: DetectionService) -> gr.Blocks:
+    """The page; its JSON downloads go to a folder of ``service`` in gradio's cache (served as
+    they are, removed with the cache and when the server stops)."""
+    os.makedirs(upload_folder(), exist_ok=True)
+    json_dir = Path(service.temporary_folder("vild_d2_json_", upload_folder()))
     choices = [(TYPED, TYPED)] + [(_label(service, b), b) for b in service.builtins]
 
     def run(uploads, samples, source, names, threshold):
         try:
-            files = [(Path(p).name, Path(p).read_bytes()) for p in uploads or []]
-            files += service.read_samples(samples or [])
-            if source == TYPED:
-                result = service.detect(files, names=names, threshold=threshold)
-            else:
-                result = service.detect(files, builtin=source, threshold=threshold)
+            with contextlib.ExitStack() as stack:
+                files = [(Path(p).name, stack.enter_context(open_upload(p))) for p in uploads or []]
+                files += service.read_samples(samples or [])
+                if source == TYPED:
+                    result = service.detect(files, names=names, threshold=threshold)
+                else:
+                    result = service.detect(files, builtin=source, threshold=threshold)
         except BadInput as e:
             return f"**Error:** {e}", None, None, None
         answer = result.to_json()
@@ -66,7 +89,11 @@ def build_page(service: DetectionService, json_dir: str = None) -> gr.Blocks:
         return status, result.pictures(), rows or None, str(path)
 
     info = service.info()
-    with gr.Blocks(title="vild_d2: open-vocabulary detection", analytics_enabled=False) as page:
+    with gr.Blocks(
+        title="vild_d2: open-vocabulary detection",
+        analytics_enabled=False,
+        delete_cache=DELETE_CACHE,
+    ) as page:
         gr.Markdown(
             f"## vild_d2: detect any vocabulary\nModel: `{info['model']}`. Type class names "
             "(or pick a vocabulary), add images, press **Detect**. "

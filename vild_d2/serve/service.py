@@ -2,13 +2,15 @@
 detecting with a :class:`vild_d2.ViLDPredictor`, and the answer in the layout of
 ``tools/demo.py --json``. No web framework is imported here."""
 
+import atexit
 import io
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -49,8 +51,12 @@ class Limits:
     # per request, all images together: the decoded images are held until the answer is made
     # (3 bytes a pixel, plus one full-size mask at a time: masks are pasted one by one)
     max_request_megapixels: float = 100.0
-    max_upload_mb: float = 64.0  # per file
+    max_upload_mb: float = 64.0  # per file, checked as the upload arrives
     max_images: int = 16  # per request
+    # Slow clients: a request's headers within this many seconds, its body within it plus 1 s
+    # per 16 KB (vild_d2.serve.guard); an idle connection is closed after keep_alive_s.
+    slow_timeout_s: float = 20.0
+    keep_alive_s: float = 5.0
 
 
 @dataclass
@@ -106,19 +112,28 @@ def parse_names_text(text: str) -> List[str]:
     return names
 
 
-def open_image(data: bytes, name: str, limits: Limits) -> Image.Image:
+Upload = Union[bytes, BinaryIO]  # an uploaded file's bytes, or the file (binary, seekable)
+
+
+def open_image(data: Upload, name: str, limits: Limits) -> Image.Image:
     """The uploaded image, opened (its header read, no pixel decoded yet) and checked: not
-    empty, not over the per-file and per-image limits."""
-    if not data:
+    empty, not over the per-file and per-image limits. A file is read from where it lies (a
+    temporary file of the upload), never whole into memory."""
+    if isinstance(data, (bytes, bytearray)):
+        size, stream = len(data), io.BytesIO(data)
+    else:
+        size, stream = data.seek(0, io.SEEK_END), data
+        stream.seek(0)
+    if not size:
         raise BadInput(f"{name}: empty file")
-    if len(data) > limits.max_upload_mb * 2**20:
+    if size > limits.max_upload_mb * 2**20:
         raise BadInput(
-            f"{name}: {len(data) / 2**20:.1f} MB, above this server's {limits.max_upload_mb:g} MB "
+            f"{name}: {size / 2**20:.1f} MB, above this server's {limits.max_upload_mb:g} MB "
             "per file",
             413,
         )
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(stream)
     except UnidentifiedImageError:
         raise BadInput(f"{name}: not an image (PNG, JPEG, BMP, WebP, TIFF, ...)", 415) from None
     except Image.DecompressionBombError as e:  # PIL's own bound, far above ours
@@ -146,10 +161,11 @@ def decode_image(data, name: str, limits: Limits) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
 
 
-def find_samples(cfg, limit: int = 6) -> Dict[str, str]:
+def find_samples(cfg, limit: int = 6) -> Tuple[Dict[str, str], Optional[str]]:
     """Sample images for the page: the first images of the config's test dataset when they are
     on disk and its annotation file is small (the shapes world's val images), else
-    scikit-image's photos (written once to a temporary folder)."""
+    scikit-image's photos, written to a temporary folder (removed at exit). Returns ({name:
+    path}, that folder or None)."""
     for dataset in cfg.DATASETS.TEST:
         json_file = MetadataCatalog.get(dataset).get("json_file", None)
         # LVIS's val annotations are ~200 MB: not worth loading for a few sample pictures.
@@ -164,14 +180,15 @@ def find_samples(cfg, limit: int = 6) -> Dict[str, str]:
             continue
         paths = [d["file_name"] for d in dicts[: 4 * limit] if Path(d["file_name"]).is_file()]
         if paths:
-            return {Path(p).name: p for p in paths[:limit]}
+            return {Path(p).name: p for p in paths[:limit]}, None
     folder = Path(tempfile.mkdtemp(prefix="vild_d2_samples_"))
+    atexit.register(shutil.rmtree, folder, True)  # also when the server is not shut down cleanly
     samples = {}
     for name in SAMPLE_PHOTOS:
         path = folder / f"{name}.png"
         Image.fromarray(sample_photo(name)).save(path)
         samples[path.name] = str(path)
-    return samples
+    return samples, str(folder)
 
 
 class DetectionService:
@@ -198,7 +215,11 @@ class DetectionService:
         """
         self.predictor = predictor
         self.limits = limits
-        self.samples = find_samples(predictor.cfg) if samples is None else dict(samples)
+        self._temporary: List[str] = []  # folders this service made (removed by close())
+        if samples is None:
+            samples, folder = find_samples(predictor.cfg)
+            self._temporary += [folder] if folder else []
+        self.samples = dict(samples)
         self.threshold = threshold
         self.title = title
         # The built-in vocabularies offered: the model's own, the test datasets', the usual
@@ -207,6 +228,20 @@ class DetectionService:
         self.builtins = [MODEL_VOCABULARY, *datasets, *OFFERED_BUILTINS]
         self._model_vocabulary = predictor.vocabulary
         assert set(OFFERED_BUILTINS) <= set(BUILTIN_VOCABULARIES)
+
+    def temporary_folder(self, prefix: str, parent: Optional[str] = None) -> str:
+        """A new temporary folder of this service (in ``parent``, default the system's),
+        removed by :meth:`close` (and at exit)."""
+        folder = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        atexit.register(shutil.rmtree, folder, True)
+        self._temporary.append(folder)
+        return folder
+
+    def close(self) -> None:
+        """Remove the temporary folders this service wrote (sample photos, the page's JSON
+        downloads): the server calls it on shutdown."""
+        while self._temporary:
+            shutil.rmtree(self._temporary.pop(), ignore_errors=True)
 
     def info(self) -> dict:
         """What a client needs to know: the vocabularies offered, the limits, the samples."""
@@ -262,14 +297,14 @@ class DetectionService:
 
     def detect(
         self,
-        files: Sequence[Tuple[str, bytes]],
+        files: Sequence[Tuple[str, Upload]],
         names: str = "",
         builtin: str = "",
         threshold=None,
     ) -> Detections:
         """
         Args:
-            files: (name, encoded bytes) per image, at least one.
+            files: (name, encoded bytes or a binary file) per image, at least one.
             names, builtin: the vocabulary (:meth:`vocabulary`).
             threshold: score threshold in [0, 1] (None: the default).
         Raises:

@@ -3,14 +3,16 @@
 import collections
 import dataclasses
 import logging
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from vild_d2_runtime.names import name_key
+from vild_d2_runtime.prompts import parse_names
 
 from ..fileio import atomic_torch_save
+from ..safe_load import UnsafeFileError, torch_load
 from .categories import BUILTIN_VOCABULARIES, builtin_vocabulary
 from .encoder import TextEncoder
 
@@ -66,12 +68,37 @@ class Vocabulary:
                 f"{tuple(self.embeddings.shape)}"
             )
         self.embeddings = self.embeddings.detach().float().cpu()
+        bad = ~torch.isfinite(self.embeddings).all(dim=1)
+        if bad.any():  # every score of the class would be NaN
+            rows = bad.nonzero()[:, 0]
+            shown = [self.names[i] for i in rows[:5].tolist()]
+            raise ValueError(
+                f"embeddings hold NaN or infinite values in {len(rows)} of {k} rows "
+                f"(classes {shown}{' ...' if len(rows) > 5 else ''})"
+            )
+        self._check_same_to_clip()
         if self.novel is not None:
             self.novel = torch.as_tensor(self.novel, dtype=torch.bool).cpu()
             if self.novel.shape != (k,):
                 raise ValueError(
                     f"novel mask must have shape ({k},) for {k} names, "
                     f"got {tuple(self.novel.shape)}"
+                )
+
+    def _check_same_to_clip(self) -> None:
+        """Refuse control characters, and two names CLIP reads alike ('red  star' and 'red
+        star') with the same embedding: they would split every score between them. (The same
+        name with other synonyms has another embedding, and stays.)"""
+        first: Dict[str, int] = {}
+        for k, name in enumerate(self.names):
+            key = name_key(name)  # ValueError for a control character
+            j = first.setdefault(key, k)
+            if j != k and torch.allclose(self.embeddings[j], self.embeddings[k], atol=1e-6):
+                raise ValueError(
+                    f"class names {self.names[j]!r:.60} (item {j + 1}) and {name!r:.60} (item "
+                    f"{k + 1}) are the same name to CLIP (case, spaces and Unicode forms do not "
+                    "count) and have the same embedding: every score would be split between "
+                    "them; remove one"
                 )
 
     def __len__(self) -> int:
@@ -120,7 +147,9 @@ class Vocabulary:
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary file not found: {path}")
         try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
+            d = torch_load(path)
+        except UnsafeFileError:  # would run code: one line, no torch advice to retry
+            raise
         except Exception as e:  # torch.load's errors on bad bytes are open-ended (IndexError...)
             raise ValueError(
                 f"{path}: cannot read vocabulary (corrupt, truncated or not a torch file): {e}"
@@ -133,27 +162,6 @@ class Vocabulary:
             return ~self.novel
         train = set(train_names)
         return torch.tensor([n in train for n in self.names], dtype=torch.bool)
-
-
-def parse_names(text: str) -> List[str]:
-    """Typed class names, the one rule of every entry point (tools, predictor, server):
-    ``"red star, blue cross"`` (commas or new lines) -> ``["red star", "blue cross"]``.
-
-    Returns [] for a text with no name at all (the caller says whether that is allowed).
-
-    Raises:
-        ValueError: an empty item between names ("red star,,blue cross"), naming it.
-    """
-    items = [n.strip() for n in re.split(r"[,\n]", (text or "").strip())]
-    if not any(items):
-        return []
-    empty = [i + 1 for i, n in enumerate(items) if not n]
-    if empty:
-        raise ValueError(
-            f"empty class name (item {empty[0]} of {len(items)}) in {text[:200]!r}: remove the "
-            "extra comma"
-        )
-    return items
 
 
 def novel_mask(names: Sequence[str], novel_names: Sequence[str]) -> torch.Tensor:

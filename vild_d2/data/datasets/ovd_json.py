@@ -5,10 +5,11 @@ What is checked, and what is handled (docs/OWN_DATA.md "What your json may hold"
 
 * errors: duplicate category names or ids, an unknown novel name, an image whose file is not on
   disk, an image root that is not a folder, a box with zero or negative width or height (or not
-  4 finite numbers), an annotation of an unknown image or category, a polygon of < 3 points,
-  segmentation on some annotations only, a val annotation without ``area`` (COCO's evaluation
-  reads it), train and val jsons with different categories, a base category without a single
-  training annotation (declare it novel, or annotate it);
+  4 finite numbers), a box that extends more than 1 px past its image's edge, an annotation
+  of an unknown image or category, a polygon of < 3 points, segmentation on some annotations
+  only, a val annotation without ``area`` (COCO's evaluation reads it), train and val jsons
+  with different categories, a base category without a single training annotation (declare
+  it novel, or annotate it);
 * handled: category ids need not be contiguous (mapped to 0..K-1 in id order, mapped back for
   evaluation); ``iscrowd`` annotations are kept as crowd (training drops them, as detectron2's
   mapper does; COCO evaluation treats them as ignore regions); images without annotations are
@@ -23,11 +24,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pycocotools.mask as mask_util
 from detectron2.structures import BoxMode
+from vild_d2_runtime.names import name_key
 
 __all__ = ["OVDJsonError", "check_categories", "check_novel", "load_ovd_json", "read_json"]
 
 # Errors listed in one message at most (the count of the others is given).
 _SHOWN = 5
+# How far (px) a box may extend past its image's edge: float rounding in a converted json, not
+# a box of another image size. Beyond it, training would clip the box silently (detectron2's
+# mapper) while evaluation would match detections against the box as written.
+_EDGE_TOLERANCE = 1.0
 
 
 class OVDJsonError(ValueError):
@@ -56,8 +62,9 @@ def read_json(path: str, what: str) -> dict:
 
 def check_categories(data: dict, path: str) -> List[dict]:
     """The json's categories sorted by id, each with an int ``id`` and a non-empty str ``name``;
-    duplicate ids or names are errors naming both entries."""
-    by_id, by_name = {}, {}
+    duplicate ids or names (also names CLIP reads alike: "Cat", "cat  ") are errors naming
+    both entries, as is a name with a control character."""
+    by_id, by_name, by_key = {}, {}, {}
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
             raise OVDJsonError(f"{path}: categories[{i}] has no integer 'id': {cat!r:.200}")
@@ -72,7 +79,18 @@ def check_categories(data: dict, path: str) -> List[dict]:
                 f"{cat['id']}): a class name must name one category (the text classifier "
                 "encodes names): rename or merge them"
             )
-        by_id[cat["id"]] = by_name[name] = cat
+        try:
+            key = name_key(name)
+        except ValueError as e:  # a control character
+            raise OVDJsonError(f"{path}: category id {cat['id']}: {e}") from None
+        if key in by_key:
+            other = by_key[key]
+            raise OVDJsonError(
+                f"{path}: category names {other['name']!r} (id {other['id']}) and {name!r} (id "
+                f"{cat['id']}) are the same name to CLIP (case, spaces and Unicode forms do not "
+                "count): the text classifier would give them one embedding; rename or merge them"
+            )
+        by_id[cat["id"]] = by_name[name] = by_key[key] = cat
     if not by_id:
         raise OVDJsonError(f"{path}: no categories")
     return [by_id[k] for k in sorted(by_id)]
@@ -118,6 +136,19 @@ def _check_box(ann: dict) -> Optional[str]:
     if box[2] <= 0 or box[3] <= 0:
         return f"bbox {list(box)} has zero or negative width or height"
     return None
+
+
+def _check_inside(box, width: int, height: int) -> Optional[str]:
+    """Why an [x, y, w, h] box is not inside its ``width`` x ``height`` image (None: it is)."""
+    x, y, w, h = box
+    over = {"left": -x, "top": -y, "right": x + w - width, "bottom": y + h - height}
+    edge = max(over, key=over.get)
+    if over[edge] <= _EDGE_TOLERANCE:
+        return None
+    return (
+        f"bbox {list(box)} extends {over[edge]:g} px past the image's {edge} edge (the image is "
+        f"{width} x {height} px, as its entry says): a box of another image or size?"
+    )
 
 
 def _check_segmentation(segm) -> Optional[str]:
@@ -200,6 +231,9 @@ def load_ovd_json(
             problems.append(f"{where}: unknown category_id {ann.get('category_id')!r}")
             continue
         bad = _check_box(ann)
+        if bad is None:
+            img = images[ann["image_id"]][0]
+            bad = _check_inside(ann["bbox"], img["width"], img["height"])
         crowd = int(ann.get("iscrowd", 0) or 0)
         if bad is None and require_area and not isinstance(ann.get("area"), (int, float)):
             bad = "no 'area' (the evaluation reads it: the mask's pixel count, or w x h)"
@@ -233,7 +267,7 @@ def load_ovd_json(
             f"{without_segm}: no segmentation, while {with_segm} has one: give every "
             "(non-crowd) annotation a segmentation, or none (then train with MODEL.MASK_ON False)"
         )
-    _fail(path, problems, "Fix or remove these annotations.")
+    _fail(path, problems, "Fix or remove these annotations (boxes are [x, y, width, height] px).")
 
     dicts = []
     for image_id, (img, file_name) in images.items():
