@@ -6,17 +6,15 @@ Test harness, not library code (it stays out of the wheel). Shape shorthand: B =
 S = 512 sampled RoIs, Q = 300 distillation slots, M = 128 mask RoIs, V = official variables.
 """
 
-import contextlib
 from pathlib import Path
-from typing import Dict, Iterator, List
-from unittest import mock
+from typing import Dict, List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from vild_d2.config import load_config
 from vild_d2.official import convert as convert_module
@@ -27,9 +25,7 @@ from vild_d2.official.convert import (
 )
 from vild_d2.official.parity import CONFIGS, FIXTURE_DIR
 from vild_d2.official.random_weights import random_official_weights
-from vild_d2.official.rpn import OfficialRPN
 from vild_d2.official.training import RecordedShuffles, official_l2_loss
-from vild_d2.official.training import roi_training
 from vild_d2.official.variables import official_variables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +71,9 @@ TOL = {
     "other_cos": 0.999,
     "bn_bias": 1e-3,
     "bn_stats": 1e-4,
+    # The L1 distillation gradient is +-c per element: a sign may differ only where
+    # |embedding - target| is below this (the kink, within forward float noise).
+    "distill_flip_gap": 1e-4,
 }
 # What the test asserts: the official graph's own float32 error is larger than the issue's
 # tolerances allow for some figures (docs/OFFICIAL.md "Training parity": TF's batch-norm moments
@@ -85,9 +84,11 @@ LIMITS = dict(
     loss_box=1e-3,  # measured 3.4e-4 (the box deltas of 33 + 20 foreground RoIs)
     head_grad=2e-2,  # measured 6.4e-3 (class logits: softmax at temperature 100)
     predictor=5e-3,  # measured 1.9e-3 (rpn-box, box-predict kernels)
+    l1_predictor=0.15,  # measured 5.1e-2 (ensemble: 16 sign flips of the L1 gradient)
     other_rel=0.25,  # measured 0.11 (the first ResNet stages)
     other_cos=0.98,  # measured 0.9938
     bn_stats=5e-3,  # measured 1.1e-3 (fpn/p6-bn, 32 values per channel)
+    distill_flip_gap=1e-3,  # measured 2.5e-4 (11 and 16 of ~19k elements flip)
 )
 
 
@@ -144,6 +145,7 @@ def check_fixture(common, ref, tf_vars: Dict[str, np.ndarray], variables) -> Non
         ("sampled_indices", (2, 512)),
         ("mask_targets", (2, 128, 28, 28)),
         ("grad_box_deltas", (2, 512, 4)),
+        ("grad_mask_logits", (2, 128, 28, 28)),
     ):
         if tuple(ref[key].shape) != shape:
             raise FixtureError(
@@ -289,6 +291,10 @@ def count_sketch(x: np.ndarray, seed: int, v: int) -> np.ndarray:
 
 
 def _category(name: str) -> str:
+    if "distill-project-to-clip/" in name:
+        # Fed by the L1 distillation loss alone: its gradient is a sum of +-1 signs, and every
+        # element whose |embedding - target| is within forward float noise may flip.
+        return "l1_predictor"
     if any(p in name for p in PREDICTORS):
         return "predictor"
     if name.endswith("/bias") and any(p in name for p in BN_FED):
@@ -314,6 +320,7 @@ def compare_variables(
         offset += sizes[str(n)]
     worst = {
         "predictor": (0.0, ""),
+        "l1_predictor": (0.0, ""),
         "bn_bias": (0.0, ""),
         "other_rel": (0.0, ""),
         "other_cos": (1.0, ""),
@@ -348,9 +355,9 @@ def compare_variables(
             figures[name] = (cat, value, cos, abs_max)
             if value > worst["bn_bias"][0]:
                 worst["bn_bias"] = (value, name)
-        elif cat == "predictor":
-            if rel > worst["predictor"][0]:
-                worst["predictor"] = (rel, name)
+        elif cat in ("predictor", "l1_predictor"):
+            if rel > worst[cat][0]:
+                worst[cat] = (rel, name)
         else:
             if rel > worst["other_rel"][0]:
                 worst["other_rel"] = (rel, name)
@@ -363,6 +370,7 @@ def variables_ok(entry: Dict, tol: Dict) -> bool:
     w = entry["worst"]
     return (
         w["predictor"][0] <= tol["predictor"]
+        and w["l1_predictor"][0] <= tol.get("l1_predictor", tol["predictor"])
         and w["other_rel"][0] <= tol["other_rel"]
         and w["other_cos"][0] >= tol["other_cos"]
         and w["bn_bias"][0] <= tol["bn_bias"]
@@ -376,7 +384,7 @@ def verdicts(report: Dict, tol: Dict) -> Dict[str, bool]:
         "losses": all(v["rel"] <= tol.get(k, tol["loss"]) for k, v in report["losses"].items()),
         "bn": report["bn_worst"][1] <= tol["bn_stats"],
         "head_grads": all(v <= tol["head_grad"] for v in heads.values())
-        and report["distill_grad_flip_max_gap"] <= 1e-4
+        and report["distill_grad_flip_max_gap"] <= tol["distill_flip_gap"]
         and report["distill_grad_magnitude_rel"] <= tol["head_grad"],
         "grads": variables_ok(report["grads"], tol),
         "updates": variables_ok(report["updates"], tol),
@@ -422,6 +430,8 @@ def run_step(name: str, images, common, ref, workdir: str, reverts: bool = True)
             h.remove()
     report = {}
     if reverts:
+        from official_training_reverts import reverted_figures
+
         report["reverts"] = reverted_figures(
             model, cfg, features, canvas, targets, distill, common, ref
         )
@@ -437,14 +447,11 @@ def run_step(name: str, images, common, ref, workdir: str, reverts: bool = True)
     report["masks_identical"] = bool(
         np.array_equal(torch.stack(roi.record["mask_indices"]).numpy(), ref["mask_indices"])
     )
+    # Our own proposals (not used: sampling runs on the official ones): the fraction of the
+    # official boxes found at IoU >= 0.999.
     report["own_proposals_matched"] = [
         float(
-            (
-                torch.cdist(
-                    _xyxy(ref["proposals"][i]), p.proposal_boxes.tensor, p=float("inf")
-                ).amin(dim=1)
-                <= 1e-2
-            )
+            (pairwise_iou(Boxes(_xyxy(ref["proposals"][i])), p.proposal_boxes).amax(dim=1) >= 0.999)
             .float()
             .mean()
         )
@@ -485,13 +492,13 @@ def run_step(name: str, images, common, ref, workdir: str, reverts: bool = True)
     g_cls = rec["class_logits"][0].grad.view(2, 512, -1)
     g_cls = torch.cat([g_cls[..., -1:], g_cls[..., :-1]], dim=-1)  # official: background first
     heads = {
-        "class_logits": (g_cls[:, ::32], ref["grad_class_logits_rows"]),
+        "class_logits": (
+            torch.take_along_dim(g_cls, torch.as_tensor(ref["class_rows"]).long()[..., None], 1),
+            ref["grad_class_logits_rows"],
+        ),
         "class_logits_rownorm": (g_cls.norm(dim=-1), ref["grad_class_logits_rownorm"]),
         "box_deltas": (rec["box_deltas"][0].grad.view(2, 512, 4), ref["grad_box_deltas"]),
-        "mask_logits": (
-            rec["mask_logits"][0].grad.view(2, 128, 28, 28)[:, ::8],
-            ref["grad_mask_logits_rows"],
-        ),
+        "mask_logits": (rec["mask_logits"][0].grad.view(2, 128, 28, 28), ref["grad_mask_logits"]),
     }
     report["head_grads"] = {k: _rel(a.numpy(), b) for k, (a, b) in heads.items()}
     # The L1 distillation gradient is +-c per element: compared by sign, and a differing sign is
@@ -549,103 +556,3 @@ def official_l2_params(model):
     from vild_d2.official.training import official_decay_parameters
 
     return list(official_decay_parameters(model).items())
-
-
-# --- "the test can fail": each official rule turned back to detectron2's -----------------------
-def _d2_box_loss(deltas, targets, foreground, delta=1.0):
-    """detectron2's FastRCNNOutputLayers box loss: smooth L1 over the foreground / all RoIs."""
-    loss = F.smooth_l1_loss(deltas[foreground], targets[foreground], beta=delta, reduction="sum")
-    return loss / max(1, len(deltas))
-
-
-def _d2_distillation(embeddings, targets, valid):
-    """A plain mean absolute error over every element (no x 512, padded rows counted)."""
-    return F.l1_loss(embeddings, F.normalize(targets, dim=1, eps=1e-8), reduction="mean")
-
-
-def _d2_rpn_losses(original):
-    def losses(self, anchors, logits, gt_labels, deltas, gt_boxes):
-        out = original(self, anchors, logits, gt_labels, deltas, gt_boxes)
-        positive = torch.stack(gt_labels) == 1
-        d, t = torch.cat(deltas, dim=1), torch.stack(gt_boxes)
-        # detectron2: the sampled positives only, / (images x 256).
-        loss = F.smooth_l1_loss(d[positive], t[positive], beta=self.smooth_l1_beta, reduction="sum")
-        out["loss_rpn_loc"] = loss / (self.batch_size_per_image * len(gt_labels))
-        return out
-
-    return losses
-
-
-@contextlib.contextmanager
-def revert(name: str, model) -> Iterator[None]:
-    """A context in which the official rule ``name`` (one of :data:`REVERTS`) is detectron2's."""
-    if name == "box_loss_reduction":
-        with mock.patch.object(roi_training, "fast_rcnn_box_loss", _d2_box_loss):
-            yield
-    elif name == "rpn_normaliser":
-        with mock.patch.object(OfficialRPN, "losses", _d2_rpn_losses(OfficialRPN.losses)):
-            yield
-    elif name == "rare_masking":
-        with mock.patch.object(model.roi_heads.official_training, "mask_rare", False):
-            yield
-    elif name == "distillation_normalisation":
-        with mock.patch.object(roi_training, "distillation_loss", _d2_distillation):
-            yield
-    else:
-        raise KeyError(name)
-
-
-REVERTS = (
-    "box_loss_reduction",
-    "rpn_normaliser",
-    "rare_masking",
-    "distillation_normalisation",
-    "weight_decay_on_biases",
-)
-
-
-@torch.no_grad()
-def reverted_figures(model, cfg, features, canvas, targets, distill, common, ref) -> Dict:
-    """Per revert: the worst relative loss difference from the fixture (the model's buffers are
-    restored after)."""
-    buffers = {k: b.clone() for k, b in model.named_buffers()}
-    out = {}
-    try:
-        for name in REVERTS[:-1]:
-            with revert(name, model):
-                losses, _, _, _ = forward_losses(
-                    model,
-                    {k: f.detach() for k, f in features.items()},
-                    canvas,
-                    targets,
-                    distill,
-                    common,
-                    ref,
-                )
-            worst = ("", 0.0)
-            for key, ours_key, _ in LOSSES:
-                ours = float(losses[ours_key])
-                if key == "loss_distill":
-                    ours /= model.roi_heads.distill_weight
-                rel = abs(ours - float(ref[key])) / max(abs(float(ref[key])), 1e-30)
-                worst = max(worst, (key, rel), key=lambda kv: kv[1])
-            out[name] = worst
-    finally:
-        for k, b in model.named_buffers():
-            b.copy_(buffers[k])
-    # detectron2's default WEIGHT_DECAY_BIAS follows WEIGHT_DECAY: biases in the L2 term too.
-    wd = cfg.SOLVER.WEIGHT_DECAY
-    biases = [
-        m.bias
-        for m in model.modules()
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))
-        and m.bias is not None
-    ]
-    l2 = float(official_l2_loss(model, wd)) + float(
-        wd * sum((b.double() ** 2).sum() for b in biases) / 2
-    )
-    out["weight_decay_on_biases"] = (
-        "loss_l2",
-        abs(l2 - float(ref["loss_l2"])) / float(ref["loss_l2"]),
-    )
-    return out

@@ -57,6 +57,8 @@ BAD = [
     ("LSJ.MIN_SCALE", "0.0", "> 0"),
     ("CLIP_MODEL", "'  '", "a CLIP name or checkpoint path"),
     ("OFFICIAL.BN_MOMENTUM", "1.5", "[0, 1]"),
+    ("OFFICIAL.NUM_MASK_SAMPLES", "0", ">= 1"),
+    ("OFFICIAL.MASK_CROP_SIZE", "1", ">= 2"),
 ]
 
 

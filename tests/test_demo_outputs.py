@@ -482,7 +482,7 @@ def test_each_bad_file_gets_an_accurate_reason(demo, toy, tmp_path, capsys):
 def test_a_full_disk_is_named_and_the_summary_printed(demo, toy, tmp_path, capsys, monkeypatch):
     import errno
 
-    import vild_d2.engine.demo_files as demo_files
+    import cli.demo_files as demo_files  # tools/cli
 
     def full(path, parts, exclusive=False, hint=""):
         raise OSError(errno.ENOSPC, f"cannot write {path}: No space left on device")

@@ -18,10 +18,10 @@ from vild_d2.export import (
     export_onnx,
     export_torchscript,
     outputs_to_instances,
-    run_onnx,
     tracing_adapter,
 )
 from vild_d2.text import Vocabulary, builtin_vocabulary
+from vild_d2_runtime import run_detector
 
 from tiny_world import TRAIN_NAMES, make_random_model  # tests/ helper
 
@@ -78,6 +78,11 @@ def _inputs(predictor, vocab):
     return args
 
 
+def _numpy(*tensors):
+    """The runtime's inputs (numpy) of the same tensors the PyTorch side takes."""
+    return [t.numpy() for t in tensors]
+
+
 def _differences(got, ref):
     assert len(got) == len(ref) > 0
     assert torch.equal(got.pred_classes.long(), ref.pred_classes.long())
@@ -95,7 +100,7 @@ def test_one_file_serves_every_vocabulary(exported, k):
     size = (inputs["height"], inputs["width"])
     ref = predictor(bgr, vocabulary=vocab)["instances"]  # the PyTorch predictor, reference
     args = _inputs(predictor, vocab)
-    onnx_out = run_onnx(exported["onnx"], inputs["image"], *args)
+    onnx_out = run_detector(exported["onnx"], *_numpy(inputs["image"], *args))
     got_onnx = outputs_to_instances([torch.from_numpy(o) for o in onnx_out], size)
     with torch.no_grad():
         got_ts = outputs_to_instances(exported["ts"](inputs["image"], *args), size)
@@ -106,7 +111,9 @@ def test_one_file_serves_every_vocabulary(exported, k):
         assert box <= BOX_TOL_PX and score <= SCORE_TOL, (fmt, box, score)
     if predictor.model.roi_heads.variant == "ensemble" and k > 1:
         # The novel mask is an input that matters: all-base scores differ.
-        flipped = run_onnx(exported["onnx"], inputs["image"], args[0], torch.zeros(k, dtype=bool))
+        flipped = run_detector(
+            exported["onnx"], *_numpy(inputs["image"], args[0], torch.zeros(k, dtype=bool))
+        )
         assert not np.allclose(flipped[3], onnx_out[3])
 
 
@@ -171,13 +178,13 @@ def test_bad_inputs_are_refused_before_the_graph_runs(exported, monkeypatch):
         with pytest.raises(ValueError, match=message):
             adapter(*args)
         with pytest.raises(ValueError, match=message):
-            run_onnx(exported["onnx"], *args)
+            run_detector(exported["onnx"], *_numpy(*args))
     if ensemble:
         with pytest.raises(ValueError, match="needs one"):
-            run_onnx(exported["onnx"], image, emb)
+            run_detector(exported["onnx"], *_numpy(image, emb))
     else:
         with pytest.raises(ValueError, match="only ViLD-ensemble"):
-            run_onnx(exported["onnx"], image, emb, torch.zeros(3, dtype=bool))
+            run_detector(exported["onnx"], *_numpy(image, emb, torch.zeros(3, dtype=bool)))
 
 
 def test_the_kind_of_file_is_read_from_its_inputs(exported, tmp_path):
@@ -189,7 +196,7 @@ def test_the_kind_of_file_is_read_from_its_inputs(exported, tmp_path):
     baked = ort.InferenceSession(str(tmp_path / "baked.onnx"))
     emb = predictor.vocabulary.embeddings
     with pytest.raises(ValueError, match="baked in .*--vocabulary-input"):
-        run_onnx(baked, image, emb)
+        run_detector(baked, *_numpy(image, emb))
     with pytest.raises(ValueError, match="takes the vocabulary as input"):
-        run_onnx(exported["onnx"], image)
-    assert len(run_onnx(baked, image)) == 5  # the baked file as before
+        run_detector(exported["onnx"], image.numpy())
+    assert len(run_detector(baked, image.numpy())) == 5  # the baked file as before

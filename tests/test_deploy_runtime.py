@@ -42,6 +42,52 @@ def _bgr(image):
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
+# --- the contract ----------------------------------------------------------------------------
+_CONTRACT_ALONE = textwrap.dedent(
+    """
+    import sys
+    BLOCKED = {"onnxruntime", "torch", "detectron2", "vild_d2", "clip", "cv2"}
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError("blocked by the test: " + name)
+    sys.meta_path.insert(0, Block())
+    from vild_d2_runtime import contract, names
+    assert contract.parse_names("Red_Star, cat") == ["Red_Star", "cat"]
+    assert contract.fill_prompts("Red_Star", ["a {}."]) == ["This is a red star."]
+    print("contract alone: ok")
+    """
+)
+
+
+def test_one_contract_below_both_sides():
+    """vild_d2 and the runtime use the contract's names themselves (no second copy), and the
+    contract loads where onnxruntime, torch and vild_d2 cannot be imported."""
+    import vild_d2.engine.detections
+    import vild_d2.engine.predictor
+    import vild_d2.export
+    import vild_d2.text
+    import vild_d2_runtime
+    from vild_d2_runtime import contract
+
+    for module, name in [
+        (vild_d2.export, "VOCABULARY_INPUTS"),
+        (vild_d2.export, "OUTPUT_FIELDS"),
+        (vild_d2.engine.detections, "json_header"),
+        (vild_d2.engine.predictor, "check_image"),
+        (vild_d2.text, "parse_names"),
+        (vild_d2.text, "fill_prompts"),
+        (vild_d2.text, "process_name"),
+        (vild_d2.text, "article"),
+        (vild_d2_runtime, "detections_to_json"),
+        (vild_d2_runtime, "check_vocabulary"),
+    ]:
+        assert getattr(module, name) is getattr(contract, name), (module.__name__, name)
+    assert not hasattr(vild_d2.export, "run_onnx")  # one ONNX runner: vild_d2_runtime's
+    proc = subprocess.run([sys.executable, "-c", _CONTRACT_ALONE], capture_output=True, text=True)
+    assert proc.returncode == 0 and "contract alone: ok" in proc.stdout, proc.stderr[-2000:]
+
+
 # --- the text side ---------------------------------------------------------------------------
 def test_tokens_equal_clip_tokenize():
     templates = load_templates()

@@ -578,7 +578,7 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
 def test_shard_from_env_reads_torchrun_and_slurm():
     from argparse import Namespace
 
-    from vild_d2.distill.precompute import shard_from_env
+    from cli.precompute import shard_from_env  # tools/cli
 
     def shard(environ):
         args = Namespace(shard=0, num_shards=1, shard_from_env=True, device="cpu")

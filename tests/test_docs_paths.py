@@ -14,7 +14,7 @@ SCANNED = (
     "Makefile",
     "setup.py",
     "docs/**/*.md",
-    "tools/*.py",
+    "tools/**/*.py",
     "demo/*.py",
     "benchmarks/*.py",
     "vild_d2/**/*.py",

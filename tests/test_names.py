@@ -124,7 +124,7 @@ def test_text_classifier_tool_refuses_the_pair(tiny_clip_path, tmp_path):
 
 
 def test_one_parser_for_typed_names():
-    from vild_d2.engine.predictor import vocabulary_from_cli
+    from cli.vocabulary import vocabulary_from_cli  # tools/cli
     from vild_d2.serve.service import parse_names_text
     from vild_d2.text import parse_names
 
@@ -186,7 +186,7 @@ def test_names_clip_reads_alike_are_one_name_on_both_sides(a, b):
 
 
 def test_the_normalised_forms():
-    from vild_d2_runtime.prompts import process_name
+    from vild_d2_runtime.contract import process_name
 
     # By hand: what CLIP's ftfy + whitespace + lower-case clean-up gives, then ViLD's rules.
     assert process_name("Red  Star") == "red star"
@@ -201,7 +201,7 @@ def test_the_normalised_forms():
 
 @pytest.mark.parametrize("name", ["red\x00star", "red star\x1b", "cat\x7f", "do\x85g"])
 def test_control_characters_are_refused_naming_the_name(name, tiny_clip_path, tmp_path):
-    from vild_d2_runtime.prompts import parse_names as runtime_parse
+    from vild_d2_runtime.contract import parse_names as runtime_parse
 
     code = f"U+{ord(next(c for c in name if c not in 'red star cat dog')):04X}"
     for check in (lambda n: check_distinguishable(n, TEMPLATES), _runtime_check):

@@ -292,3 +292,22 @@ def test_official_schedule_and_kernel_only_decay():
     }
     assert cfg.SOLVER.MOMENTUM == 0.9 and not cfg.SOLVER.NESTEROV
     assert not cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+
+
+def test_gt_mask_crops_rasterise_polygons():
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    from vild_d2.official.training.roi_training import gt_mask_crops
+
+    # A polygon covering pixels 4..11 of a 16 x 16 image, cropped at (4, 4, 11, 11): the
+    # official normalisation by H (not H - 1) puts the samples at 4 * 15/16 + i * 15/16 =
+    # 3.75, 4.69, ..., 10.31: the first row and column read 0.75 of the square, the corner
+    # 0.75^2, the rest lies inside.
+    inst = Instances((16, 16))
+    inst.gt_boxes = Boxes(torch.tensor([[4.0, 4.0, 11.0, 11.0]]))
+    inst.gt_masks = PolygonMasks([[[4.0, 4.0, 12.0, 4.0, 12.0, 12.0, 4.0, 12.0]]])
+    crops = gt_mask_crops(inst, 8)
+    expected = torch.ones(1, 8, 8)
+    expected[:, 0, :] *= 0.75
+    expected[:, :, 0] *= 0.75
+    assert torch.allclose(crops, expected, atol=1e-6)

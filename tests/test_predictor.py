@@ -11,7 +11,7 @@ from skimage import data as skdata
 import clip
 from vild_d2 import TextEncoder, ViLDCheckpointer, ViLDPredictor
 from vild_d2.config import load_config
-from vild_d2.engine.predictor import vocabulary_from_cli
+from cli.vocabulary import vocabulary_from_cli  # tools/cli (pytest.ini pythonpath)
 from vild_d2.text import load_templates, vocabulary_from_names
 from vild_d2.clip_models import load_clip
 from vild_d2.text.prompts import fill_prompts

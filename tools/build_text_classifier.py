@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 import vild_d2  # noqa: F401  (first: applies compat bridges before detectron2.data loads)
+from cli.args import add_dataset_file_argument
+from cli.errors import STARTUP_ERRORS, startup_error_line
 from vild_d2.data import register_dataset_files
-from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
 from vild_d2.fileio import atomic_write
 from vild_d2.text import (
     TextEncoder,
@@ -40,12 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--names", help='comma-separated class names, e.g. "cat,dog"')
     src.add_argument("--names-file", help="text file with one class name per line")
     src.add_argument("--dataset", help="registered dataset whose thing_classes to encode")
-    p.add_argument(
-        "--dataset-file",
-        action="append",
-        default=[],
-        help="a YAML dataset file to register first (repeatable; docs/OWN_DATA.md)",
-    )
+    add_dataset_file_argument(p)
     p.add_argument("--novel", default="", help="comma-separated novel class names")
     p.add_argument("--templates", default="", help='prompt templates file ("" = the 63 ViLD ones)')
     p.add_argument("--synonyms", action="store_true", help="average dataset class_synonyms in")

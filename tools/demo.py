@@ -4,7 +4,10 @@
     python tools/demo.py --config-file configs/Shapes/vild_ensemble.yaml \\
         --input photo.jpg dir/ "*.png" --vocabulary custom \\
         --custom-vocabulary "red star,blue cross" --output out/ --json \\
-        --opts MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu
+        MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu
+
+Config overrides: trailing KEY VALUE pairs, as in every tool (tools/cli/args.py); --input's
+list ends at the first config key (MODEL.WEIGHTS).
 
 Outputs never replace an input, each other, or any file this run did not create. An --output
 that would replace an input (the folder that holds an input, or the input file itself) is
@@ -59,9 +62,8 @@ import tqdm
 
 from detectron2.utils.logger import setup_logger
 
-from vild_d2 import ViLDPredictor
-from vild_d2.config import load_config
-from vild_d2.engine.demo_files import (  # noqa: F401  (file_key, output_paths: the tests')
+from cli.args import add_config_arguments, parse_args, with_dataset_files
+from cli.demo_files import (  # noqa: F401  (file_key, output_paths: the tests')
     IMAGE_EXTENSIONS,
     JSON_NAME,
     InputError,
@@ -73,9 +75,11 @@ from vild_d2.engine.demo_files import (  # noqa: F401  (file_key, output_paths: 
     read_image,
     write_picture,
 )
+from cli.errors import STARTUP_ERRORS, startup_error_line
+from cli.vocabulary import vocabulary_from_cli
+from vild_d2 import ViLDPredictor
+from vild_d2.config import load_config
 from vild_d2.engine.detections import detections_to_json, draw_detections, json_header
-from vild_d2.engine.predictor import vocabulary_from_cli
-from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
 from vild_d2.fileio import atomic_write
 
 logger = logging.getLogger("vild_d2.demo")
@@ -85,7 +89,7 @@ def get_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config-file", required=True, metavar="FILE")
+    add_config_arguments(p)  # --config-file, --dataset-file, KEY VALUE overrides (or --opts)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help="image files, folders or glob patterns")
     src.add_argument("--video-input", help="a video file")
@@ -122,7 +126,6 @@ def get_parser():
         default=100.0,
         help="larger images are refused from their header, before decoding (default 100)",
     )
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
     return p
 
 
@@ -347,7 +350,7 @@ def _publish(part, out, overwrite, path, results):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = parse_args(get_parser(), argv)
     setup_logger(name="vild_d2")
     setup_logger(name="detectron2", abbrev_name="d2")
     if args.json and not args.output:
@@ -380,10 +383,8 @@ def main(argv=None):
 
     try:
         spec = vocabulary_from_cli(args.vocabulary, args.custom_vocabulary)
-        opts = list(args.opts) + [
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-            str(args.confidence_threshold),
-        ]
+        opts = [*args.opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.confidence_threshold)]
+        opts = with_dataset_files(args.config_file, opts, args.dataset_file)
         cfg = load_config(args.config_file, opts)
         predictor = ViLDPredictor(cfg)
         if spec is not None:

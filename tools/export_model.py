@@ -3,9 +3,9 @@
 
     python tools/export_model.py --config-file configs/Shapes/vild_ensemble.yaml \\
         --vocabulary coco --format torchscript --output exported/ \\
-        --opts MODEL.WEIGHTS model_final.pth
+        MODEL.WEIGHTS model_final.pth
     python tools/export_model.py --config-file configs/Shapes/vild_ensemble.yaml \\
-        --vocabulary-input --format onnx --output exported/ --opts MODEL.WEIGHTS model_final.pth
+        --vocabulary-input --format onnx --output exported/ MODEL.WEIGHTS model_final.pth
 
 --vocabulary-input: the graph's inputs are image, class_embeddings (K, D) float32 (unit CLIP
 text embeddings, K free) and, for ViLD-ensemble, novel_mask (K,) bool; pred_classes index the K
@@ -40,18 +40,18 @@ import vild_d2  # noqa: F401  (first: compat bridges)
 import numpy as np
 import torch
 
+from cli.args import add_config_arguments, parse_args, with_dataset_files
+from cli.demo_files import InputError, read_image
+from cli.errors import STARTUP_ERRORS, startup_error_line
+from cli.vocabulary import vocabulary_from_cli
 from vild_d2 import ViLDPredictor
 from vild_d2.config import load_config
-from vild_d2.engine.demo_files import InputError, read_image
-from vild_d2.engine.predictor import vocabulary_from_cli
-from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
 from vild_d2.export import (
     deploy_metadata,
     export_onnx,
     export_text_encoder_onnx,
     export_torchscript,
     outputs_to_instances,
-    run_onnx,
 )
 
 
@@ -65,7 +65,7 @@ BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"  # CLIP's BPE merges, copied beside te
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config-file", required=True, metavar="FILE")
+    add_config_arguments(p)  # --config-file, --dataset-file, KEY VALUE overrides (or --opts)
     p.add_argument("--vocabulary", default="", help="as tools/demo.py (default: the checkpoint's)")
     p.add_argument("--custom-vocabulary", default="", help='comma-separated names: "cat,dog"')
     p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
@@ -83,7 +83,6 @@ def get_parser():
         default=100.0,
         help="a larger --sample-image is refused from its header, before decoding (default 100)",
     )
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
     return p
 
 
@@ -147,10 +146,11 @@ def _run_exported(fmt, path, image, vocabulary=()):
             return torch.jit.load(str(path))(image, *vocabulary)
     try:
         import onnxruntime
+        from vild_d2_runtime import run_detector
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return run_onnx(session, image.cpu(), *vocabulary)
+    return run_detector(session, *(t.cpu().numpy() for t in (image, *vocabulary)))
 
 
 def _export_text_side(predictor, out):
@@ -180,14 +180,15 @@ def _export_text_side(predictor, out):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = parse_args(get_parser(), argv)
     try:
         if not (math.isfinite(args.max_megapixels) and args.max_megapixels > 0):
             raise ValueError(f"--max-megapixels {args.max_megapixels}: must be a number > 0")
         out = _check_output(args)
         sample = _sample_image(args.sample_image, args.max_megapixels)
         spec = vocabulary_from_cli(args.vocabulary, args.custom_vocabulary)
-        predictor = ViLDPredictor(load_config(args.config_file, args.opts))
+        opts = with_dataset_files(args.config_file, args.opts, args.dataset_file)
+        predictor = ViLDPredictor(load_config(args.config_file, opts))
         if spec is not None:
             predictor.set_vocabulary(spec)
         inputs = predictor.preprocess(sample)

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Write the shapes world (vild_d2/data/datasets/shapes.py): images and LVIS v1 jsons, deterministic in
-its parameters. Novel categories appear in training images but are annotated only in val.
+"""Write the shapes world: images and LVIS v1 jsons, deterministic in its parameters.
+
+The world is drawn by vild_d2/data/datasets/shapes.py. Novel categories appear in training
+images but are annotated only in val.
 
 Usage: python tools/make_shapes_world.py [--root $DETECTRON2_DATASETS/shapes] [--seed 0]
            [--novel "red star" "blue square" ...] [--num-train 600] [--num-val 100]

@@ -11,21 +11,23 @@ concurrent processes (--shard-from-env under torchrun or SLURM: docs/DISTRIBUTED
 
 import argparse
 import logging
+import sys
 
 import torch
 
 import vild_d2  # noqa: F401  (first: compatibility bridges)
+from cli.args import add_dataset_file_argument
+from cli.errors import STARTUP_ERRORS, startup_error_line
+from cli.precompute import add_store_arguments, shard_from_env
 from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 from vild_d2.data import register_dataset_files
 from vild_d2.distill.precompute import (
-    add_store_arguments,
     check_dataset_dicts,
     embeddings_header,
     iter_embeddings,
     log_store_summary,
     run_precompute,
-    shard_from_env,
 )
 from vild_d2.distill.store import DistillStore, StoreError, StoreWriter, check_dataset
 from vild_d2.distill.teacher import CLIPTeacher
@@ -35,12 +37,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--proposals", required=True, help="store of tools/precompute_proposals.py")
     p.add_argument("--dataset", required=True, help="registered dataset name")
-    p.add_argument(
-        "--dataset-file",
-        action="append",
-        default=[],
-        help="a YAML dataset file to register first (repeatable; docs/OWN_DATA.md)",
-    )
+    add_dataset_file_argument(p)
     p.add_argument("--clip", required=True, help="CLIP model name or local checkpoint")
     p.add_argument("--output", required=True, help="store directory")
     p.add_argument("--max-proposals", type=int, default=300, help="top-M proposals per image")
@@ -57,9 +54,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """0 when the shard is done; 2 (one line) when the environment's shard or a dataset file
+    is refused."""
     args = parse_args(argv)
-    shard_from_env(args)
-    register_dataset_files(args.dataset_file)
+    try:
+        shard_from_env(args)
+        register_dataset_files(args.dataset_file)
+    except STARTUP_ERRORS as e:
+        print(startup_error_line(e), file=sys.stderr)
+        return 2
     setup_logger(name="vild_d2")
     logger = setup_logger(name="precompute_clip_embeddings")
     proposals = DistillStore(args.proposals)
@@ -102,7 +105,7 @@ def main(argv=None):
         args.device,
         args.output,
     )
-    stats = run_precompute(
+    run_precompute(
         writer,
         dicts,
         lambda chunks: iter_embeddings(
@@ -113,9 +116,9 @@ def main(argv=None):
         desc=f"CLIP targets {args.shard}/{args.num_shards}",
     )
     log_store_summary(logger, args.output, len(dicts))
-    return stats
+    return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    main()
+    sys.exit(main())

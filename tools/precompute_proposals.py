@@ -14,18 +14,19 @@ may stand anywhere among the config overrides (KEY VALUE ...).
 import argparse
 import logging
 import os
+import sys
 
 import vild_d2  # noqa: F401  (first: compatibility bridges)
+from cli.args import add_config_arguments, parse_args as parse_tool_args, with_dataset_files
+from cli.errors import STARTUP_ERRORS, startup_error_line
+from cli.precompute import add_store_arguments, shard_from_env
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from vild_d2.checkpoint import ViLDCheckpointer
 from vild_d2.config import load_config
 from vild_d2.distill.precompute import (
-    add_store_arguments,
     check_dataset_dicts,
-    parse_tool_args,
-    shard_from_env,
     export_detectron2_proposals,
     iter_proposals,
     log_store_summary,
@@ -42,7 +43,7 @@ def parse_args(argv=None):
         epilog="KEY VALUE ...: config overrides, e.g. MODEL.WEIGHTS base_rpn.pth; the flags may "
         "come before, between or after them.",
     )
-    p.add_argument("--config-file", required=True, help="a config with an RPN (base classes)")
+    add_config_arguments(p, config_help="a config with an RPN (base classes)")
     p.add_argument("--dataset", required=True, help="registered dataset name")
     p.add_argument("--output", required=True, help="store directory")
     p.add_argument("--num-proposals", type=int, default=300, help="M, kept per image")
@@ -55,28 +56,36 @@ def parse_args(argv=None):
         help="also write detectron2's proposal pickle (once the store is complete)",
     )
     add_store_arguments(p, workers_help="image-loading processes")
-    return parse_tool_args(p, argv)  # args.opts: the config overrides
+    return parse_tool_args(p, argv)  # args.opts: the config overrides, flags anywhere
 
 
 def main(argv=None):
+    """0 when the shard is done; 2 (one line) when the config, a dataset file or the dataset is
+    refused."""
     args = parse_args(argv)
-    shard_from_env(args)
     setup_logger(name="vild_d2")
     logger = setup_logger(name="precompute_proposals")
-    # The RPN's test-time output, after its NMS, is exactly the top-M proposals.
-    overrides = ["MODEL.RPN.POST_NMS_TOPK_TEST", str(args.num_proposals)]
-    if args.device:
-        overrides += ["MODEL.DEVICE", args.device]
-    cfg = load_config(args.config_file, [*args.opts, *overrides])
-
-    dicts = DatasetCatalog.get(args.dataset)
-    check_dataset_dicts(dicts, args.dataset)
+    try:
+        shard_from_env(args)
+        # --dataset-file as MODEL.VILD.DATASET_FILES: recorded in the store's header with the
+        # other overrides.
+        opts = with_dataset_files(args.config_file, args.opts, args.dataset_file)
+        # The RPN's test-time output, after its NMS, is exactly the top-M proposals.
+        overrides = ["MODEL.RPN.POST_NMS_TOPK_TEST", str(args.num_proposals)]
+        if args.device:
+            overrides += ["MODEL.DEVICE", args.device]
+        cfg = load_config(args.config_file, [*opts, *overrides])
+        dicts = DatasetCatalog.get(args.dataset)
+        check_dataset_dicts(dicts, args.dataset)
+    except STARTUP_ERRORS as e:
+        print(startup_error_line(e, args.config_file), file=sys.stderr)
+        return 2
     weights = cfg.MODEL.WEIGHTS
     model_info = {
         "config": os.path.abspath(args.config_file),
         "weights": weights,
         "weights_bytes": os.path.getsize(weights) if os.path.isfile(weights) else None,
-        "opts": args.opts,
+        "opts": opts,
         "batch_size": args.batch_size,
         # Like the batch size (padding), fp16 autocast on GPU changes the proposals a little:
         # a re-run must not mix both in one store.
@@ -97,7 +106,7 @@ def main(argv=None):
     ViLDCheckpointer(model, complete=True).load(weights)  # every RPN weight, or an error
     model.eval()
     logger.info("Proposals of %s (%d images) into %s", args.dataset, len(dicts), args.output)
-    stats = run_precompute(
+    run_precompute(
         writer,
         dicts,
         lambda chunks: iter_proposals(
@@ -116,9 +125,9 @@ def main(argv=None):
     store = log_store_summary(logger, args.output, len(dicts))
     if args.export_detectron2:
         export_detectron2_proposals(store, dicts, args.export_detectron2)
-    return stats
+    return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    main()
+    sys.exit(main())

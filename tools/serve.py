@@ -2,7 +2,7 @@
 """A web page and an HTTP JSON API to try a trained ViLD model: type a vocabulary, drop an image.
 
     python tools/serve.py --config-file configs/Shapes/vild_ensemble.yaml \\
-        --opts MODEL.WEIGHTS output/shapes/vild_ensemble/model_final.pth
+        MODEL.WEIGHTS output/shapes/vild_ensemble/model_final.pth
     # page: http://127.0.0.1:7860/   API: POST http://127.0.0.1:7860/api/detect
     curl -F image=@photo.png -F vocabulary="red star,blue cross" -F threshold=0.4 \\
         http://127.0.0.1:7860/api/detect
@@ -19,9 +19,10 @@ import sys
 import vild_d2  # noqa: F401  (first: compat bridges)
 from detectron2.utils.logger import setup_logger
 
+from cli.args import add_config_arguments, parse_args, with_dataset_files
+from cli.errors import STARTUP_ERRORS, startup_error_line
 from vild_d2 import ViLDPredictor
 from vild_d2.config import load_config
-from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
 from vild_d2.serve import DetectionService, Limits, build_app, serve
 
 
@@ -29,7 +30,7 @@ def get_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config-file", required=True, metavar="FILE")
+    add_config_arguments(p)  # --config-file, --dataset-file, KEY VALUE overrides (or --opts)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--threshold", type=float, default=0.5, help="the page's default threshold")
@@ -38,7 +39,7 @@ def get_parser():
         type=float,
         default=0.05,
         help="MODEL.ROI_HEADS.SCORE_THRESH_TEST: no detection below it is computed (at 0 with "
-        "a large vocabulary, post-processing dominates on a CPU); --opts may set it too",
+        "a large vocabulary, post-processing dominates on a CPU); an override of it wins",
     )
     p.add_argument("--max-names", type=int, default=Limits.max_names, help="typed class names")
     p.add_argument("--max-megapixels", type=float, default=Limits.max_megapixels)
@@ -68,7 +69,6 @@ def get_parser():
         help="seconds an idle connection is kept open (uvicorn's timeout_keep_alive)",
     )
     p.add_argument("--no-page", action="store_true", help="the API only (no Gradio)")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
     return p
 
 
@@ -93,7 +93,7 @@ def check_ranges(args) -> None:
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = parse_args(get_parser(), argv)
     try:
         check_ranges(args)
     except ValueError as e:
@@ -105,6 +105,7 @@ def main(argv=None):
     logging.getLogger("vild_d2.modeling.meta_arch").setLevel(logging.WARNING)
     opts = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.score_floor), *args.opts]
     try:
+        opts = with_dataset_files(args.config_file, opts, args.dataset_file)
         predictor = ViLDPredictor(load_config(args.config_file, opts))
     except STARTUP_ERRORS as e:  # config (YAML, values), weights: one line, no traceback
         print(startup_error_line(e, args.config_file), file=sys.stderr)

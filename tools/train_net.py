@@ -9,11 +9,12 @@ import sys
 from datetime import timedelta
 
 import vild_d2  # noqa: F401  (first: registers the model and applies compatibility bridges)
+from cli.args import add_config_arguments, parse_args as parse_tool_args, with_dataset_files
+from cli.errors import STARTUP_ERRORS, startup_error_line
 from detectron2.engine import default_argument_parser
 from vild_d2.checkpoint import ViLDCheckpointer
 from vild_d2.engine import Trainer, launch, setup
 from vild_d2.engine.launch import ProcessDiedError, RendezvousError
-from vild_d2.engine.tool_errors import STARTUP_ERRORS, startup_error_line
 
 
 class InputError(Exception):
@@ -22,6 +23,10 @@ class InputError(Exception):
 
 def main(args):
     try:
+        # --dataset-file: in MODEL.VILD.DATASET_FILES, so every process registers it and the
+        # output folder's config.yaml names it.
+        args.opts = with_dataset_files(args.config_file, args.opts, args.dataset_file)
+        args.dataset_file = []  # (in args.opts now)
         # The config and the datasets are checked before the output folder is written to.
         cfg = setup(args, check_data=True)
     except STARTUP_ERRORS as e:
@@ -40,6 +45,7 @@ def main(args):
 
 def get_parser():
     parser = default_argument_parser()
+    add_config_arguments(parser)  # --dataset-file, --opts (detectron2's has the rest)
     parser.add_argument(
         "--dist-timeout",
         type=float,
@@ -53,36 +59,12 @@ def get_parser():
 
 def parse_args(argv=None):
     parser = get_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(_flags_first(parser, argv))
+    args = parse_tool_args(parser, argv)  # flags anywhere, also after the KEY VALUE overrides
     if args.dist_url is None:
         if args.num_machines > 1:
             parser.error("--num-machines > 1 needs --dist-url tcp://HOST:PORT of machine 0")
         args.dist_url = "auto"  # a free port on 127.0.0.1
     return args
-
-
-def _flags_first(parser, argv):
-    """``argv`` with the flags given after the ``KEY VALUE`` overrides (``... SOLVER.MAX_ITER 5
-    --resume``) moved before them: detectron2's parser takes everything after the first
-    override as overrides, so such a flag was silently dropped (or became a bad key)."""
-    opts = parser.parse_args(argv).opts
-    head = argv[: len(argv) - len(opts)]
-    takes_value = {s for a in parser._actions for s in a.option_strings if a.nargs != 0}
-    flags, overrides, i = [], [], 0
-    while i < len(opts):
-        token = opts[i]
-        if token.startswith("--"):  # a config key never does; a value may (so keys only)
-            n = 2 if token in takes_value and i + 1 < len(opts) else 1
-            flags += opts[i : i + n]
-            i += n
-        else:
-            overrides += opts[i : i + 2]
-            i += 2
-    if not flags:
-        return argv
-    # The flags parse as usual (an unknown one is argparse's error, exit 2).
-    return head + flags + overrides
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ embedding per class, K free, and for ViLD-ensemble ``novel_mask`` (K,) bool (Tru
 rule of :func:`vild_d2.modeling.ensemble_scores`); ``pred_classes`` index those K rows. One file
 then serves every vocabulary; :func:`export_text_encoder_onnx` exports CLIP's text tower for
 making the embeddings without PyTorch (``vild_d2_runtime``, docs/DEPLOY.md).
+
+The graphs' input and output names, the metadata key and the input checks are the deployment
+contract's (``vild_d2_runtime.contract``), which the runtime reads with; an exported ONNX file
+runs with ``vild_d2_runtime.run_detector`` (any kind) or ``vild_d2_runtime.Detector``.
 """
 
 import contextlib
@@ -30,6 +34,18 @@ from torch import nn
 
 from detectron2.modeling import GeneralizedRCNN, detector_postprocess
 from detectron2.structures import Boxes, Instances
+from vild_d2_runtime.contract import (
+    DEPLOY_FORMAT,
+    DETECTOR_OUTPUTS,
+    METADATA_KEY,
+    OUTPUT_FIELDS,
+    TEXT_ENCODER_FORMAT,
+    TEXT_INPUTS,
+    TEXT_OUTPUTS,
+    VOCABULARY_INPUTS,
+    check_graph_image,
+    check_vocabulary,
+)
 
 from .compat import tracing_adapter_class
 
@@ -42,16 +58,10 @@ __all__ = [
     "export_onnx",
     "outputs_to_instances",
     "deploy_metadata",
-    "check_vocabulary_inputs",
     "export_text_encoder_onnx",
-    "graph_input_names",
-    "run_onnx",
 ]
 
 logger = logging.getLogger(__name__)
-
-# Order of the flattened outputs: TracingAdapter flattens an Instances' fields sorted by name.
-OUTPUT_FIELDS = ("pred_boxes", "pred_classes", "pred_masks", "scores")
 
 
 @contextlib.contextmanager
@@ -63,11 +73,6 @@ def _quiet_tracer():
         yield
 
 
-# The graph's inputs in vocabulary-input mode (the ensemble's three; the other variants' two).
-VOCABULARY_INPUTS = ("image", "class_embeddings", "novel_mask")
-# The key of the deployment settings (JSON) in an exported file's metadata: ONNX
-# ``metadata_props``, TorchScript ``_extra_files``; see :func:`deploy_metadata`.
-METADATA_KEY = "vild_d2"
 # detectron2 modules whose len() must stay a traced size (TracingAdapter patches detectron2's
 # own): our inference with scores sizes its background column and per-image split with len().
 _LEN_PATCHED = ["vild_d2.modeling.vild_fast_rcnn"]
@@ -86,53 +91,18 @@ def _embed_dim(model) -> int:
     return model.roi_heads.box_predictor.cls_score.embed_dim
 
 
-def check_vocabulary_inputs(
-    image: torch.Tensor,
-    class_embeddings: torch.Tensor,
-    novel_mask: Optional[torch.Tensor],
-    *,
-    dim: int,
-    uses_novel_mask: bool,
-) -> None:
-    """
-    Raise ``ValueError`` unless the inputs are what a vocabulary-input graph reads correctly:
-    image (3, H, W) uint8; class_embeddings (K, D) float32, K >= 1, D = ``dim``, finite;
-    novel_mask (K,) bool when ``uses_novel_mask`` (ViLD-ensemble), else None.
-    """
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image: expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
-    if image.dtype != torch.uint8:
-        raise ValueError(
-            f"image: expected uint8 (as the predictor's preprocess gives), got {image.dtype}"
-        )
-    if class_embeddings.dim() != 2:
-        raise ValueError(
-            f"class_embeddings: expected (K, D) = (classes, {dim}), got shape "
-            f"{tuple(class_embeddings.shape)}"
-        )
-    if class_embeddings.shape[1] != dim:
-        raise ValueError(
-            f"class_embeddings are {class_embeddings.shape[1]}-d but this model's region "
-            f"embeddings are {dim}-d: encode the names with the model's own CLIP"
-        )
-    if class_embeddings.shape[0] == 0:
-        raise ValueError("class_embeddings: empty vocabulary (K = 0): give at least one class")
-    if class_embeddings.dtype != torch.float32:
+def _check_vocabulary_inputs(model, image, class_embeddings, novel_mask):
+    """The contract's checks (:func:`vild_d2_runtime.contract.check_vocabulary`) on an eager
+    call's tensors: the messages a user of the exported graph gets from the runtime."""
+    check_graph_image(image.detach().cpu())
+    check_vocabulary(
+        class_embeddings.detach().cpu(),
+        None if novel_mask is None else novel_mask.detach().cpu(),
+        dim=_embed_dim(model),
+        uses_novel_mask=_uses_novel_mask(model),
+    )
+    if class_embeddings.dtype != torch.float32:  # the graph's input type
         raise ValueError(f"class_embeddings: expected float32, got {class_embeddings.dtype}")
-    if not torch.isfinite(class_embeddings).all():
-        bad = (~torch.isfinite(class_embeddings)).any(1).nonzero().flatten().tolist()
-        raise ValueError(f"class_embeddings: NaN or infinite values in rows {bad[:10]}")
-    if not uses_novel_mask:
-        if novel_mask is not None:
-            raise ValueError("novel_mask: only ViLD-ensemble models take one")
-        return
-    if novel_mask is None:
-        raise ValueError("novel_mask: this ViLD-ensemble model needs one ((K,) bool)")
-    if novel_mask.dtype != torch.bool or tuple(novel_mask.shape) != (class_embeddings.shape[0],):
-        raise ValueError(
-            f"novel_mask: expected ({class_embeddings.shape[0]},) bool, one per class, got "
-            f"{tuple(novel_mask.shape)} {novel_mask.dtype}"
-        )
 
 
 @contextlib.contextmanager
@@ -152,13 +122,7 @@ def _vocabulary_bound_to(classifier, class_embeddings, novel_mask):
 
 def _inference_with_vocabulary(model, inputs, class_embeddings, novel_mask=None):
     if not torch.jit.is_tracing():
-        check_vocabulary_inputs(
-            inputs[0]["image"],
-            class_embeddings,
-            novel_mask,
-            dim=_embed_dim(model),
-            uses_novel_mask=_uses_novel_mask(model),
-        )
+        _check_vocabulary_inputs(model, inputs[0]["image"], class_embeddings, novel_mask)
     patch_len = _patch_builtin_len()
     with patch_len(_LEN_PATCHED), _vocabulary_bound_to(
         model.roi_heads.box_predictor.cls_score, class_embeddings, novel_mask
@@ -226,9 +190,9 @@ def deploy_metadata(predictor) -> dict:
     model, cfg = predictor.model, predictor.cfg
     classifier = model.roi_heads.box_predictor.cls_score
     return {
-        "format": "vild_d2.deploy/1",
+        "format": DEPLOY_FORMAT,
         "inputs": list(VOCABULARY_INPUTS[: 3 if _uses_novel_mask(model) else 2]),
-        "outputs": [*OUTPUT_FIELDS, "image_size"],
+        "outputs": list(DETECTOR_OUTPUTS),
         "variant": model.roi_heads.variant,
         "embedding_dim": _embed_dim(model),
         "input_format": cfg.INPUT.FORMAT,
@@ -288,7 +252,7 @@ def export_onnx(
             str(path),
             opset_version=opset_version,
             input_names=names,
-            output_names=[*OUTPUT_FIELDS, "image_size"],
+            output_names=list(DETECTOR_OUTPUTS),
             dynamic_axes=dynamic,
             dynamo=False,
         )
@@ -334,13 +298,13 @@ def export_text_encoder_onnx(text_encoder, path: str, opset_version: int = 16) -
             (tokens,),
             str(path),
             opset_version=opset_version,
-            input_names=["token_ids"],
-            output_names=["text_embeddings"],
-            dynamic_axes={"token_ids": {0: "prompts"}, "text_embeddings": {0: "prompts"}},
+            input_names=list(TEXT_INPUTS),
+            output_names=list(TEXT_OUTPUTS),
+            dynamic_axes={name: {0: "prompts"} for name in (*TEXT_INPUTS, *TEXT_OUTPUTS)},
             dynamo=False,
         )
     metadata = {
-        "format": "vild_d2.text_encoder/1",
+        "format": TEXT_ENCODER_FORMAT,
         "context_length": length,
         "embedding_dim": int(clip_model.text_projection.shape[1]),
         "templates": list(text_encoder.templates),
@@ -352,47 +316,6 @@ def export_text_encoder_onnx(text_encoder, path: str, opset_version: int = 16) -
 
 # CLIP's start and end of text token ids (clip.simple_tokenizer's vocabulary).
 _SOT, _EOT = 49406, 49407
-
-
-def graph_input_names(session) -> Tuple[str, ...]:
-    """An ONNX Runtime session's input names, in order."""
-    return tuple(i.name for i in session.get_inputs())
-
-
-def run_onnx(session, image: torch.Tensor, class_embeddings=None, novel_mask=None) -> list:
-    """
-    Run an exported detector (an ``onnxruntime.InferenceSession``) on a (3, H, W) image and, for
-    a vocabulary-input graph, the vocabulary. Which kind the file is is read from its input
-    names, and a call of the other kind is refused before it runs (ValueError).
-    Returns the outputs as numpy arrays (:data:`OUTPUT_FIELDS`, then the image size).
-    """
-    names = graph_input_names(session)
-    takes_vocabulary = "class_embeddings" in names
-    if names == ("token_ids",):
-        raise ValueError("this ONNX file is a text encoder (input token_ids), not a detector")
-    if class_embeddings is None and takes_vocabulary:
-        raise ValueError(
-            f"this ONNX file takes the vocabulary as input ({', '.join(names)}): pass "
-            "class_embeddings (K, D)" + (" and novel_mask (K,)" if "novel_mask" in names else "")
-        )
-    if class_embeddings is not None and not takes_vocabulary:
-        raise ValueError(
-            f"this ONNX file has its vocabulary baked in (inputs: {', '.join(names)}): it cannot "
-            "take class_embeddings; export with --vocabulary-input to choose classes at run time"
-        )
-    feeds = {"image": image.cpu().numpy()}
-    if takes_vocabulary:
-        check_vocabulary_inputs(
-            image,
-            class_embeddings,
-            novel_mask,
-            dim=session.get_inputs()[1].shape[1],
-            uses_novel_mask="novel_mask" in names,
-        )
-        feeds["class_embeddings"] = class_embeddings.cpu().numpy()
-        if novel_mask is not None:
-            feeds["novel_mask"] = novel_mask.cpu().numpy()
-    return session.run(None, feeds)
 
 
 def _require_onnx() -> None:

@@ -4,7 +4,9 @@ Imports only numpy, onnxruntime, ftfy and regex (CLIP's tokenizer rules), and is
 outside the ``vild_d2`` package (whose ``__init__`` imports torch and detectron2). It runs the
 files of ``tools/export_model.py --format onnx --vocabulary-input``: ``model.onnx`` (inputs
 image, class_embeddings, novel_mask) and ``text_encoder.onnx`` (CLIP's text tower); the prompt
-ensemble, preprocessing and post-processing are numpy. See docs/DEPLOY.md.
+ensemble, preprocessing and post-processing are numpy. What the exporter and the runtime agree on
+(graph input and output names, input checks, class names and prompts, the JSON layout) is
+:mod:`vild_d2_runtime.contract`, which ``vild_d2`` imports too. See docs/DEPLOY.md.
 
     from vild_d2_runtime import Detector
     detector = Detector("exported/model.onnx", cache_dir="~/.cache/vild_d2_runtime")
@@ -13,19 +15,20 @@ ensemble, preprocessing and post-processing are numpy. See docs/DEPLOY.md.
 
 import importlib
 
-# Imported when first used (PEP 562): ``vild_d2`` imports the name rules (.prompts, .names)
-# without onnxruntime, which only the graphs (.detector, .text) need.
+# Imported when first used (PEP 562): ``vild_d2`` imports the contract (.contract, .names)
+# without onnxruntime, which only the graphs (.graphs, .detector, .text) need.
 _PUBLIC = {
     "Detector": ".detector",
-    "check_vocabulary": ".detector",
-    "detections_to_json": ".detector",
-    "json_header": ".detector",
+    "check_image": ".contract",
+    "check_vocabulary": ".contract",
+    "detections_to_json": ".contract",
+    "fill_prompts": ".contract",
+    "graph_kind": ".contract",
+    "json_header": ".contract",
+    "parse_names": ".contract",
+    "process_name": ".contract",
     "GraphKindError": ".graphs",
-    "graph_kind": ".graphs",
-    "check_image": ".image",
-    "fill_prompts": ".prompts",
-    "parse_names": ".prompts",
-    "process_name": ".prompts",
+    "run_detector": ".graphs",
     "TextEncoder": ".text",
     "Tokenizer": ".tokenizer",
 }
@@ -43,6 +46,7 @@ __all__ = [
     "json_header",
     "parse_names",
     "process_name",
+    "run_detector",
 ]
 
 

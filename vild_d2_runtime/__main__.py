@@ -21,9 +21,9 @@ from pathlib import Path
 
 import cv2
 
-from .detector import Detector, detections_to_json, json_header
+from .contract import detections_to_json, json_header, parse_names
+from .detector import Detector
 from .image import image_size
-from .prompts import parse_names
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -39,12 +39,8 @@ def get_parser():
     p.add_argument("--input", nargs="+", required=True, help="image files or folders")
     p.add_argument("--output", default="", help="JSON file (default: standard output)")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="in [0, 1]")
-    p.add_argument(
-        "--max-megapixels",
-        type=float,
-        default=100.0,
-        help="larger images are refused (from their header where possible; default 100)",
-    )
+    # Refused from the image file's header where the format allows (see the module's docstring).
+    p.add_argument("--max-megapixels", type=float, default=100.0, help="larger images refused")
     p.add_argument("--cache-dir", default="", help="cache name embeddings on disk here")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = default)")
     return p

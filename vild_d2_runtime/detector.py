@@ -1,5 +1,5 @@
 """The vocabulary-input detector without PyTorch: image + class names -> detections, in the
-layout of ``tools/demo.py --json``.
+layout of ``tools/demo.py --json`` (:func:`.contract.detections_to_json` encodes them).
 
 Shape shorthand: K = classes, D = embedding width, N = detections.
 """
@@ -11,108 +11,18 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .graphs import open_graph
-from .image import check_image, paste_mask, postprocess_boxes, resize_bilinear, resized_shape
+from .contract import DEPLOY_METADATA_KEYS, TEXT_ENCODER_FILE, check_image, check_resized
+from .graphs import open_graph, run_detector
 from .image import paste_masks as paste_all_masks
-from .image import rle_encode
+from .image import postprocess_boxes, resize_bilinear, resized_shape
 from .names import check_distinguishable, truncation_message
 from .text import TextEncoder
 
-__all__ = ["Detector", "Detections", "check_vocabulary", "json_header", "detections_to_json"]
+__all__ = ["Detector", "Detections"]
 
 logger = logging.getLogger(__name__)
 
-TEXT_ENCODER_FILE = "text_encoder.onnx"  # the exporter writes it beside model.onnx
-# What the runtime reads of the detector's metadata (vild_d2.export writes them all).
-_META_KEYS = (
-    "inputs", "outputs", "embedding_dim", "train_names", "input_format", "min_size_test",
-    "max_size_test", "mask_threshold",
-)  # fmt: skip
-
 Detections = Dict[str, np.ndarray]
-
-
-def check_vocabulary(
-    class_embeddings, novel_mask, *, dim: int, uses_novel_mask: bool
-) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """
-    The graph's vocabulary inputs, checked before it runs (ValueError otherwise):
-    class_embeddings (K, D) finite, K >= 1, D = ``dim`` (as float32); novel_mask (K,) bool when
-    ``uses_novel_mask`` (ViLD-ensemble), else None.
-    """
-    emb = np.asarray(class_embeddings)
-    if emb.ndim != 2:
-        raise ValueError(
-            f"class_embeddings: expected (K, D) = (classes, {dim}), got shape {emb.shape}"
-        )
-    if emb.shape[1] != dim:
-        raise ValueError(
-            f"class_embeddings are {emb.shape[1]}-d but this model's region embeddings are "
-            f"{dim}-d: encode the names with the text encoder exported with the model"
-        )
-    if emb.shape[0] == 0:
-        raise ValueError("class_embeddings: empty vocabulary (K = 0): give at least one class")
-    if not np.issubdtype(emb.dtype, np.floating):
-        raise ValueError(f"class_embeddings: expected float32, got {emb.dtype}")
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    bad = ~np.isfinite(emb).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"class_embeddings: NaN or infinite values in rows {np.flatnonzero(bad)[:10].tolist()}"
-        )
-    if not uses_novel_mask:
-        if novel_mask is not None:
-            raise ValueError("novel_mask: only ViLD-ensemble models take one")
-        return emb, None
-    if novel_mask is None:
-        raise ValueError("novel_mask: this ViLD-ensemble model needs one ((K,) bool)")
-    mask = np.asarray(novel_mask)
-    if mask.dtype != np.bool_ or mask.shape != (len(emb),):
-        raise ValueError(
-            f"novel_mask: expected ({len(emb)},) bool, one per class, got {mask.shape} {mask.dtype}"
-        )
-    return emb, mask
-
-
-def json_header(names: Sequence[str]) -> dict:
-    """The first keys of a detections file (vild_d2.engine.detections.json_header's)."""
-    return {
-        "vocabulary": list(names),
-        "bbox_mode": "XYWH_ABS",
-        "segmentation": "COCO RLE (pycocotools), original image size",
-    }
-
-
-def detections_to_json(
-    dets: Detections,
-    names: Sequence[str],
-    image_size: Optional[Tuple[int, int]] = None,
-    mask_threshold: float = 0.5,
-) -> List[dict]:
-    """Detections -> list of JSON-ready records (vild_d2.engine.detections' layout). Masks:
-    ``dets["masks"]`` (N, H, W) as they are, or ``dets["mask_probs"]`` (N, M, M) pasted into
-    the image of ``image_size`` (H, W) at ``mask_threshold`` one at a time (one H x W mask in
-    memory at once; ``Detector(..., paste_masks=False)``)."""
-    if "mask_probs" in dets and image_size is None:
-        raise ValueError("detections_to_json: mask_probs need the image_size (H, W)")
-    scratch = np.zeros(image_size, dtype=bool) if "mask_probs" in dets else None
-    out = []
-    for i, (x0, y0, x1, y1) in enumerate(dets["boxes"].tolist()):
-        cls = int(dets["classes"][i])
-        record = {
-            "category_id": cls,
-            "category_name": names[cls],
-            "score": round(float(dets["scores"][i]), 5),
-            "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
-        }
-        if "masks" in dets:
-            record["segmentation"] = rle_encode(dets["masks"][i])
-        elif scratch is not None:
-            scratch[:] = False
-            paste_mask(dets["mask_probs"][i], dets["boxes"][i], image_size, mask_threshold, scratch)
-            record["segmentation"] = rle_encode(scratch)
-        out.append(record)
-    return out
 
 
 class Detector:
@@ -147,7 +57,7 @@ class Detector:
         """
         kind = "detector with a vocabulary input"
         self.session, self.meta = open_graph(model, kind, threads, providers)
-        missing = [k for k in _META_KEYS if k not in self.meta]
+        missing = [k for k in DEPLOY_METADATA_KEYS if k not in self.meta]
         if missing:
             raise ValueError(
                 f"{model}: its metadata lacks {', '.join(missing)}: export it again with this "
@@ -216,30 +126,14 @@ class Detector:
             image = image[:, :, ::-1]
         h, w = image.shape[:2]
         new_h, new_w = resized_shape(h, w, self.meta["min_size_test"], self.meta["max_size_test"])
-        if min(new_h, new_w) < 1:
-            raise ValueError(
-                f"image of {h}x{w} (HxW) px is too elongated: resized for the model it would be "
-                f"{new_h}x{new_w} px; crop it or cut it into tiles"
-            )
+        check_resized(h, w, new_h, new_w)
         return np.ascontiguousarray(resize_bilinear(image, new_h, new_w).transpose(2, 0, 1))
 
     def run(self, image_chw: np.ndarray, class_embeddings, novel_mask=None) -> List[np.ndarray]:
         """The graph on a preprocessed (3, h, w) uint8 image and a vocabulary, inputs checked
-        first; returns its outputs (pred_boxes, pred_classes, pred_masks, scores, image_size)."""
-        if not isinstance(image_chw, np.ndarray) or image_chw.ndim != 3 or image_chw.shape[0] != 3:
-            shape = getattr(image_chw, "shape", type(image_chw).__name__)
-            raise ValueError(f"image: expected a (3, H, W) uint8 array, got {shape}")
-        if image_chw.dtype != np.uint8:
-            raise ValueError(f"image: expected uint8, got {image_chw.dtype}")
-        if min(image_chw.shape[1:]) < 1:
-            raise ValueError(f"image: expected (3, H, W) with H, W >= 1, got {image_chw.shape}")
-        emb, mask = check_vocabulary(
-            class_embeddings, novel_mask, dim=self.dim, uses_novel_mask=self.uses_novel_mask
-        )
-        feeds = {"image": image_chw, "class_embeddings": emb}
-        if mask is not None:
-            feeds["novel_mask"] = mask
-        return self.session.run(None, feeds)
+        first (:func:`.graphs.run_detector`); returns its outputs (pred_boxes, pred_classes,
+        pred_masks, scores, image_size)."""
+        return run_detector(self.session, image_chw, class_embeddings, novel_mask)
 
     def __call__(
         self,
@@ -257,8 +151,9 @@ class Detector:
             novel: the novel ones (ViLD-ensemble's scoring); default: those outside training.
             score_threshold: detections below it are dropped before any mask is pasted.
             paste_masks: False = "mask_probs" (N, M, M) float32 instead of "masks", pasted one
-                at a time by :func:`detections_to_json`: memory then does not grow with image
-                size x detections (N x H x W bytes: 8 GB for 100 masks of 9000 x 9000 px).
+                at a time by :func:`.contract.detections_to_json`: memory then does not grow
+                with image size x detections (N x H x W bytes: 8 GB for 100 masks of 9000 x
+                9000 px).
         Returns:
             {"boxes": (N, 4) XYXY, "scores": (N,), "classes": (N,) indices into ``names``,
             "masks": (N, H, W) bool (mask models)}, in the original image's coordinates.

@@ -1,23 +1,17 @@
-"""Opening exported graphs: an ONNX Runtime session, what kind of graph it is (read from its
-input names) and the deployment settings the exporter stored in its metadata."""
+"""Opening and running exported graphs: an ONNX Runtime session, what kind of graph it is (read
+from its input names, :func:`.contract.graph_kind`) and the deployment settings the exporter
+stored in its metadata; a detector graph run on checked inputs (:func:`run_detector`)."""
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import onnxruntime
 
-__all__ = ["METADATA_KEY", "GraphKindError", "graph_kind", "open_graph"]
+from .contract import METADATA_KEY, detector_feeds, graph_kind
 
-METADATA_KEY = "vild_d2"  # vild_d2.export.METADATA_KEY
-
-# Input names of each kind of exported graph (tools/export_model.py).
-_KINDS = {
-    ("image",): "detector with a baked vocabulary",
-    ("image", "class_embeddings"): "detector with a vocabulary input",
-    ("image", "class_embeddings", "novel_mask"): "detector with a vocabulary input",
-    ("token_ids",): "text encoder",
-}
+__all__ = ["GraphKindError", "open_graph", "run_detector"]
 
 
 class GraphKindError(ValueError):
@@ -25,19 +19,14 @@ class GraphKindError(ValueError):
     where a vocabulary-input one is needed)."""
 
 
-def graph_kind(input_names: Sequence[str]) -> str:
-    """What an exported graph is, from its input names (see _KINDS); "unknown" otherwise."""
-    return _KINDS.get(tuple(input_names), "unknown")
-
-
 def open_graph(
     path: str, want: str, threads: int = 0, providers: Optional[Sequence[str]] = None
 ) -> Tuple[onnxruntime.InferenceSession, dict]:
     """
-    Open ``path`` as a graph of kind ``want`` (a value of _KINDS); returns (session, metadata).
-    Raises FileNotFoundError, GraphKindError naming what the file is and what to do, or
-    ValueError for a file ONNX Runtime cannot load (empty, truncated, not ONNX) or metadata
-    that is not the exporter's.
+    Open ``path`` as a graph of kind ``want`` (a value of :data:`.contract.GRAPH_KINDS`);
+    returns (session, metadata). Raises FileNotFoundError, GraphKindError naming what the file
+    is and what to do, or ValueError for a file ONNX Runtime cannot load (empty, truncated, not
+    ONNX) or metadata that is not the exporter's.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -87,3 +76,24 @@ def open_graph(
     if not isinstance(meta, dict):
         raise GraphKindError(f"{path}: its '{METADATA_KEY}' metadata is not the exporter's JSON")
     return session, meta
+
+
+def run_detector(
+    session: onnxruntime.InferenceSession, image, class_embeddings=None, novel_mask=None
+) -> List[np.ndarray]:
+    """
+    Run an exported detector (baked or vocabulary-input) on a resized (3, H, W) uint8 image
+    and, for a vocabulary-input graph, its vocabulary: (K, D) float32 class embeddings and, for
+    ViLD-ensemble, the (K,) bool novel mask. Every input is checked, and a call of the other
+    kind refused, before the graph runs (ValueError, :func:`.contract.detector_feeds`).
+
+    Returns:
+        the outputs, :data:`.contract.DETECTOR_OUTPUTS` (no pred_masks for a box-only model).
+    """
+    inputs = session.get_inputs()
+    names = tuple(i.name for i in inputs)
+    dim = inputs[1].shape[1] if len(inputs) > 1 else None
+    feeds = detector_feeds(
+        names, image, class_embeddings, novel_mask, dim=dim if isinstance(dim, int) else None
+    )
+    return session.run(None, feeds)

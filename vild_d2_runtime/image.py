@@ -1,6 +1,6 @@
-"""Image work around the graph, in numpy, as detectron2 does it: the input check, the test-time
-resize (``ResizeShortestEdge``, which resizes uint8 images with Pillow's bilinear filter:
-reproduced here exactly, integer arithmetic included), and ``detector_postprocess`` (boxes to
+"""Image work around the graph, in numpy, as detectron2 does it: the test-time resize
+(``ResizeShortestEdge``, which resizes uint8 images with Pillow's bilinear filter: reproduced
+here exactly, integer arithmetic included), and ``detector_postprocess`` (boxes to
 the original size, masks pasted with ``grid_sample``'s bilinear rule) and COCO RLE masks; and
 an image file's size from its header, before any pixel is decoded.
 
@@ -17,7 +17,6 @@ from typing import Optional, Tuple
 import numpy as np
 
 __all__ = [
-    "check_image",
     "image_size",
     "resized_shape",
     "resize_bilinear",
@@ -28,36 +27,6 @@ __all__ = [
 ]
 
 _BAND = 2**22  # elements of scratch space per band of rows (16 MB of int32 / float32)
-
-_EXPECTED = "expected a BGR uint8 (H, W, 3) numpy array (as cv2.imread gives)"
-
-
-def check_image(image) -> None:
-    """Raise TypeError/ValueError unless ``image`` is a non-empty (H, W, 3) uint8 numpy array,
-    saying how to convert what was given (the rules of vild_d2's ``check_image``)."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"{_EXPECTED}, got {type(image).__name__}")
-    shape = image.shape
-    if image.ndim == 2 or (image.ndim == 3 and shape[2] == 1):
-        raise ValueError(
-            f"{_EXPECTED}, got a grayscale array of shape {shape}; convert with "
-            "cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)"
-        )
-    if image.ndim == 3 and shape[2] == 4:
-        raise ValueError(
-            f"{_EXPECTED}, got 4 channels {shape}; drop alpha with cv2.cvtColor(img, "
-            "cv2.COLOR_BGRA2BGR)"
-        )
-    if image.ndim != 3 or shape[2] != 3:
-        how = "one image per call (a batch: call on img[i])" if image.ndim == 4 else "convert it"
-        raise ValueError(f"{_EXPECTED}, got shape {shape} ({image.ndim} dimensions); {how}")
-    if image.size == 0:
-        raise ValueError(f"{_EXPECTED}, got an empty image of shape {shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(
-            f"{_EXPECTED}, got {image.dtype}; convert with (img * 255).clip(0, 255)"
-            ".astype(np.uint8) if in [0, 1], img.clip(0, 255).astype(np.uint8) if in [0, 255]"
-        )
 
 
 def image_size(path: str) -> Optional[Tuple[int, int]]:

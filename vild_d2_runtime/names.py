@@ -6,13 +6,13 @@ disappears, whatever the image. :func:`check_distinguishable` refuses such pairs
 names that are the same once read as CLIP reads them (:func:`name_key`: case, '_', runs of
 spaces, Unicode forms, a trailing '.', spacing around punctuation), and long names whose every
 prompt is the same once cut at CLIP's context length. It also reports the names whose prompts
-CLIP truncates. Control characters are refused (:func:`.prompts.check_name_characters`).
+CLIP truncates. Control characters are refused (:func:`.contract.check_name_characters`).
 """
 
 import functools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .prompts import fill_prompts, process_name
+from .contract import fill_prompts, process_name
 from .tokenizer import _WORDS
 
 __all__ = ["check_distinguishable", "check_unique", "name_key", "truncation_message"]
@@ -24,7 +24,7 @@ Encode = Callable[[str], Sequence[int]]
 
 def name_key(name: str) -> str:
     """
-    What CLIP reads of a class name: its processed text (:func:`.prompts.process_name`) cut
+    What CLIP reads of a class name: its processed text (:func:`.contract.process_name`) cut
     into CLIP's words (letter runs, digits, punctuation runs), joined by one space. CLIP's BPE
     tokens follow from the words alone, so two names with the same key get the same prompts'
     tokens: 'Red  Star' and 'red star', 'ｃａｔ' and 'cat', 'dog!' and 'dog !' have one key.

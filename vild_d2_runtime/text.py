@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from .graphs import open_graph
-from .prompts import fill_prompts
+from .contract import TEXT_INPUTS, fill_prompts
 from .tokenizer import Tokenizer, find_bpe_file
 
 __all__ = ["TextEncoder", "l2_normalize"]
@@ -100,7 +100,7 @@ class TextEncoder:
         sums = np.zeros((len(names), self.dim), dtype=np.float64)
         for start in range(0, len(flat), self.batch_size):
             tokens = self.tokenizer(flat[start : start + self.batch_size], self.context_length)
-            (out,) = self.session.run(None, {"token_ids": tokens})
+            (out,) = self.session.run(None, {TEXT_INPUTS[0]: tokens})
             np.add.at(
                 sums, owner[start : start + len(tokens)], l2_normalize(out.astype(np.float64))
             )

@@ -7,7 +7,6 @@ result does not depend on the sharding or on where a previous run stopped.
 """
 
 import logging
-import os
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -21,9 +20,6 @@ from .store import DistillStore, StoreWriter, check_dataset, chunks_of_shard, pr
 from .teacher import autocast_fp16
 
 __all__ = [
-    "add_store_arguments",
-    "shard_from_env",
-    "parse_tool_args",
     "log_store_summary",
     "proposals_header",
     "embeddings_header",
@@ -36,71 +32,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Record = Tuple[object, Dict[str, np.ndarray]]
-
-
-def add_store_arguments(parser, workers_help: str) -> None:
-    """The precompute tools' common options: chunking, sharding, loader processes."""
-    parser.add_argument("--chunk-size", type=int, default=64, help="images per store chunk")
-    parser.add_argument("--shard", type=int, default=0)
-    parser.add_argument("--num-shards", type=int, default=1)
-    parser.add_argument(
-        "--shard-from-env",
-        action="store_true",
-        help="--shard/--num-shards from torchrun (RANK, WORLD_SIZE; GPU LOCAL_RANK), srun "
-        "(SLURM_PROCID, SLURM_NTASKS; GPU SLURM_LOCALID) or a SLURM array (task id - min, "
-        "task count)",
-    )
-    parser.add_argument("--num-workers", type=int, default=2, help=workers_help)
-
-
-def shard_from_env(args, environ=None) -> None:
-    """
-    With ``args.shard_from_env``, set ``args.shard`` / ``args.num_shards`` from the launcher's
-    environment, and ``args.device`` to the process's own GPU where one is meant ("cuda" or
-    unset, several GPUs): torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; srun's
-    ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``; or a SLURM array's
-    ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT`` (contiguous
-    ids, e.g. ``--array=0-7``; one task per GPU is the scheduler's business).
-    """
-    if not args.shard_from_env:
-        return
-    env = os.environ if environ is None else environ
-    local = None
-    if "RANK" in env and "WORLD_SIZE" in env:
-        shard, num, local = env["RANK"], env["WORLD_SIZE"], env.get("LOCAL_RANK")
-    elif "SLURM_ARRAY_TASK_ID" in env:
-        shard = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        num = env["SLURM_ARRAY_TASK_COUNT"]
-    elif "SLURM_PROCID" in env:
-        shard, num, local = env["SLURM_PROCID"], env["SLURM_NTASKS"], env.get("SLURM_LOCALID")
-    else:
-        raise ValueError(
-            "--shard-from-env: no RANK/WORLD_SIZE (torchrun), SLURM_PROCID (srun) or "
-            "SLURM_ARRAY_TASK_ID (sbatch --array) in the environment; give --shard I "
-            "--num-shards N instead"
-        )
-    args.shard, args.num_shards = int(shard), int(num)
-    device = getattr(args, "device", None)
-    if local is not None and device in ("", "cuda") and torch.cuda.device_count() > 1:
-        args.device = f"cuda:{int(local)}"
-
-
-def parse_tool_args(parser, argv=None):
-    """
-    ``parser``'s flags wherever they stand; every other argument, in order, is a config
-    override (``KEY VALUE ...``) in ``args.opts``. (argparse.REMAINDER would take a flag after
-    the first override, e.g. ``--shard 1``, for a config key.) A ``--flag`` that the tool does
-    not know is an error, not an override.
-    """
-    args, opts = parser.parse_known_args(argv)
-    unknown = [a for a in opts if a.startswith("--")]
-    if unknown:
-        parser.error(
-            f"unrecognized arguments: {' '.join(unknown)} (config overrides are KEY VALUE "
-            "pairs, e.g. MODEL.WEIGHTS model.pth)"
-        )
-    args.opts = opts
-    return args
 
 
 def log_store_summary(log: logging.Logger, path: str, num_images: int) -> DistillStore:

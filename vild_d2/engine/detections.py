@@ -1,4 +1,5 @@
-"""Detections as JSON records and as pictures: the layout of ``tools/demo.py --json`` and its
+"""Detections as JSON records and as pictures: the layout of ``tools/demo.py --json`` (the
+deployment contract's, ``vild_d2_runtime.contract``: the runtime writes the same) and its
 drawing, shared by the demo and the web page (``vild_d2.serve``).
 
 Masks may be full-size (``pred_masks`` a (N, H, W) bool tensor, as detectron2 returns them) or
@@ -11,13 +12,14 @@ from typing import List, Optional, Sequence
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances, ROIMasks
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import ColorMode, Visualizer
+from vild_d2_runtime import contract
+from vild_d2_runtime.contract import json_header
 
 from .predictor import rescale_detections  # noqa: F401  (part of this module's API)
 
@@ -37,15 +39,6 @@ DRAW_CHUNK = 8  # detections drawn at a time: the Visualizer holds a full-size c
 NOVEL_COLOR = (255, 26, 230)  # magenta, as in the shapes-world pictures (demo/shapes_picture.py)
 
 
-def json_header(names: Sequence[str]) -> dict:
-    """The first keys of a detections file: the vocabulary and how boxes and masks are coded."""
-    return {
-        "vocabulary": list(names),
-        "bbox_mode": "XYWH_ABS",
-        "segmentation": "COCO RLE (pycocotools), original image size",
-    }
-
-
 def mask_of(instances: Instances, i: int) -> np.ndarray:
     """Detection ``i``'s mask, (H, W) bool at ``instances.image_size``: pasted from its box if
     the masks are kept small (one mask: memory of one full-size mask at a time)."""
@@ -59,25 +52,28 @@ def mask_of(instances: Instances, i: int) -> np.ndarray:
     return masks[i].numpy().astype(bool, copy=False)
 
 
+class _PastedMasks:
+    """``[i]`` = detection i's (H, W) bool mask (:func:`mask_of`), pasted when asked."""
+
+    def __init__(self, instances: Instances):
+        self.instances = instances
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return mask_of(self.instances, i)
+
+
 def detections_to_json(instances: Instances, names: Sequence[str]) -> List[dict]:
-    """Instances (CPU, original image coordinates) -> list of JSON-ready detections; masks
-    encoded one at a time."""
-    dets = []
-    boxes = instances.pred_boxes.tensor.tolist()
-    has_masks = instances.has("pred_masks")
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        cls = int(instances.pred_classes[i])
-        det = {
-            "category_id": cls,
-            "category_name": names[cls],
-            "score": round(float(instances.scores[i]), 5),
-            "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
-        }
-        if has_masks:
-            rle = mask_util.encode(np.asfortranarray(mask_of(instances, i).view(np.uint8)))
-            det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        dets.append(det)
-    return dets
+    """Instances (CPU, original image coordinates) -> list of JSON-ready detections
+    (:func:`vild_d2_runtime.contract.detections_to_json`); masks pasted and encoded one at a
+    time."""
+    dets = {
+        "boxes": instances.pred_boxes.tensor.numpy(),
+        "scores": instances.scores.numpy(),
+        "classes": instances.pred_classes.numpy(),
+    }
+    if instances.has("pred_masks"):
+        dets["masks"] = _PastedMasks(instances)
+    return contract.detections_to_json(dets, names)
 
 
 def shrink(bgr: np.ndarray, instances: Instances, scale: float):

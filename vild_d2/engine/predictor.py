@@ -13,11 +13,12 @@ import detectron2.data.transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 from detectron2.structures import Instances, ROIMasks
+from vild_d2_runtime.contract import check_image, check_resized
 
 from ..checkpoint import ViLDCheckpointer
 from ..text import Vocabulary, parse_names, resolve_vocabulary
 
-__all__ = ["ViLDPredictor", "check_image", "rescale_detections", "vocabulary_from_cli"]
+__all__ = ["ViLDPredictor", "rescale_detections", "vocabulary_from_cli"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class ViLDPredictor:
             original_image: one (H, W, 3) uint8 image, BGR (as ``cv2.imread`` gives). Anything
                 else (float, uint16, grayscale, 4 channels, a batch, a list, a tensor, an empty
                 or too elongated image) raises ``TypeError`` / ``ValueError`` saying how to
-                convert it: see :func:`check_image`.
+                convert it: see :func:`vild_d2_runtime.contract.check_image`.
             vocabulary: what to detect in this call only (as :meth:`set_vocabulary` takes;
                 pass the result of :meth:`resolve_vocabulary` to know the names); None =
                 :attr:`vocabulary`.
@@ -247,14 +248,12 @@ class ViLDPredictor:
         transform = self.aug.get_transform(original_image)
         # INPUT.MIN_SIZE_TEST 0 (the official configs: the model resizes) gives a NoOpTransform.
         new_h, new_w = getattr(transform, "new_h", height), getattr(transform, "new_w", width)
-        if min(new_h, new_w) < 1:
-            # A 3 x 4000 strip's short side would be resized to 0 px: say so, not a PIL error.
-            raise ValueError(
-                f"image of {height}x{width} (HxW) px is too elongated: resized for the model "
-                f"(INPUT.MIN_SIZE_TEST {self.cfg.INPUT.MIN_SIZE_TEST}, MAX_SIZE_TEST "
-                f"{self.cfg.INPUT.MAX_SIZE_TEST}) it would be {new_h}x{new_w} px; crop it or "
-                "cut it into tiles"
-            )
+        # A 3 x 4000 strip's short side would be resized to 0 px: say so, not a PIL error.
+        settings = (
+            f" (INPUT.MIN_SIZE_TEST {self.cfg.INPUT.MIN_SIZE_TEST}, MAX_SIZE_TEST "
+            f"{self.cfg.INPUT.MAX_SIZE_TEST})"
+        )
+        check_resized(height, width, new_h, new_w, settings)
         image = transform.apply_image(original_image)
         image = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return {"image": image, "height": height, "width": width}
@@ -276,61 +275,3 @@ def rescale_detections(results: Instances, height: int, width: int) -> Instances
     if results.has("pred_masks") and not isinstance(results.pred_masks, ROIMasks):
         results.pred_masks = ROIMasks(results.pred_masks[:, 0, :, :])
     return results
-
-
-_EXPECTED = "expected a BGR uint8 (H, W, 3) numpy array (as cv2.imread gives)"
-
-
-def check_image(image) -> None:
-    """
-    Raise unless ``image`` is what :class:`ViLDPredictor` (like detectron2's
-    ``DefaultPredictor``) reads correctly: a numpy ``uint8`` array of shape (H, W, 3), BGR,
-    non-empty. Other arrays are not converted silently (a float image in [0, 1] would be read
-    as nearly black, a uint16 one as over-bright); the error says how to convert.
-
-    Raises:
-        TypeError: not a numpy array (a list, a tensor, a PIL image).
-        ValueError: a wrong dtype, shape or an empty image.
-    """
-    if not isinstance(image, np.ndarray):
-        kind = type(image).__name__
-        if isinstance(image, torch.Tensor):
-            how = "convert with tensor.cpu().numpy() (a (3, H, W) tensor: .permute(1, 2, 0) first)"
-        elif isinstance(image, (list, tuple)):
-            how = "one image per call: call the predictor on each image of the list"
-        else:
-            how = "for a PIL image use np.asarray(img.convert('RGB'))[:, :, ::-1] (RGB -> BGR)"
-        raise TypeError(f"{_EXPECTED}, got {kind}; {how}")
-    shape = image.shape
-    if image.ndim == 2 or (image.ndim == 3 and shape[2] == 1):
-        raise ValueError(
-            f"{_EXPECTED}, got a grayscale array of shape {shape}; convert with "
-            f"cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) (or read with cv2.imread(path))"
-        )
-    if image.ndim == 3 and shape[2] == 4:
-        raise ValueError(
-            f"{_EXPECTED}, got 4 channels {shape}; drop alpha with cv2.cvtColor(img, "
-            f"cv2.COLOR_BGRA2BGR) (cv2.COLOR_RGBA2BGR if the array is RGBA)"
-        )
-    if image.ndim == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
-        raise ValueError(
-            f"{_EXPECTED}, got shape {shape} (channels first?); use img.transpose(1, 2, 0)"
-        )
-    if image.ndim != 3 or shape[2] != 3:
-        how = "one image per call (a batch: call on img[i])" if image.ndim == 4 else "convert it"
-        raise ValueError(f"{_EXPECTED}, got shape {shape}; {how}")
-    if image.size == 0:
-        raise ValueError(f"{_EXPECTED}, got an empty image of shape {shape}")
-    if image.dtype != np.uint8:
-        if np.issubdtype(image.dtype, np.floating):
-            lo, hi = float(np.nanmin(image)), float(np.nanmax(image))
-            how = (
-                f"values {lo:.3g}..{hi:.3g}; convert with (img * 255).clip(0, 255)"
-                f".astype(np.uint8) if in [0, 1], img.clip(0, 255).astype(np.uint8) if in "
-                f"[0, 255]"
-            )
-        elif image.dtype == np.uint16:
-            how = "convert with (img // 257).astype(np.uint8), or read with cv2.imread(path)"
-        else:
-            how = "convert with img.clip(0, 255).astype(np.uint8) if in [0, 255]"
-        raise ValueError(f"{_EXPECTED}, got {image.dtype}; {how}")

@@ -2,15 +2,16 @@
 
 Follows the official ViLD code: names are normalised, filled into each prompt template, and
 prompts that start with "a"/"the" get the prefix "This is ". The name rules (read as CLIP's
-tokenizer reads them, control characters refused) are ``vild_d2_runtime.prompts``', shared with
-the runtime; this module adds the template files.
+tokenizer reads them, control characters refused) and the prompt filling are the deployment
+contract's (``vild_d2_runtime.contract``), shared with the runtime; this module adds the
+template files.
 """
 
 import logging
 from pathlib import Path
 from typing import List, Optional
 
-from vild_d2_runtime.prompts import article, fill_prompts, process_name
+from vild_d2_runtime.contract import article, fill_prompts, process_name
 
 __all__ = ["DEFAULT_TEMPLATES_PATH", "load_templates", "process_name", "article", "fill_prompts"]
 

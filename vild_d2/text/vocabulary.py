@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from vild_d2_runtime.names import name_key
-from vild_d2_runtime.prompts import parse_names
+from vild_d2_runtime.contract import parse_names
 
 from ..fileio import atomic_torch_save
 from ..safe_load import UnsafeFileError, torch_load

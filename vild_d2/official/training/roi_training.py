@@ -149,12 +149,19 @@ def official_roi_losses(
     if variant != "image":
         rare = None
         novel = classifier.train_vocabulary.novel
-        if s.mask_rare and novel is not None:
+        if s.mask_rare and novel is None:
+            raise ValueError(
+                "MODEL.VILD.OFFICIAL.MASK_RARE = True needs a training vocabulary that marks its "
+                "novel (rare) classes; MODEL.VILD.TRAIN_VOCABULARY's has no novel flags"
+            )
+        if s.mask_rare:
             rare = torch.cat([novel.to(logits.device), novel.new_zeros(1).to(logits.device)])
         losses["loss_cls"] = fast_rcnn_class_loss(logits, classes, rare)
     losses["loss_box_reg"] = fast_rcnn_box_loss(
         deltas, box_targets, foreground, predictor.smooth_l1_beta
     )
+    if variant == "image":  # no class loss; DDP still waits for the background's gradient
+        losses["loss_box_reg"] = losses["loss_box_reg"] + classifier.background.sum() * 0.0
     if heads.mask_on:
         losses["loss_mask"] = _mask_loss(heads, features, targets, samples, s, shuffle)
     if use_distill:

@@ -1,12 +1,12 @@
-"""One line for what stops a tool before it starts (a bad config file, bad weights), shared by
-``tools/demo.py`` and ``tools/serve.py``: the user gets the file and the reason, exit 2, no
+"""One line for what stops a tool before it starts (a bad config file, bad weights, a bad
+dataset file), shared by the tools: the user gets the file and the reason, exit 2, no
 traceback."""
 
 from typing import Optional
 
 import yaml
 
-from ..checkpoint import IncompatibleCheckpointError
+from vild_d2.checkpoint import IncompatibleCheckpointError
 
 __all__ = ["STARTUP_ERRORS", "startup_error_line"]
 

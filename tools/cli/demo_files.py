@@ -1,7 +1,7 @@
-"""What ``tools/demo.py`` reads and writes: where each output goes (never an input, never a file
-the run did not create unless ``--overwrite``), reading an image with an accurate reason when it
-cannot be read (its size checked from the header before any pixel is decoded), and writing a
-picture atomically."""
+"""What ``tools/demo.py`` reads and writes (``tools/export_model.py`` reads its sample image
+here too): where each output goes (never an input, never a file the run did not create unless
+``--overwrite``), reading an image with an accurate reason when it cannot be read (its size
+checked from the header before any pixel is decoded), and writing a picture atomically."""
 
 import contextlib
 import errno
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..fileio import atomic_write
+from vild_d2.fileio import atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS",
