@@ -40,7 +40,7 @@ SHAPES_MODEL := output/shapes/vild_ensemble/model_final.pth
 serve: $(STAMP)
 	@test -f $(SHAPES_MODEL) || { echo "no $(SHAPES_MODEL): run 'make demo' first" >&2; exit 2; }
 	$(PY) tools/serve.py --config-file configs/Shapes/vild_ensemble.yaml \
-		--opts MODEL.WEIGHTS $(SHAPES_MODEL)
+		MODEL.WEIGHTS $(SHAPES_MODEL)
 
 clean:
 	rm -rf $(VENV) output build *.egg-info

@@ -142,6 +142,10 @@ def _config_tools(tmp_path, image):
             *("--config-file", str(ROOT / "configs/Shapes/vild.yaml")),
             *("OUTPUT_DIR", str(tmp_path / "t")),
         ],
+        "convert_official_checkpoint": [
+            *("--config-file", str(ROOT / "configs/LVIS-OVD/official/vild_R50_tf.yaml")),
+            *("--checkpoint", str(tmp_path / "missing_ckpt"), "--output", str(tmp_path / "c.pth")),
+        ],
     }
 
 

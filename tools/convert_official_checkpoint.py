@@ -30,6 +30,7 @@ import sys
 
 import vild_d2  # noqa: F401  (first: compat bridges)
 
+from cli.args import add_config_arguments, parse_args as parse_tool_args, with_dataset_files
 from vild_d2.official.convert_checkpoint import convert_official_checkpoint
 
 
@@ -46,8 +47,8 @@ def parse_args(argv=None):
         metavar="FILE",
         help="novel class ids (1..K) or names, or a rare-mask .npy (default: LVIS v1's rare ones)",
     )
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides")
-    return p.parse_args(argv)
+    add_config_arguments(p)  # --dataset-file, KEY VALUE overrides (or --opts)
+    return parse_tool_args(p, argv)
 
 
 def main(argv=None) -> int:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             args.checkpoint,
             args.config_file,
             args.output,
-            opts=args.opts,
+            opts=with_dataset_files(args.config_file, args.opts, args.dataset_file),
             vocabulary=args.vocabulary,
             novel_classes=args.novel_classes or None,
         )

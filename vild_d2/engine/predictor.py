@@ -16,34 +16,13 @@ from detectron2.structures import Instances, ROIMasks
 from vild_d2_runtime.contract import check_image, check_resized
 
 from ..checkpoint import ViLDCheckpointer
-from ..text import Vocabulary, parse_names, resolve_vocabulary
+from ..text import Vocabulary, resolve_vocabulary
 
-__all__ = ["ViLDPredictor", "rescale_detections", "vocabulary_from_cli"]
+__all__ = ["ViLDPredictor", "rescale_detections"]
 
 logger = logging.getLogger(__name__)
 
 VocabularySpec = Union[Vocabulary, str, Sequence[str]]
-
-
-def vocabulary_from_cli(vocabulary: str = "", custom: str = "") -> Union[str, list, None]:
-    """
-    The tools' ``--vocabulary`` / ``--custom-vocabulary`` pair as a spec for
-    :meth:`ViLDPredictor.set_vocabulary`: "custom" (or no ``--vocabulary`` with custom names) ->
-    the comma-separated names; another value is passed on (built-in name, file, dataset);
-    neither -> None (keep the checkpoint's vocabulary).
-    """
-    if vocabulary == "custom" or (not vocabulary and custom):
-        names = parse_names(custom or "")
-        if not names:
-            raise ValueError(
-                'empty vocabulary: --vocabulary custom needs --custom-vocabulary "name1,name2,..."'
-            )
-        return names
-    if custom:
-        raise ValueError(
-            f"--custom-vocabulary is only used with --vocabulary custom (got {vocabulary!r})"
-        )
-    return vocabulary or None
 
 
 class ViLDPredictor:
