@@ -50,7 +50,7 @@ setup(
     version="0.1.0",
     description="ViLD (open-vocabulary detection by vision and language distillation), Detectron2",
     packages=find_packages(include=["vild_d2", "vild_d2.*", "vild_d2_runtime"]),
-    package_data={"vild_d2": ["assets/*", "official/assets/*"]},
+    package_data={"vild_d2": ["assets/*", "official/checkpoint/assets/*"]},
     python_requires=">=3.8",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -17,16 +17,16 @@ from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from vild_d2.config import load_config
-from vild_d2.official import convert as convert_module
-from vild_d2.official.convert import (
+from vild_d2.official.checkpoint import convert as convert_module
+from vild_d2.official.checkpoint.convert import (
     convert_official_weights,
     official_key_map,
     official_vocabulary,
 )
-from vild_d2.official.parity import CONFIGS, FIXTURE_DIR
-from vild_d2.official.random_weights import random_official_weights
+from reference.parity import CONFIGS, FIXTURE_DIR
+from reference.random_weights import random_official_weights
 from vild_d2.official.training import RecordedShuffles, official_l2_loss
-from vild_d2.official.variables import official_variables
+from vild_d2.official.checkpoint.variables import official_variables
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMAT_VERSION = 1
@@ -75,14 +75,25 @@ TOL = {
     # |embedding - target| is below this (the kink, within forward float noise).
     "distill_flip_gap": 1e-4,
 }
-# What the test asserts: the official graph's own float32 error is larger than the issue's
-# tolerances allow for some figures (docs/OFFICIAL.md "Training parity": TF's batch-norm moments
-# of the first BN already differ from the exact ones of the same activations by 5e-5, and it
-# grows along the network), so those limits are the measured figures with a margin.
+# What the test asserts, by the fixture's `bn_moments` (FORMAT.md, "Training fixture").
+# "float64" (the committed fixtures): the official graph with its BN moments reduced exactly
+# (tools/official_train_reference.py --exact-bn-moments, a wrapper). Every figure meets the
+# issue's tolerance except one group, whose limit is the measured figure with a margin:
 LIMITS = dict(
     TOL,
-    loss_box=1e-3,  # measured 3.4e-4 (the box deltas of 33 + 20 foreground RoIs)
-    head_grad=2e-2,  # measured 6.4e-3 (class logits: softmax at temperature 100)
+    # measured 3.5e-2: the ensemble's fpn/p4-bn/beta gradient (a small one: norm 0.019, against
+    # 0.17 for p3-bn/beta), and 3.0e-2: ViLD's fpn/p5-bn/gamma UPDATE (lr x g ~ 3e-7 per element
+    # on weights of 1.0, whose float32 spacing is 1.2e-7); cosine still >= 0.999.
+    other_rel=5e-2,
+)
+# "tf" (plain official graph, `tf.nn.moments` in float32): its BN moments are off by 4.8e-5 at
+# the first BN and it grows along the network (docs/OFFICIAL.md "Training parity";
+# tests/official_training_noise.py reproduces it), so these limits are the figures measured
+# against such a fixture, with a margin.
+LIMITS_TF_MOMENTS = dict(
+    TOL,
+    loss_box=1e-3,  # measured 3.4e-4 (the box deltas of 20 + 13 foreground RoIs)
+    head_grad=2e-2,  # measured 7.5e-3 (class logits: softmax at temperature 100)
     predictor=5e-3,  # measured 1.9e-3 (rpn-box, box-predict kernels)
     l1_predictor=0.15,  # measured 5.1e-2 (ensemble: 16 sign flips of the L1 gradient)
     other_rel=0.25,  # measured 0.11 (the first ResNet stages)
@@ -90,6 +101,13 @@ LIMITS = dict(
     bn_stats=5e-3,  # measured 1.1e-3 (fpn/p6-bn, 32 values per channel)
     distill_flip_gap=1e-3,  # measured 2.5e-4 (11 and 16 of ~19k elements flip)
 )
+
+
+def limits_for(bn_moments: str) -> Dict:
+    """The limits the test asserts for a fixture whose `bn_moments` is this."""
+    if bn_moments not in ("float64", "tf"):
+        raise FixtureError(f"bn_moments {bn_moments!r}: expected 'float64' or 'tf'")
+    return LIMITS if bn_moments == "float64" else LIMITS_TF_MOMENTS
 
 
 class FixtureError(ValueError):
@@ -117,6 +135,7 @@ def check_fixture(common, ref, tf_vars: Dict[str, np.ndarray], variables) -> Non
                 f"{key}: format_version {f.get('format_version')} (this test reads "
                 f"{FORMAT_VERSION})"
             )
+    limits_for(str(ref.get("bn_moments", "tf")))  # a mode this test knows
     names = [n for n, _ in variables]
     if list(ref["var_names"]) != names:
         raise FixtureError(
@@ -428,7 +447,8 @@ def run_step(name: str, images, common, ref, workdir: str, reverts: bool = True)
     finally:
         for h in hooks:
             h.remove()
-    report = {}
+    # Fixtures written before the option existed are plain TF.
+    report = {"bn_moments": str(ref.get("bn_moments", "tf"))}
     if reverts:
         from official_training_reverts import reverted_figures
 

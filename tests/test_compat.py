@@ -85,7 +85,7 @@ def test_tracing_adapter_without_caffe2():
 def test_ddp_bridge_wraps_what_the_trainer_calls():
     """DefaultTrainer.__init__ wraps its model with detectron2.engine.defaults.create_ddp_model;
     the bridged one leaves a CPU model's device ids out (DDP refuses [local_rank] there).
-    tests/test_distributed.py trains through it in 2 processes."""
+    tests/engine/test_distributed.py trains through it in 2 processes."""
     from detectron2.engine import defaults
 
     assert "create_ddp_model on CPU" in compat.APPLIED

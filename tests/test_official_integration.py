@@ -21,7 +21,9 @@ from detectron2.modeling import build_model
 
 from vild_d2 import ViLDCheckpointer, ViLDPredictor
 from vild_d2.config import load_config
-from vild_d2.official import convert_checkpoint, official_variables, random_official_weights
+from reference.random_weights import random_official_weights
+from vild_d2.official import official_variables
+from vild_d2.official.checkpoint import convert_checkpoint
 from vild_d2.serve import DetectionService, ServerThread, build_app
 from tiny_world import save_random_clip, tool_world  # tests/ helper
 

@@ -19,10 +19,10 @@ from vild_d2.official import (
     official_detections,
     official_roi_levels,
     official_variables,
-    random_official_weights,
 )
+from reference.random_weights import random_official_weights
 from vild_d2.official.backbone import build_tf_resnet
-from vild_d2.official.convert import (
+from vild_d2.official.checkpoint.convert import (
     convert_official_weights,
     normalize_official_name,
     official_key_map,
@@ -158,7 +158,7 @@ def test_fc6_rows_follow_the_official_flattening():
     expected = x_nhwc.reshape(1, -1).astype(np.float64) @ kernel.astype(np.float64)
     key = "roi_heads.box_head.fcs.0.weight"
     layout = {k: lay for _, k, lay in official_key_map()}[key]
-    from vild_d2.official.convert import _convert
+    from vild_d2.official.checkpoint.convert import _convert
 
     head.fcs[0].weight.data = torch.from_numpy(_convert(kernel, layout).copy())
     head.fcs[0].bias.data.zero_()
@@ -167,7 +167,7 @@ def test_fc6_rows_follow_the_official_flattening():
 
 
 def test_transposed_conv_kernel_layout():
-    from vild_d2.official.convert import _convert
+    from vild_d2.official.checkpoint.convert import _convert
 
     rng = np.random.default_rng(1)
     k = rng.standard_normal((2, 2, 3, 5))  # TF conv2d_transpose: (kh, kw, out, in)

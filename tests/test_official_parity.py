@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from vild_d2.official.parity import (
+from reference.parity import (
     DIFFERENCES,
     FIXTURE_DIR,
     build_reference_model,

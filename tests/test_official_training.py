@@ -245,6 +245,33 @@ def test_batch_norm_uses_the_biased_variance_for_the_moving_average():
     assert torch.allclose(y.flatten(), (x.flatten() - 3) / math.sqrt(3.5))
 
 
+def test_tf_like_bn_moments_switch_sums_in_float32_in_order():
+    # The training-parity noise experiment (tests/official_training_noise.py): under the switch
+    # the batch mean is a plain float32 running sum (here one block), worked out below element
+    # by element; outside it, the exact mean. Values near 1000 make float32 sums visibly off.
+    import numpy as np
+    from official_training_noise import tf_like_bn_moments
+
+    values = 1000.0 + torch.arange(5000, dtype=torch.float64).remainder(7) / 7 + 1e-3
+    x = values.float().view(1, 1, 50, 100).requires_grad_()
+    exact = float(x.detach().double().mean())
+    total = np.float32(0.0)
+    for v in x.detach().flatten().numpy():
+        total = np.float32(total + v)
+    float32_mean = float(total / np.float32(5000))
+    assert abs(float32_mean - exact) > 5e-4  # 8 float32 ulps at 1000: the rounding shows
+    original = OfficialBatchNorm2d.forward
+    with tf_like_bn_moments(blocks=1):
+        bn = OfficialBatchNorm2d(1, momentum=1.0).train()
+        bn(x).sum().backward()
+    assert OfficialBatchNorm2d.forward is original
+    assert float(bn.running_mean) == pytest.approx(float32_mean, abs=1e-6)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    plain = OfficialBatchNorm2d(1, momentum=1.0).train()
+    plain(x.detach())
+    assert float(plain.running_mean) == pytest.approx(exact, abs=6.2e-5)  # 1 ulp (storage)
+
+
 def test_official_schedule_and_kernel_only_decay():
     cfg = load_config(OFFICIAL_YAML)
     for step, lr in (
@@ -311,3 +338,40 @@ def test_gt_mask_crops_rasterise_polygons():
     expected[:, 0, :] *= 0.75
     expected[:, :, 0] *= 0.75
     assert torch.allclose(crops, expected, atol=1e-6)
+
+
+def test_official_double_flip_gives_the_distillation_boxes_their_own_coin(tmp_path):
+    # vild_parser.py flips image, gt and distillation boxes with one coin, then image and gt
+    # again with another: the distillation boxes' flip is independent of the image's.
+    import cv2
+    import numpy as np
+    from detectron2.data import transforms as T
+    from detectron2.structures import BoxMode
+
+    from vild_d2.data import ViLDDatasetMapper
+
+    path = str(tmp_path / "img.png")
+    assert cv2.imwrite(path, np.full((40, 80, 3), 128, np.uint8))
+    box = [10.0, 5.0, 30.0, 25.0]  # mirrored in the 80-px width: [50, 5, 70, 25]
+
+    def combos(double_flip):
+        m = ViLDDatasetMapper(True, augmentations=[T.RandomFlip(prob=0.5)], image_format="BGR",
+                              official_double_flip=double_flip)  # fmt: skip
+        seen = set()
+        for seed in range(40):
+            np.random.seed(seed)
+            ann = {"bbox": box, "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}
+            d = dict(file_name=path, height=40, width=80, annotations=[ann], distill_boxes=[box])
+            d["distill_embeddings"] = np.ones((1, 2), np.float32)
+            out = m(d)
+            gt, distill = out["instances"].gt_boxes.tensor[0], out["distill"].boxes.tensor[0]
+            for b in gt, distill:  # either the box or its mirror image, exactly
+                assert b.tolist() in (box, [50.0, 5.0, 70.0, 25.0])
+            seen.add((bool(gt[0] > 40), bool(distill[0] > 40)))
+        return seen
+
+    assert combos(False) == {(False, False), (True, True)}
+    assert combos(True) == {(False, False), (True, True), (False, True), (True, False)}
+    cfg = load_config(OFFICIAL_YAML, ["MODEL.VILD.OFFICIAL.DOUBLE_FLIP", "True"])
+    assert ViLDDatasetMapper(cfg, True).official_double_flip
+    assert not ViLDDatasetMapper(cfg, False).official_double_flip

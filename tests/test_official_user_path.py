@@ -21,9 +21,10 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 from vild_d2.config import load_config
-from vild_d2.official import OfficialViLDRCNN, official_variables, random_official_weights
-from vild_d2.official.convert import variable_problems
-from vild_d2.official.convert_checkpoint import read_novel_classes
+from reference.random_weights import random_official_weights
+from vild_d2.official import OfficialViLDRCNN, official_variables
+from vild_d2.official.checkpoint.convert import variable_problems
+from vild_d2.official.checkpoint.convert_checkpoint import read_novel_classes
 from vild_d2.official.masks import OfficialROIMasks, official_postprocess, paste_masks_official
 from vild_d2.text import builtin_vocabulary
 from tf_bundle import write_tf_checkpoint  # tests/ helper

@@ -2,13 +2,9 @@
 
 import numpy as np
 
-from vild_d2.official import (
-    CLASSIFIER_KEY,
-    official_variables,
-    random_classifier,
-    random_official_weights,
-)
-from vild_d2.official.variables import _read_list
+from reference.random_weights import CLASSIFIER_KEY, random_classifier, random_official_weights
+from vild_d2.official import official_variables
+from vild_d2.official.checkpoint.variables import _read_list
 
 
 def test_r50_rule_matches_listed_graph():

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vild_d2.official.tf_checkpoint import CheckpointError, list_tf_checkpoint, read_tf_checkpoint
+from vild_d2.official.checkpoint.tf_checkpoint import CheckpointError, list_tf_checkpoint, read_tf_checkpoint
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "tf_checkpoint")
 PREFIX = os.path.join(HERE, "model.ckpt")
@@ -81,7 +81,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_snappy_block_refused(copy):
-    from vild_d2.official.tf_checkpoint import _varint
+    from vild_d2.official.checkpoint.tf_checkpoint import _varint
 
     path = copy + ".index"
     data = bytearray(open(path, "rb").read())
@@ -127,7 +127,7 @@ def _block(pairs, restart_interval=4):
 def test_index_with_many_blocks(copy):
     # TF writes small indexes as one data block; rebuild the fixture's index as 11 blocks of
     # 20 entries (restart every 4) to exercise the index block and restarts.
-    from vild_d2.official.tf_checkpoint import _block_entries, _read_block, _varint
+    from vild_d2.official.checkpoint.tf_checkpoint import _block_entries, _read_block, _varint
 
     path = copy + ".index"
     data = memoryview(open(path, "rb").read())

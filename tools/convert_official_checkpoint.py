@@ -31,7 +31,7 @@ import sys
 import vild_d2  # noqa: F401  (first: compat bridges)
 
 from cli.args import add_config_arguments, parse_args as parse_tool_args, with_dataset_files
-from vild_d2.official.convert_checkpoint import convert_official_checkpoint
+from vild_d2.official.checkpoint.convert_checkpoint import convert_official_checkpoint
 
 
 def parse_args(argv=None):

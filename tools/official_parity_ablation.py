@@ -21,7 +21,7 @@ import tempfile
 import vild_d2  # noqa: F401  (first: compat bridges)
 import numpy as np
 
-from vild_d2.official.parity import (
+from reference.parity import (
     DIFFERENCES,
     FIXTURE_DIR,
     build_reference_model,

@@ -13,12 +13,12 @@ With `--mode train` (and `TF_ENABLE_ONEDNN_OPTS=0`) it runs one official trainin
 writes `train_*.npz` (see `tools/official_train_reference.py` and FORMAT.md, "Training fixture"):
 
     TF_USE_LEGACY_KERAS=1 TF_ENABLE_ONEDNN_OPTS=0 /work/tfref/venv/bin/python \
-        tools/official_reference.py --mode train --tpu-repo /work/tfref/tpu \
+        tools/official_reference.py --mode train --exact-bn-moments --tpu-repo /work/tfref/tpu \
         --tpu-commit 7dc921f846c9e4071f3884b768a7ddf521272a49
 
 The weights are `random_official_weights(official_variables(50, ensemble), seed)`, loaded from
-`vild_d2/official/{variables,random_weights}.py` by file path (they are numpy-only, so the TF venv
-does not need torch or detectron2).
+`vild_d2/official/checkpoint/variables.py` and `tools/reference/random_weights.py` by file path
+(they are numpy-only, so the TF venv does not need torch or detectron2).
 """
 
 import argparse
@@ -41,9 +41,16 @@ MASK_DETS = 16  # masks are saved for the first 16 detections
 N_CHANNELS = 8  # feature maps keep channels [::C // 8]
 
 
+# The numpy-only modules the TF venv loads by path (it has no torch, so no vild_d2 package).
+NUMPY_MODULES = {
+    "variables": ("vild_d2", "official", "checkpoint", "variables.py"),
+    "random_weights": ("tools", "reference", "random_weights.py"),
+}
+
+
 def _load_numpy_module(name):
-    """Import vild_d2/official/<name>.py by path, without importing the torch package."""
-    path = os.path.join(ROOT, "vild_d2", "official", f"{name}.py")
+    """Import one of :data:`NUMPY_MODULES` by path, without importing the torch package."""
+    path = os.path.join(ROOT, *NUMPY_MODULES[name])
     spec = importlib.util.spec_from_file_location(f"_official_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -303,6 +310,12 @@ def main():
         default="infer",
         help="infer: the inference fixture; train: one official training step "
         "(tools/official_train_reference.py, writes train_*.npz)",
+    )
+    parser.add_argument(
+        "--exact-bn-moments",
+        action="store_true",
+        help="train mode: reduce the official BN's tf.nn.moments in float64 (a wrapper; "
+        "the committed training fixtures use it, see official_train_reference.py)",
     )
     args = parser.parse_args()
 

@@ -3,7 +3,7 @@
 Called by `tools/official_reference.py --mode train` (the entry point; same TF venv, never CI):
 
     TF_USE_LEGACY_KERAS=1 TF_ENABLE_ONEDNN_OPTS=0 /work/tfref/venv/bin/python \\
-        tools/official_reference.py --mode train --tpu-repo /work/tfref/tpu \\
+        tools/official_reference.py --mode train --exact-bn-moments --tpu-repo /work/tfref/tpu \\
         --tpu-commit 7dc921f846c9e4071f3884b768a7ddf521272a49
 
 Labels come from the official `vild_parser.Parser._parse_train_data` (one graph per image, outputs
@@ -13,6 +13,13 @@ config; the two `tf.random_shuffle` calls (anchor and RoI sampling) are pinned b
 `tf` of their two modules with a proxy (no official file is edited), and the permutations are
 recorded. Writes `train_common.npz`, `train_vild.npz`, `train_vild_ensemble.npz`, described in
 `tests/fixtures/official_vild/FORMAT.md` ("Training fixture").
+
+`--exact-bn-moments` (the mode the committed fixtures use; recorded as `bn_moments` = "float64",
+"tf" without it): the official BN's `tf.nn.moments` (called by tf_keras's BatchNormalization,
+the base class of `nn_ops.BatchNormalization`) is replaced, through a proxy for that module's
+`tf`, by the same biased moments reduced in float64 and cast back to float32. Its two float32
+`reduce_mean`s are off by up to 4.8e-5 (relative, batch variance of the first BN) from the exact
+value, and the BN backward amplifies that into the gradients; everything else is unchanged.
 """
 
 import os
@@ -35,6 +42,51 @@ class _TfProxy:
 
     def __getattr__(self, name):
         return getattr(self._tf, name)
+
+
+class _NnProxy:
+    """Stands in for `tf.nn`: every attribute is TF's, except `moments`."""
+
+    def __init__(self, nn, moments):
+        self._nn = nn
+        self.moments = moments
+
+    def __getattr__(self, name):
+        return getattr(self._nn, name)
+
+
+def exact_moments(tf):
+    """`tf.nn.moments` (biased variance, stop_gradient on the mean) reduced in float64."""
+
+    def moments(x, axes, shift=None, keepdims=False, name=None):
+        x64 = tf.cast(x, tf.float64)
+        mean = tf.reduce_mean(x64, axes, keepdims=True)
+        var = tf.reduce_mean(tf.math.squared_difference(x64, tf.stop_gradient(mean)), axes, True)
+        if not keepdims:
+            mean, var = tf.squeeze(mean, axes), tf.squeeze(var, axes)
+        return tf.cast(mean, x.dtype), tf.cast(var, x.dtype)
+
+    return moments
+
+
+def patch_bn_moments(tf):
+    """Installs `exact_moments` as the `tf.nn.moments` seen by tf_keras's BatchNormalization;
+    returns a function that undoes it."""
+    from tf_keras.src.layers.normalization import batch_normalization as keras_bn
+
+    real, calls = keras_bn.tf, []
+    moments = exact_moments(real)
+    proxy = _TfProxy(real, None)
+    del proxy.random_shuffle  # back to the module's own (tf.compat.v2 has none)
+    proxy.nn = _NnProxy(real.nn, lambda *a, **k: calls.append(1) or moments(*a, **k))
+    keras_bn.tf = proxy
+
+    def undo():
+        keras_bn.tf = real
+        if not calls:
+            raise SystemExit("--exact-bn-moments: the official BN never called tf.nn.moments")
+
+    return undo
 
 
 def _params(ref, tf, tpu_models, config_name, image_size, paths, model_dir):
@@ -294,7 +346,9 @@ def load_official(tf, sess, weights):
     return graph_vars
 
 
-def run_config(tf, ref, tpu_models, name, images, labels, paths, roi_perm, seed, variables):
+def run_config(
+    tf, ref, tpu_models, name, images, labels, paths, roi_perm, seed, variables, exact_bn
+):
     """Builds and runs one config; returns its fixture dict."""
     random_mod = ref._load_numpy_module("random_weights")
     weights = random_mod.random_official_weights(variables, seed)
@@ -302,7 +356,11 @@ def run_config(tf, ref, tpu_models, name, images, labels, paths, roi_perm, seed,
     with tf.Graph().as_default():
         params = _params(ref, tf, tpu_models, name, images.shape[1], paths, tempfile.mkdtemp())
         t0 = time.time()
-        spec, rec = build_train(tf, params, images, labels, roi_perm)
+        undo = patch_bn_moments(tf) if exact_bn else (lambda: None)
+        try:
+            spec, rec = build_train(tf, params, images, labels, roi_perm)
+        finally:
+            undo()
         fetch = train_fetches(tf, spec, rec)
         print(f"{name}: graph built in {time.time() - t0:.0f} s", flush=True)
         with tf.Session(config=config) as sess:
@@ -320,7 +378,9 @@ def run_config(tf, ref, tpu_models, name, images, labels, paths, roi_perm, seed,
     out["train_names"] = [v.op.name for _, v in rec["grads_and_vars"]]
     out["decay_names"] = [v.op.name for v in rec["filter_regularization_variables"]]
     out["trainable_names"] = [v.op.name for v in rec["filter_trainable_variables_args"][0]]
-    return fx.summarise(name, out, weights, after, variables, seed)
+    res = fx.summarise(name, out, weights, after, variables, seed)
+    res["bn_moments"] = np.array("float64" if exact_bn else "tf")
+    return res
 
 
 def run(args, tf, tpu_models, images, batch, info, paths, rare_mask):
@@ -358,6 +418,7 @@ def run(args, tf, tpu_models, images, batch, info, paths, rare_mask):
             roi_perm.astype(np.int32),
             seed,
             variables,
+            args.exact_bn_moments,
         )
         res["roi_perm"] = roi_perm.astype(np.int32)
         files[f"train_{name}.npz"] = res

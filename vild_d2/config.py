@@ -188,6 +188,9 @@ def add_vild_config(cfg):
     # training vocabulary that includes the novel classes (the official one: all 1203 LVIS
     # classes); with vild_d2's base-only training vocabulary there is nothing to mask.
     _C.MODEL.VILD.OFFICIAL.MASK_RARE = False
+    # vild_parser's flip: the distillation boxes get their own coin, independent of the image's
+    # (the official double flip, VILD_SPEC.md's known bug). False = one flip for everything.
+    _C.MODEL.VILD.OFFICIAL.DOUBLE_FLIP = False
 
 
 # --- what each MODEL.VILD value may be ------------------------------------------------------
@@ -213,8 +216,8 @@ def _flag(v) -> bool:
     return isinstance(v, bool)
 
 
-# Every leaf of cfg.MODEL.VILD: (what it may be, the test). tests/test_config_ranges.py checks that
-# no key is left without a rule.
+# Every leaf of cfg.MODEL.VILD: (what it may be, the test). tests/config/test_config_ranges.py
+# checks that no key is left without a rule.
 RULES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "VARIANT": (f"one of {', '.join(VARIANTS)}", lambda v: v in VARIANTS),
     "CLIP_MODEL": ("a CLIP name or checkpoint path", lambda v: _text(v) and bool(v.strip())),
@@ -268,6 +271,7 @@ RULES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "OFFICIAL.NUM_MASK_SAMPLES": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
     "OFFICIAL.MASK_CROP_SIZE": ("an integer >= 2", lambda v: _integer(v) and v >= 2),
     "OFFICIAL.MASK_RARE": ("True or False", _flag),
+    "OFFICIAL.DOUBLE_FLIP": ("True or False", _flag),
 }
 
 
@@ -369,7 +373,7 @@ def check_vild_config(cfg) -> None:
     problems = []
     values = dict(_leaves(cfg.MODEL.VILD))
     for key, value in values.items():
-        if key not in RULES:  # (tests/test_config_ranges.py keeps every key covered)
+        if key not in RULES:  # (tests/config/test_config_ranges.py keeps every key covered)
             continue
         allowed, ok = RULES[key]
         if not ok(value):

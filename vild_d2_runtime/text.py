@@ -1,6 +1,6 @@
 """Class names -> ViLD classifier embeddings with the exported CLIP text tower
 (``text_encoder.onnx``) and the prompt ensemble in numpy, cached per name in memory and
-optionally on disk. Equals ``vild_d2.text.TextEncoder`` (tests/test_deploy_runtime.py)."""
+optionally on disk. Equals ``vild_d2.text.TextEncoder`` (tests/deploy/test_deploy_runtime.py)."""
 
 import collections
 import hashlib

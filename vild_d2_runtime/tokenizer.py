@@ -1,7 +1,8 @@
 """CLIP's byte-pair-encoding tokenizer without PyTorch: the rules of the ``clip`` package's
 ``simple_tokenizer.py`` (ftfy + html clean-up, lower case, its word pattern, byte-level BPE on
 its merges file), so that :meth:`Tokenizer.__call__` gives the ids of
-``clip.tokenize(texts, context_length, truncate=True)`` (tests/test_deploy_runtime.py checks).
+``clip.tokenize(texts, context_length, truncate=True)`` (tests/deploy/test_deploy_runtime.py
+checks).
 """
 
 import gzip

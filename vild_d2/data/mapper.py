@@ -24,6 +24,7 @@ import logging
 import numpy as np
 import torch
 
+from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
@@ -85,13 +86,19 @@ class ViLDDatasetMapper(DatasetMapper):
 
     The distillation boxes are transformed by the very same ``transforms`` object as the image
     and the gt annotations (one sampled transform list per image). The official ViLD code flips
-    them with an independent coin, so about half of its targets are mirrored; that cannot
-    happen here.
+    them with an independent coin, so about half of its targets are mirrored;
+    ``official_double_flip`` (MODEL.VILD.OFFICIAL.DOUBLE_FLIP) reproduces that.
     """
+
+    @configurable
+    def __init__(self, is_train: bool = True, *, official_double_flip: bool = False, **kwargs):
+        super().__init__(is_train, **kwargs)
+        self.official_double_flip = official_double_flip
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
+        ret["official_double_flip"] = is_train and cfg.MODEL.VILD.OFFICIAL.DOUBLE_FLIP
         if is_train and cfg.MODEL.VILD.LSJ.ENABLED:
             if cfg.INPUT.CROP.ENABLED:
                 logger.warning("MODEL.VILD.LSJ.ENABLED: INPUT.CROP is ignored (LSJ crops itself).")
@@ -146,9 +153,22 @@ class ViLDDatasetMapper(DatasetMapper):
         super()._transform_annotations(dataset_dict, transforms, image_shape)
         if DISTILL_BOXES in dataset_dict or DISTILL_EMBEDDINGS in dataset_dict:
             boxes, embeddings = _read_distill_fields(dataset_dict)
+            if self.official_double_flip:
+                transforms = independent_flip(transforms, dataset_dict["width"])
             dataset_dict["distill"] = transform_distill_boxes(
                 boxes, embeddings, transforms, image_shape
             )
+
+
+def independent_flip(transforms, width: int):
+    """The official parser's flip of the distillation boxes (vild_parser.py: image, gt AND
+    distillation boxes flipped with one coin, then image and gt flipped AGAIN with another, so
+    the distillation boxes follow a coin independent of the image's): ``transforms`` with its
+    horizontal flip of the ``width``-pixel original image replaced by a fresh fair coin."""
+    rest = [t for t in transforms.transforms if not isinstance(t, T.HFlipTransform)]
+    if np.random.rand() < 0.5:
+        rest.insert(0, T.HFlipTransform(width))
+    return T.TransformList(rest)
 
 
 def _read_distill_fields(dataset_dict):
