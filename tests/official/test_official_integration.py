@@ -92,7 +92,7 @@ def _converter():
 
 
 def _convert(tool, variant, out, tf_vars):
-    # (the real reader on a real TF checkpoint: tests/test_official_user_path.py)
+    # (the real reader on a real TF checkpoint: tests/official/test_official_user_path.py)
     with mock.patch.object(convert_checkpoint, "read_tf_checkpoint", lambda prefix: dict(tf_vars)):
         return tool.main(
             [

@@ -28,7 +28,7 @@ from reference.random_weights import random_official_weights
 from vild_d2.official.training import RecordedShuffles, official_l2_loss
 from vild_d2.official.checkpoint.variables import official_variables
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORMAT_VERSION = 1
 # (fixture key, our loss key, factor applied to ours)
 LOSSES = [
@@ -82,13 +82,14 @@ TOL = {
 LIMITS = dict(
     TOL,
     # measured 3.5e-2: the ensemble's fpn/p4-bn/beta gradient (a small one: norm 0.019, against
-    # 0.17 for p3-bn/beta), and 3.0e-2: ViLD's fpn/p5-bn/gamma UPDATE (lr x g ~ 3e-7 per element
-    # on weights of 1.0, whose float32 spacing is 1.2e-7); cosine still >= 0.999.
+    # 0.17 for p3-bn/beta; the only one of 255 above 3e-2, median 1e-2), and 3.0e-2: the
+    # fpn/p5-bn/gamma UPDATE (lr x g ~ 3e-7 per element on weights in [0.5, 1), whose float32
+    # spacing is 6e-8); cosine still >= 0.999 (the issue's).
     other_rel=5e-2,
 )
 # "tf" (plain official graph, `tf.nn.moments` in float32): its BN moments are off by 4.8e-5 at
 # the first BN and it grows along the network (docs/OFFICIAL.md "Training parity";
-# tests/official_training_noise.py reproduces it), so these limits are the figures measured
+# tests/official/official_training_noise.py reproduces it), so these limits are the figures measured
 # against such a fixture, with a margin.
 LIMITS_TF_MOMENTS = dict(
     TOL,

@@ -1,7 +1,8 @@
 """What a user of the official weights gets (README "Official ViLD weights", docs/OFFICIAL.md):
 the README's commands, read out of README.md, run as written and offline on a real TF
-checkpoint of the parity test's seeded weights (written by tests/tf_bundle.py); the official
-evaluation's mask pasting and box handling; the converter's one-line errors and novel classes.
+checkpoint of the parity test's seeded weights (written by tests/official/tf_bundle.py); the
+official evaluation's mask pasting and box handling; the converter's one-line errors and novel
+classes.
 """
 
 import vild_d2  # noqa: F401  (first: compat bridges)
@@ -29,7 +30,7 @@ from vild_d2.official.masks import OfficialROIMasks, official_postprocess, paste
 from vild_d2.text import builtin_vocabulary
 from tf_bundle import write_tf_checkpoint  # tests/ helper
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LVIS = builtin_vocabulary("lvis")
 # Appended to the README demo's --opts (config overrides only): a 256 canvas, 100 proposals
 # and 8 detections instead of 1024, 1000 and 300 (47 s -> a few on this CPU). Nothing else

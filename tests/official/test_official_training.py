@@ -246,9 +246,10 @@ def test_batch_norm_uses_the_biased_variance_for_the_moving_average():
 
 
 def test_tf_like_bn_moments_switch_sums_in_float32_in_order():
-    # The training-parity noise experiment (tests/official_training_noise.py): under the switch
-    # the batch mean is a plain float32 running sum (here one block), worked out below element
-    # by element; outside it, the exact mean. Values near 1000 make float32 sums visibly off.
+    # The training-parity noise experiment (tests/official/official_training_noise.py): under the
+    # switch the batch mean is a plain float32 running sum (here one block), worked out below
+    # element by element; outside it, the exact mean. Values near 1000 make float32 sums visibly
+    # off.
     import numpy as np
     from official_training_noise import tf_like_bn_moments
 

@@ -14,7 +14,7 @@ like TF's (sequential float32 sums in 3 or 2 blocks: 3.4e-5 / 6.7e-5 at the stem
 TF's is 4.8e-5), and :func:`spread` measures how far that alone moves each figure of our own
 step: as far as TF's figures are from ours. Run (about 4 min on 2 cores)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/official_training_noise.py vild
+    OMP_NUM_THREADS=1 .venv/bin/python tests/official/official_training_noise.py vild
 
 Test helper, not library code. Shapes as in official_training_harness.
 """

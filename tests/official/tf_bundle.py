@@ -5,7 +5,8 @@ shard, an SSTable index of one uncompressed data block, CRC32C-masked block trai
 The format, as tensorflow/core/util/tensor_bundle and LevelDB's table format define it: the
 index's entries are sorted keys; the empty key holds a ``BundleHeaderProto`` (num_shards 1,
 little-endian), every tensor name a ``BundleEntryProto`` (dtype, shape, shard, offset, size).
-Checked against the project's reader (vild_d2.official.checkpoint.tf_checkpoint) and, once, TF's own.
+Checked against the project's reader (vild_d2.official.checkpoint.tf_checkpoint) and, once, TF's
+own.
 """
 
 import struct

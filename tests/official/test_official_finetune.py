@@ -1,7 +1,7 @@
 """Fine-tuning converted official weights (docs/OFFICIAL.md "Fine-tuning the official ViLD"):
 configs/Shapes/official_finetune.yaml through tools/train_net.py, in this process, on the tiny
 world with its distillation store, from a real TF checkpoint of the seeded official weights
-(tests/tf_bundle.py) converted by tools/convert_official_checkpoint.py."""
+(tests/official/tf_bundle.py) converted by tools/convert_official_checkpoint.py."""
 
 import vild_d2  # noqa: F401  (first: compat bridges)
 
@@ -22,7 +22,7 @@ from vild_d2.official import official_variables
 from tf_bundle import write_tf_checkpoint  # tests/ helper
 from tiny_world import save_random_clip, tool_world  # tests/ helper
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "Shapes" / "official_finetune.yaml")
 
 

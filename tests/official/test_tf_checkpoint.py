@@ -6,9 +6,14 @@ import shutil
 import numpy as np
 import pytest
 
-from vild_d2.official.checkpoint.tf_checkpoint import CheckpointError, list_tf_checkpoint, read_tf_checkpoint
+from vild_d2.official.checkpoint.tf_checkpoint import (
+    CheckpointError,
+    list_tf_checkpoint,
+    read_tf_checkpoint,
+)
 
-HERE = os.path.join(os.path.dirname(__file__), "fixtures", "tf_checkpoint")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
+HERE = os.path.join(TESTS, "fixtures", "tf_checkpoint")
 PREFIX = os.path.join(HERE, "model.ckpt")
 
 
