@@ -1,4 +1,6 @@
-"""The official ViLD box head: convs and FCs, each followed by norm + ReLU."""
+"""ViLD's box head in detectron2 terms: convs and FCs, each followed by norm + ReLU (the
+layout of the official head; the official head itself, with TF's BN and padding, is
+:class:`vild_d2.official.OfficialBoxHead`)."""
 
 from typing import List
 
@@ -17,7 +19,8 @@ __all__ = ["ViLDConvFCHead"]
 class ViLDConvFCHead(nn.Module):
     """
     Like detectron2's ``FastRCNNConvFCHead``, but the norm (``ROI_BOX_HEAD.NORM``) also follows
-    each FC layer, as in the official ViLD head (4 conv3x3 + 2 FC, each + norm + ReLU).
+    each FC layer, the layout of the official ViLD head (4 conv3x3 + 2 FC, each + norm + ReLU;
+    the exact official head is ``vild_d2/official/heads.py``).
     ``FastRCNNConvFCHead`` (norm after the convs only) remains selectable by name.
 
     Input (R, C_in, S, S) pooled features; output (R, fc_dims[-1]).
