@@ -740,13 +740,37 @@ def test_ctrl_c_leaves_pictures_and_records_consistent(demo, toy, tmp_path, monk
 
     monkeypatch.setattr(demo, "write_picture", write_then_ctrl_c)
     args = ["--input", str(folder), "--output", str(out), "--json", *NEVER]
-    assert _main_not_interrupted(demo, toy, *args) == 130
+    # As in a terminal: a run started in the background (CI) inherits SIGINT ignored.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert _main_not_interrupted(demo, toy, *args) == 130
+        handler_after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     summary = capsys.readouterr().out
     assert "2 processed, 0 failed; interrupted (Ctrl-C): 2 input(s) not processed" in summary
     header, *records = map(json.loads, (out / "detections.jsonl").read_text().splitlines())
     assert [os.path.basename(r["output"]) for r in records] == ["0.png", "1.png"]
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "detections.jsonl"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert handler_after is signal.default_int_handler  # restored
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """A run started with SIGINT ignored (nohup, `cmd &`) is not made interruptible by the
+    deferred-write window: the signal is still ignored inside it, and nothing is raised."""
+    import signal
+
+    from cli.demo_files import interrupts_deferred
+
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            inside = signal.getsignal(signal.SIGINT)
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert inside is signal.SIG_IGN and after is signal.SIG_IGN
 
 
 def test_a_second_json_run_into_the_same_folder_is_one_line(

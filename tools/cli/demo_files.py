@@ -271,7 +271,10 @@ def interrupts_deferred():
     detection itself stays interruptible at once; only these few milliseconds of writing are
     deferred.) Outside the main thread, where Python delivers no signal, it does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # e.g. started with nohup or `&`
+    ):
         yield
         return
     received = []
