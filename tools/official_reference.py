@@ -103,9 +103,13 @@ def install_shims(tf):
 
 
 def session_config(tf):
-    """Graph optimiser off: the 1203 per-class NMS ops make Grappler take 15+ minutes."""
+    """Graph optimiser off: the 1203 per-class NMS ops make Grappler take 15+ minutes.
+    ``VILD_TF_INTRA_OP_THREADS=N`` in the environment sets TF's intra-op threads (default: one
+    per core), which sets the float32 reduction order (tools/reference/compare_train_fixtures.py
+    compares two such runs)."""
 
     config = tf.ConfigProto()
+    config.intra_op_parallelism_threads = int(os.environ.get("VILD_TF_INTRA_OP_THREADS", "0"))
     config.graph_options.rewrite_options.disable_meta_optimizer = True
     config.graph_options.optimizer_options.opt_level = tf.OptimizerOptions.L0
     return config
@@ -316,6 +320,14 @@ def main():
         action="store_true",
         help="train mode: reduce the official BN's tf.nn.moments in float64 (a wrapper; "
         "the committed training fixtures use it, see official_train_reference.py)",
+    )
+    parser.add_argument(
+        "--global-step",
+        type=int,
+        default=0,
+        help="train mode: the step at which the one SGD step is taken (its warm-up learning "
+        "rate; the committed fixtures: 500, lr 0.1616, so that the update is not lost in the "
+        "float32 spacing of the weights)",
     )
     args = parser.parse_args()
 
