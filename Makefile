@@ -10,11 +10,13 @@ STAMP := $(VENV)/.vild_d2-installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock setup.py tools/install_detectron2.py
+# The runtime (runtime/, its own distribution vild-d2-runtime) first: vild_d2 requires it.
+$(STAMP): requirements.lock setup.py runtime/pyproject.toml tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==24.3.1"
 	$(PY) -m pip install -q --no-deps -r requirements.lock
 	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e runtime
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -31,8 +33,11 @@ demo: $(STAMP)
 	$(PY) demo/run_shapes.py demo
 
 # The paper's ablation in miniature on the same world: output/shapes/ablation.{json,md}.
+# ABLATION adds options, e.g. the unseen-concept world over 3 seeds (issue 31, docs/SHAPES.md):
+#   make ablation ABLATION="--world unseen --seeds 0,1,2"  -> output/shapes_unseen/ablation_seeds.md
+ABLATION ?=
 ablation: $(STAMP)
-	$(PY) demo/run_shapes.py ablation
+	$(PY) demo/run_shapes.py ablation $(ABLATION)
 
 # The page and JSON API (tools/serve.py) for the model `make demo` trained: open
 # http://127.0.0.1:7860/ (docs/SERVING.md).

@@ -13,9 +13,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Sequence
 
+import cv2
 import numpy as np
 import torch
+from detectron2.data import DatasetCatalog
 
 from vild_d2 import ViLDPredictor
 from vild_d2.config import load_config
@@ -29,7 +32,7 @@ from .common import round_robin
 from .models import TINY_CLIP_LABEL, BenchmarkSetup, copy_text_branch_to_image_branch
 from .models import zero_rpn_deltas
 
-__all__ = ["benchmark_deploy"]
+__all__ = ["benchmark_deploy", "benchmark_deploy_trained"]
 
 SHAPES_CONFIG = "configs/Shapes/vild_ensemble.yaml"
 # The shapes model at its own test size (configs/Shapes/Base-Shapes-R18-FPN.yaml).
@@ -173,3 +176,117 @@ def benchmark_deploy(setup: BenchmarkSetup) -> dict:
             "cpu_count": os.cpu_count(),
         },
     }
+
+
+# The grid of issue 30 on a trained model (``--weights``): thread counts, vocabulary sizes,
+# score thresholds (the config's, 0.0 in configs/Shapes, and detectron2's default 0.05).
+GRID_THREADS = (1, 2)
+GRID_SIZES = (6, 56, 1203)
+GRID_THRESHOLDS = (0.0, 0.05)
+
+
+def grid_vocabularies(world_names: Sequence[str]) -> Dict[int, List[str]]:
+    """K -> names: the model's world names first, then LVIS names (none repeated), for each K
+    of :data:`GRID_SIZES` (K = 1203: the whole LVIS list, the world's names in front)."""
+    extra = [n for n in builtin_vocabulary("lvis").names if n not in set(world_names)]
+    pool = [*world_names, *extra]
+    return {k: pool[:k] for k in GRID_SIZES}
+
+
+def grid_images(world_image: np.ndarray, photo: np.ndarray) -> Dict[str, np.ndarray]:
+    """The two images: one of the model's world (128 px) and a photo of 1000 x 333."""
+    return {
+        f"{world_image.shape[1]}x{world_image.shape[0]}": world_image,
+        "1000x333": cv2.resize(photo, (1000, 333), interpolation=cv2.INTER_AREA),
+    }
+
+
+def benchmark_deploy_trained(setup: BenchmarkSetup, config_file: str, weights: str) -> dict:
+    """Median ms per image of the PyTorch predictor and the runtime on a trained ViLD-ensemble
+    (``weights``), each side doing the whole job (resize, detector, boxes, every mask pasted
+    on the original image), for every cell of threads x K x score threshold x image; with
+    each cell's detections compared."""
+    load_start = _loadavg()
+    predictors = {
+        thresh: ViLDPredictor(
+            load_config(
+                config_file,
+                ["MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(thresh)],
+            )
+        )
+        for thresh in GRID_THRESHOLDS
+    }
+    cfg = predictors[GRID_THRESHOLDS[0]].cfg
+    vocabularies = grid_vocabularies(list(predictors[GRID_THRESHOLDS[0]].vocabulary.names))
+    first = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
+    world_image = cv2.imread(first, cv2.IMREAD_COLOR)
+    images = grid_images(world_image, setup.images[0])
+    cells, ratios = [], {}
+    with tempfile.TemporaryDirectory() as workdir:
+        text_path = Path(workdir) / "text_encoder.onnx"
+        export_text_encoder_onnx(LibraryTextEncoder(cfg.MODEL.VILD.CLIP_MODEL), str(text_path))
+        text = RuntimeTextEncoder(str(text_path))
+        for thresh in GRID_THRESHOLDS:
+            predictor = predictors[thresh]
+            onnx_path = Path(workdir) / f"thresh_{thresh}" / "model.onnx"
+            example = predictor.preprocess(world_image)["image"]
+            export_onnx(
+                predictor.model,
+                example,
+                str(onnx_path),
+                vocabulary_input=True,
+                metadata=deploy_metadata(predictor),
+            )
+            for threads in GRID_THREADS:
+                torch.set_num_threads(threads)
+                detector = Detector(str(onnx_path), text, threads=threads)
+                for k, names in vocabularies.items():
+                    emb, novel = detector.vocabulary(names)
+                    predictor.set_vocabulary(
+                        Vocabulary(names, torch.from_numpy(emb), torch.from_numpy(novel))
+                    )
+                    for label, image in images.items():
+                        cell = _time_cell(predictor, detector, image, names, setup.repeats)
+                        cell.update(threads=threads, classes=k, score_thresh=thresh, image=label)
+                        cells.append(cell)
+                        key = f"deploy_runtime_vs_pytorch_t{threads}_k{k}_s{thresh}_{label}"
+                        ratios[key] = cell["runtime_ms"] / cell["pytorch_ms"]
+    return {
+        "deploy_grid": cells,
+        "ratios": ratios,
+        "deploy_extra": {
+            "model": {"config": config_file, "weights": weights},
+            "timed_rounds_per_cell": setup.repeats,
+            "loadavg_1min_start_end": [load_start, _loadavg()],
+            "cpu_count": os.cpu_count(),
+        },
+    }
+
+
+def _time_cell(predictor, detector, image, names, repeats: int) -> dict:
+    """One cell: both sides in turns (:func:`~benchmarks.common.round_robin`), then how alike
+    their last outputs are."""
+    last = {}
+
+    @torch.no_grad()
+    def pytorch():
+        last["pytorch"] = predictor(image)["instances"]
+
+    def runtime():
+        dets = detector(image, names)
+        if "masks" in dets:
+            dets["masks"] = np.asarray(dets["masks"])  # pasted, as the predictor's are
+        last["runtime"] = dets
+
+    seconds = round_robin({"pytorch": pytorch, "runtime": runtime}, repeats)
+    ref, got = last["pytorch"], last["runtime"]
+    out = {
+        "pytorch_ms": 1000 * seconds["pytorch"],
+        "runtime_ms": 1000 * seconds["runtime"],
+        "detections": [len(ref), len(got["boxes"])],
+    }
+    if len(ref) == len(got["boxes"]) and len(ref):
+        out["same_classes"] = bool(np.array_equal(ref.pred_classes.numpy(), got["classes"]))
+        out["max_box_diff_px"] = float(np.abs(ref.pred_boxes.tensor.numpy() - got["boxes"]).max())
+        out["max_score_diff"] = float(np.abs(ref.scores.numpy() - got["scores"]).max())
+    return out

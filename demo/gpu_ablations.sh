@@ -29,7 +29,7 @@ if [ -n "${SMOKE:-}" ]; then
         --rpn-iters 4)
 fi
 mkdir -p "$OUT" runs
-export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3 MKL_NUM_THREADS=3
+export PYTHONPATH="$SITE:$PWD:$PWD/runtime" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3 MKL_NUM_THREADS=3
 python3 -c "import torch, detectron2, clip, lvis, pycocotools, vild_d2
 print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
   || exit 3

@@ -13,6 +13,10 @@ Every stage runs one of the project's own tools in a subprocess, exactly as a us
 A stage is cached: ``<output>/stages/<name>.json`` records a key made of its command and the
 keys of the stages it depends on; a stage whose key and outputs are unchanged is skipped, and a
 changed one (another seed, novel list, schedule) reruns with everything after it.
+
+On the unseen-concept world (whole shapes novel, ``demo/run_shapes.py --world unseen``) the
+ablation adds ``supervised_full``, trained on the training images with the novel objects
+annotated too (``annotations/train_full.json``): an upper reference, not a baseline.
 """
 
 import functools
@@ -33,7 +37,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 from vild_d2.fileio import atomic_write
 from vild_d2.data.datasets.shapes import DEFAULT_NOVEL, WorldSpec, load_world_spec
 
-__all__ = ["REPO", "ShapesOptions", "ShapesPipeline", "VARIANTS", "TRAINED_VARIANTS"]
+__all__ = [
+    "ABLATION_VARIANTS",
+    "REPO",
+    "ShapesOptions",
+    "ShapesPipeline",
+    "TRAINED_VARIANTS",
+    "UNSEEN_VARIANTS",
+    "VARIANTS",
+]
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout: tools/, configs/, demo/
 
@@ -45,8 +57,20 @@ VARIANTS = {
     "vild_image": "ViLD-image (distillation only)",
     "vild": "ViLD (text + image, w = 0.5)",
     "vild_ensemble": "ViLD-ensemble",
+    "supervised_full": "Mask R-CNN, base and novel boxes (an upper reference)",
 }
-TRAINED_VARIANTS = ("supervised_base", "vild_text", "vild_image", "vild", "vild_ensemble")
+# The rows of `make ablation` on the default world, and on the unseen-concept world (issue 31:
+# the four ViLD variants and the fully supervised upper reference).
+ABLATION_VARIANTS = tuple(list(VARIANTS)[:6])
+UNSEEN_VARIANTS = ("vild_text", "vild_image", "vild", "vild_ensemble", "supervised_full")
+TRAINED_VARIANTS = (
+    "supervised_base",
+    "vild_text",
+    "vild_image",
+    "vild",
+    "vild_ensemble",
+    "supervised_full",
+)
 DISTILLED_VARIANTS = ("vild_image", "vild", "vild_ensemble")
 METRICS = ("AP", "APr", "APc", "APf")
 
@@ -79,6 +103,9 @@ class ShapesOptions:
     proposals: int = 100  # per training image, for the distillation targets
     processes: int = 0  # per detector run and targets stage; 0 = one per core, at most 2
     extra_opts: Sequence[str] = ()  # config overrides for every detector run
+    # also write annotations/train_full.json (novel training objects annotated: supervised_full)
+    full_train: bool = False
+    detector_seed: Optional[int] = None  # SEED of every detector run; None = the config's
 
 
 @dataclass
@@ -279,13 +306,15 @@ class ShapesPipeline:
             str(self.o.num_val),
             "--novel",
             *self.o.novel,
+            *(["--full-train"] if self.o.full_train else []),
         ]
         # The world folder is shared by every run with this datasets root: trust it only if
         # it is this run's world.
         self._stage(
             "world",
             [cmd],
-            [self.world / "world.json"],
+            [self.world / "world.json"]
+            + ([self.world / "annotations" / "train_full.json"] if self.o.full_train else []),
             clean=[self.world],
             valid=lambda: load_world_spec(self.world) == self.world_spec(),
         )
@@ -369,6 +398,8 @@ class ShapesPipeline:
                 "SOLVER.WARMUP_ITERS",
                 str(min(100, max(1, iters // 5))),
             ]
+        if self.o.detector_seed is not None:  # the seed sets the detectors too (--seeds)
+            opts += ["SEED", str(self.o.detector_seed)]
         if variant != "rpn" and self.processes > 1:  # the RPN trains beside the teacher
             # data parallel (tools/train_net.py on a CPU: gloo), the same global batch
             extra = ("--num-gpus", str(self.processes), *extra)

@@ -18,7 +18,7 @@ SCANNED = (
     "demo/*.py",
     "benchmarks/*.py",
     "vild_d2/**/*.py",
-    "vild_d2_runtime/**/*.py",
+    "runtime/**/*.py",
 )
 
 

@@ -1,7 +1,8 @@
 """The package's shape, read from its source: subpackages import one way (no cycle, not even
 through a function-level import), setup.py declares every distribution the package imports
-(the core in install_requires, each extra's subpackage in its extra), the wheel holds no test
-code and no command-line parsers, and the comments and docstrings of the repository's Python
+(the core in install_requires, each extra's subpackage in its extra), runtime/pyproject.toml
+declares exactly what the runtime imports and nothing of PyTorch, the wheels hold no test code
+and vild_d2 no command-line parsers, and the comments and docstrings of the repository's Python
 files name only repository files that exist."""
 
 import ast
@@ -10,6 +11,7 @@ import io
 import re
 import sys
 import tokenize
+import tomllib
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
@@ -17,14 +19,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vild_d2"
+# The runtime's own distribution (vild-d2-runtime): its folder and its package.
+RUNTIME_DIST = ROOT / "runtime"
+RUNTIME = RUNTIME_DIST / "vild_d2_runtime"
 
 # Subpackages (or modules) whose third-party imports belong to an extra of setup.py.
 EXTRA_OF = {"serve": "serve", "export": "export"}
 # Imported but deliberately not declared: there is no official detectron2 on PyPI; the README
 # and setup.py say to install it first (tools/install_detectron2.py).
 UNDECLARED_BY_DESIGN = {"detectron2"}
-# Shipped in the same distribution (setup.py's packages): vild_d2 shares its name rules.
-SAME_DISTRIBUTION = {"vild_d2_runtime"}
+# Never a requirement of the runtime, even unused: an exported model runs without PyTorch.
+RUNTIME_FORBIDDEN = {"torch", "torchvision", "detectron2", "clip", "clip-anytorch", "vild-d2"}
 
 
 def _imports(path: Path, package_dir: Path) -> List[Tuple[str, int]]:
@@ -174,11 +179,22 @@ def declared(setup_py: Path) -> Tuple[Set[str], Dict[str, Set[str]]]:
     return core, extras
 
 
+def import_distributions() -> Dict[str, List[str]]:
+    """{top-level module: [distribution, ...]} of the installed distributions, with the
+    runtime's package mapped to the distribution runtime/pyproject.toml names: a stale
+    ``*.egg-info`` in the checkout (an old ``pip install .``) must not decide where it comes
+    from."""
+    distributions = dict(importlib.metadata.packages_distributions())
+    project = tomllib.loads((RUNTIME_DIST / "pyproject.toml").read_text())
+    distributions[project["tool"]["flit"]["module"]["name"]] = [project["project"]["name"]]
+    return distributions
+
+
 def undeclared_imports(package_dir: Path, setup_py: Path) -> List[str]:
     """Every third-party import of the package whose distribution setup.py does not declare
     where the importing module needs it: "file:line: module (distribution) needs ..."."""
     core, extras = declared(setup_py)
-    distributions = importlib.metadata.packages_distributions()
+    distributions = import_distributions()
     problems = []
     for path in sorted(package_dir.rglob("*.py")):
         unit = path.relative_to(package_dir).parts[0].removesuffix(".py")
@@ -188,7 +204,7 @@ def undeclared_imports(package_dir: Path, setup_py: Path) -> List[str]:
             top = module.split(".")[0]
             if top == package_dir.name or top in sys.stdlib_module_names:
                 continue
-            if top in UNDECLARED_BY_DESIGN or top in SAME_DISTRIBUTION:
+            if top in UNDECLARED_BY_DESIGN:
                 continue
             dists = {_normal(d) for d in distributions.get(top, [top])}
             if not dists & allowed:
@@ -203,22 +219,63 @@ def test_setup_declares_what_the_package_imports():
     assert not problems, "setup.py does not declare:\n" + "\n".join(problems)
 
 
-def test_the_runtime_imports_only_its_extra():
-    """vild_d2_runtime (an exported model without PyTorch) needs only the [runtime] extra: not
-    torch, detectron2 or vild_d2 (which would bring them), nor anything of the core."""
-    _, extras = declared(ROOT / "setup.py")
-    distributions = importlib.metadata.packages_distributions()
-    runtime = ROOT / "vild_d2_runtime"
-    problems = []
-    for path in sorted(runtime.rglob("*.py")):
-        for module, line in _imports(path, runtime):
+def declared_dependencies(pyproject: Path) -> Set[str]:
+    """A pyproject.toml's [project] dependencies, as distribution names."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    return {_requirement_name(r) for r in project.get("dependencies", [])}
+
+
+def runtime_dependency_problems(package_dir: Path, pyproject: Path) -> List[str]:
+    """What is wrong between a package's third-party imports and its distribution's declared
+    dependencies (``pyproject``): "file:line: module (distribution) not declared" for each
+    import outside them, "declared, never imported: d" for each dependency nothing imports, and
+    "must not depend on: d" for each of RUNTIME_FORBIDDEN declared."""
+    declared_deps = declared_dependencies(pyproject)
+    distributions = import_distributions()
+    problems, used = [], set()
+    for path in sorted(package_dir.rglob("*.py")):
+        for module, line in _imports(path, package_dir):
             top = module.split(".")[0]
-            if top == runtime.name or top in sys.stdlib_module_names:
+            if top == package_dir.name or top in sys.stdlib_module_names:
                 continue
             dists = {_normal(d) for d in distributions.get(top, [top])}
-            if not dists & extras["runtime"]:
-                problems.append(f"{path.relative_to(ROOT)}:{line}: {module} ({', '.join(dists)})")
-    assert not problems, "vild_d2_runtime imports beyond its extra:\n" + "\n".join(problems)
+            used |= dists
+            if not dists & declared_deps:
+                where = f"{path.relative_to(package_dir.parent)}:{line}"
+                problems.append(f"{where}: {module} ({', '.join(sorted(dists))}) not declared")
+    problems += [f"declared, never imported: {d}" for d in sorted(declared_deps - used)]
+    problems += [f"must not depend on: {d}" for d in sorted(declared_deps & RUNTIME_FORBIDDEN)]
+    return problems
+
+
+def test_the_runtime_declares_exactly_what_it_imports():
+    """vild_d2_runtime (an exported model without PyTorch) is its own distribution: its
+    pyproject.toml's dependencies are what it imports, and none of torch, detectron2, clip or
+    vild_d2 (which would bring them)."""
+    problems = runtime_dependency_problems(RUNTIME, RUNTIME_DIST / "pyproject.toml")
+    assert not problems, "runtime/pyproject.toml's dependencies:\n" + "\n".join(problems)
+
+
+def test_the_runtime_dependency_check_can_fail(tmp_path):
+    """The check can fail: an undeclared import, an unused dependency and a forbidden one
+    (declared and imported) are each named; the stdlib and the package itself are not."""
+    pkg = _write(
+        tmp_path / "dist",
+        {
+            "pkg/__init__.py": "import json\nfrom . import graphs\n",
+            "pkg/graphs.py": "import numpy\nimport torch\n\ndef f():\n    import onnxruntime\n",
+        },
+    )
+    pyproject = _write(
+        tmp_path / "dist",
+        {"pyproject.toml": '[project]\ndependencies = ["numpy>=1", "torch", "regex"]\n'},
+    )
+    problems = runtime_dependency_problems(pkg / "pkg", pyproject / "pyproject.toml")
+    assert problems == [
+        "pkg/graphs.py:5: onnxruntime (onnxruntime) not declared",
+        "declared, never imported: regex",
+        "must not depend on: torch",
+    ], problems
 
 
 def test_dependency_check_finds_an_undeclared_import(tmp_path):
@@ -251,8 +308,8 @@ def test_every_extra_names_a_part_of_the_package(subpackage):
 
 # --- what ships in the wheel ----------------------------------------------------------------
 
-# setup.py's packages: what `pip install .` installs.
-WHEEL_PACKAGES = ("vild_d2", "vild_d2_runtime")
+# The packages of the two wheels: setup.py's (vild_d2) and runtime/pyproject.toml's.
+WHEEL_PACKAGES = ("vild_d2", "runtime/vild_d2_runtime")
 TEST_MODULES = {"unittest", "pytest"}
 # Known offenders, each with the change that removes it. A listed file that no longer offends
 # fails the test as well, so that its allowance goes with it.
@@ -343,6 +400,8 @@ def _unexplained(problems: List[str], allowed: Dict[str, str]) -> Tuple[List[str
 
 
 def test_the_wheel_holds_no_test_code():
+    missing = [p for p in WHEEL_PACKAGES if not (ROOT / p / "__init__.py").is_file()]
+    assert not missing, f"WHEEL_PACKAGES names no package at {missing}"
     new, stale = _unexplained(wheel_test_code(ROOT), TEST_CODE_ALLOWED)
     assert not new, "test code in the wheel's packages:\n" + "\n".join(new)
     assert not stale, f"no longer offending, remove from TEST_CODE_ALLOWED: {stale}"
@@ -390,7 +449,7 @@ def test_the_wheel_checks_find_test_code_and_parsers(tmp_path):
 # The repository's Python files whose comments and docstrings are read.
 COMMENTED = (
     "vild_d2/**/*.py",
-    "vild_d2_runtime/**/*.py",
+    "runtime/**/*.py",
     "tools/**/*.py",
     "demo/*.py",
     "benchmarks/*.py",
@@ -399,7 +458,8 @@ COMMENTED = (
 # A path from the checkout's root: a top-level folder, then the rest, up to the first
 # character that cannot be in a path here (placeholders such as <name>, {a,b} or * stop it).
 REPO_PATH = re.compile(
-    r"(?<![\w./$~-])(?:vild_d2|vild_d2_runtime|tools|demo|benchmarks|tests|configs|docs)/[\w./-]*"
+    r"(?<![\w./$~-])(?:vild_d2|vild_d2_runtime|runtime|tools|demo|benchmarks|tests|configs|docs)"
+    r"/[\w./-]*"
 )
 
 
@@ -456,6 +516,7 @@ def test_the_path_check_finds_a_missing_file(tmp_path):
                 'y = "tests/test_gone.py"  # (code, not a comment: not read here) configs/Shapes/\n'
                 "def f():\n"
                 '    """Reads configs/Shapes/vild.yaml and configs/Toy/vild.yaml."""\n'
+                "# runtime/vild_d2_runtime/gone.py, not vild_d2_runtime/ at the top: both absent\n"
             ),
         },
     )
@@ -463,4 +524,6 @@ def test_the_path_check_finds_a_missing_file(tmp_path):
         "tools/make_world.py:1: vild_d2/shapes/world.py",
         "tools/make_world.py:5: tests/test_config.py",
         "tools/make_world.py:8: configs/Toy/vild.yaml",
+        "tools/make_world.py:9: runtime/vild_d2_runtime/gone.py",
+        "tools/make_world.py:9: vild_d2_runtime/",
     ]

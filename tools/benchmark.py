@@ -7,6 +7,8 @@
     python tools/benchmark.py --out scale.json --quick --task train_processes  # 1 vs 2 processes
     python tools/benchmark.py --out serve.json --quick --task serve  # tools/serve.py under load
     python tools/benchmark.py --out deploy.json --task deploy  # ONNX runtime vs PyTorch predictor
+    python tools/benchmark.py --out grid.json --task deploy \
+        --weights output/shapes/vild_ensemble/model_final.pth  # a trained model: the grid
 
 Tasks (``--task``, default ``all``): inference, train, vocabulary, crops; what each measures and
 how the models are made to do alike work is in benchmarks/ (one module per task, beside tools/;
@@ -33,7 +35,7 @@ import torch
 
 from benchmarks.common import SCALE_TASKS, TASKS
 from benchmarks.crops import benchmark_crops
-from benchmarks.deploy import benchmark_deploy
+from benchmarks.deploy import benchmark_deploy, benchmark_deploy_trained
 from benchmarks.inference import benchmark_inference
 from benchmarks.models import BenchmarkSetup
 from benchmarks.precompute import benchmark_precompute
@@ -116,6 +118,17 @@ def get_parser():
         "for every model)",
     )
     p.add_argument("--skip-vit", action="store_true", help="no ViT-B/32 (random) measures")
+    p.add_argument(
+        "--weights",
+        default="",
+        help="deploy: a trained ViLD-ensemble checkpoint (with --config-file): the grid of "
+        "threads x classes x score thresholds x images on it instead of random models",
+    )
+    p.add_argument(
+        "--config-file",
+        default="configs/Shapes/vild_ensemble.yaml",
+        help="the config of --weights",
+    )
     return p
 
 
@@ -136,6 +149,12 @@ def ordered(d: dict, keys) -> dict:
 def main(argv=None):
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.weights and args.task != "deploy":
+        print("error: --weights is for --task deploy (its grid)", file=sys.stderr)
+        return 2
+    if args.weights and not Path(args.weights).is_file():
+        print(f"error: --weights {args.weights}: no such file", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no GPU is visible", file=sys.stderr)
         return 2
@@ -157,7 +176,10 @@ def main(argv=None):
         )
         for task in TASKS if args.task == "all" else [args.task]:
             print(f"{task} ...", flush=True)
-            merge(report, BENCHMARKS[task](setup))
+            if task == "deploy" and args.weights:
+                merge(report, benchmark_deploy_trained(setup, args.config_file, args.weights))
+            else:
+                merge(report, BENCHMARKS[task](setup))
         merge(report, {"setup": setup.describe()})
     wall_s = round(time.perf_counter() - start, 1)
     report["setup"].update(threads=torch.get_num_threads(), wall_s=wall_s)

@@ -176,7 +176,8 @@ def main(argv=None):
         return 0
     if args.wheels:
         install(args.wheels)
-    sys.path.insert(0, str(ROOT))  # vild_d2 from this checkout, installed or not; benchmarks/
+    # vild_d2 and vild_d2_runtime from this checkout, installed or not; benchmarks/
+    sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
     import torch
 
     report = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}

@@ -3,7 +3,8 @@
 Called by `tools/official_reference.py --mode train` (the entry point; same TF venv, never CI):
 
     TF_USE_LEGACY_KERAS=1 TF_ENABLE_ONEDNN_OPTS=0 /work/tfref/venv/bin/python \\
-        tools/official_reference.py --mode train --exact-bn-moments --tpu-repo /work/tfref/tpu \\
+        tools/official_reference.py --mode train --exact-bn-moments --global-step 500 \\
+        --tpu-repo /work/tfref/tpu \\
         --tpu-commit 7dc921f846c9e4071f3884b768a7ddf521272a49
 
 Labels come from the official `vild_parser.Parser._parse_train_data` (one graph per image, outputs
@@ -347,9 +348,22 @@ def load_official(tf, sess, weights):
 
 
 def run_config(
-    tf, ref, tpu_models, name, images, labels, paths, roi_perm, seed, variables, exact_bn
+    tf,
+    ref,
+    tpu_models,
+    name,
+    images,
+    labels,
+    paths,
+    roi_perm,
+    seed,
+    variables,
+    exact_bn,
+    global_step=0,
 ):
-    """Builds and runs one config; returns its fixture dict."""
+    """Builds and runs one config, its one step taken at ``global_step`` (the warm-up's
+    learning rate there; the momentum slots start at 0 whatever the step); returns its fixture
+    dict."""
     random_mod = ref._load_numpy_module("random_weights")
     weights = random_mod.random_official_weights(variables, seed)
     config = ref.session_config(tf)
@@ -365,13 +379,14 @@ def run_config(
         print(f"{name}: graph built in {time.time() - t0:.0f} s", flush=True)
         with tf.Session(config=config) as sess:
             graph_vars = load_official(tf, sess, weights)
+            tf.train.get_global_step().load(global_step, sess)
             t0 = time.time()
             out = sess.run(fetch)
             print(f"{name}: forward/backward in {time.time() - t0:.0f} s", flush=True)
             _, loss_again = sess.run([spec.train_op, spec.loss])
             after = sess.run({n: graph_vars[n] for n, _ in variables})
             step = sess.run(tf.train.get_global_step())
-    if loss_again != out["loss_total"] or step != 1:
+    if loss_again != out["loss_total"] or step != global_step + 1:
         raise SystemExit(
             f"{name}: rerun differs ({loss_again} vs {out['loss_total']}) or step {step}"
         )
@@ -380,6 +395,7 @@ def run_config(
     out["trainable_names"] = [v.op.name for v in rec["filter_trainable_variables_args"][0]]
     res = fx.summarise(name, out, weights, after, variables, seed)
     res["bn_moments"] = np.array("float64" if exact_bn else "tf")
+    res["global_step"] = np.int64(global_step)
     return res
 
 
@@ -419,6 +435,7 @@ def run(args, tf, tpu_models, images, batch, info, paths, rare_mask):
             seed,
             variables,
             args.exact_bn_moments,
+            args.global_step,
         )
         res["roi_perm"] = roi_perm.astype(np.int32)
         files[f"train_{name}.npz"] = res

@@ -14,7 +14,7 @@ from cli.errors import STARTUP_ERRORS, startup_error_line
 from detectron2.engine import default_argument_parser
 from vild_d2.checkpoint import ViLDCheckpointer
 from vild_d2.engine import Trainer, launch, setup
-from vild_d2.engine.launch import ProcessDiedError, RendezvousError
+from vild_d2.engine.launch import LaunchArgumentError, ProcessDiedError, RendezvousError
 
 
 class InputError(Exception):
@@ -67,8 +67,10 @@ def parse_args(argv=None):
     return args
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def cli(argv=None) -> int:
+    """The command: 0 when it ran; 1 when a process of the job failed; 2 on bad input (the
+    config, a dataset, the device, the weights, --num-gpus), one line, nothing written."""
+    args = parse_args(argv)
     print("Command Line Args:", args)
     try:
         launch(
@@ -82,7 +84,15 @@ if __name__ == "__main__":
         )
     except (RendezvousError, ProcessDiedError) as e:  # one line: what happened, what to check
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except InputError as e:
         print(e, file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except LaunchArgumentError as e:  # e.g. --num-gpus 8 on a 2-core machine without CUDA
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -3,6 +3,7 @@
 import ast
 import math
 import re
+from pathlib import Path
 from typing import Any, Callable, Dict, Sequence, Tuple
 
 import yaml
@@ -21,6 +22,7 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     cfg = get_cfg()
     add_vild_config(cfg)
     _merge_config_file(cfg, config_file)
+    _find_relative_paths(cfg, config_file)  # before opts: a path typed in them is the cwd's
     cfg.merge_from_list(numbers_in_opts(cfg, opts))  # "-1" for a float key: the range says
     cfg.freeze()
     check_vild_config(cfg)
@@ -57,6 +59,50 @@ def _merge_config_file(cfg: CN, config_file: str) -> None:
             f"{config_file} (or a _BASE_ of it) is not a config: a YAML file of KEY: value "
             f"lines is expected, not a Python file, a list or an empty file ({e})"
         ) from None
+
+
+# The keys that name files or folders a run reads (or a cache it adds to): a relative path in a
+# config file is looked up from the config's folder upward when it is not there from the
+# current folder (see _find_relative_paths).
+PATH_KEYS = (
+    "MODEL.WEIGHTS",
+    "MODEL.VILD.CLIP_MODEL",
+    "MODEL.VILD.EMBEDDING_CACHE_DIR",
+    "MODEL.VILD.TRAIN_VOCABULARY",
+    "MODEL.VILD.TEST_VOCABULARY",
+    "MODEL.VILD.PROMPT_TEMPLATES",
+    "MODEL.VILD.DATASET_FILES",
+    "MODEL.VILD.DISTILL.STORES",
+)
+
+
+def _find_relative_paths(cfg: CN, config_file: str) -> None:
+    """
+    The relative paths of :data:`PATH_KEYS` that a config file holds, as the repository's
+    configs write them (``output/shapes/teacher/tiny_clip.pt``: from the repository's root),
+    work from any folder: one that does not exist from the current folder but does from the
+    config file's folder or one above it becomes that absolute path. Anything else (a path
+    found from the current folder or found nowhere, a CLIP name such as ``ViT-B/32``, a
+    dataset name, "auto") is left as it is.
+    """
+    folders = Path(config_file).expanduser().resolve().parents
+
+    def found(value):
+        if not isinstance(value, str) or value in ("", "auto") or Path(value).is_absolute():
+            return value
+        try:
+            if Path(value).exists():
+                return value
+            return next((str(f / value) for f in folders if (f / value).exists()), value)
+        except (OSError, ValueError):  # a name no file system takes: the range check says
+            return value
+
+    for key in PATH_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        node = _get(cfg, parent)
+        value = node[leaf]
+        is_tuple = isinstance(value, tuple)
+        node[leaf] = tuple(found(v) for v in value) if is_tuple else found(value)
 
 
 def needs_distillation(cfg) -> bool:

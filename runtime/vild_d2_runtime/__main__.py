@@ -7,6 +7,10 @@
 Exit status: 0 = every input processed; 1 = some inputs failed (each is listed under "errors");
 2 = nothing done (bad arguments, model files or names, an --output that is a folder: one line).
 
+Images are read as the API wants them (``Detector`` takes BGR uint8 arrays and says how to
+convert others): grayscale as 3 equal channels, 16-bit as value // 257; under 8 px on a side,
+refused (as the API refuses them).
+
 Memory: an image over --max-megapixels (default 100, as tools/demo.py) is refused, from its
 header for PNG, JPEG, BMP, TIFF and WebP (before decoding); masks are pasted one at a time,
 only for detections over the threshold.
@@ -20,6 +24,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from .contract import detections_to_json, json_header, parse_names
 from .detector import Detector
@@ -70,7 +75,9 @@ def check_arguments(args) -> None:
 
 
 def read_image(path: str, max_megapixels: float):
-    """BGR uint8, or raise ValueError with the reason (one line)."""
+    """BGR uint8, or raise ValueError with the reason (one line). Grayscale files give 3 equal
+    channels (OpenCV's conversion, ``cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)``), 16-bit ones
+    value // 257: what :func:`.contract.check_image` tells an API user to do."""
     if not os.path.exists(path):
         raise ValueError("file not found")
     if not os.path.isfile(path):
@@ -78,7 +85,11 @@ def read_image(path: str, max_megapixels: float):
     size = image_size(path)  # from the header: before a byte of pixels is decoded
     if size is not None:
         _check_megapixels(*size, max_megapixels)
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    image = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)  # EXIF rotation applied
+    if image is not None and image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)  # 65535 -> 255 (IMREAD_COLOR alone: v >> 8)
+    elif image is not None and image.dtype != np.uint8:  # float TIFF and such: OpenCV's 8 bits
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError("cannot read image (corrupt?)")
     _check_megapixels(image.shape[1], image.shape[0], max_megapixels)  # other formats

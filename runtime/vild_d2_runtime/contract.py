@@ -45,6 +45,7 @@ __all__ = [
     "TEXT_OUTPUTS",
     "GRAPH_KINDS",
     "graph_kind",
+    "MIN_IMAGE_SIDE",
     "check_image",
     "check_resized",
     "check_graph_image",
@@ -100,14 +101,18 @@ def graph_kind(input_names: Sequence[str]) -> str:
 
 # --- what goes in ----------------------------------------------------------------------------
 _EXPECTED = "expected a BGR uint8 (H, W, 3) numpy array (as cv2.imread gives)"
+# The smallest side an image may have: below it (a 1 x 1 image, a 3 x 4000 strip) the resize
+# scales it up 100-fold or more, and the detector finds its full quota of boxes in a blur.
+MIN_IMAGE_SIDE = 8
 
 
 def check_image(image) -> None:
     """
     Raise unless ``image`` is what the predictor and the runtime read correctly: a numpy
-    ``uint8`` array of shape (H, W, 3), BGR, non-empty. Other arrays are not converted silently
-    (a float image in [0, 1] would be read as nearly black, a uint16 one as over-bright); the
-    error says how to convert.
+    ``uint8`` array of shape (H, W, 3), BGR, each side at least :data:`MIN_IMAGE_SIDE` px.
+    Other arrays are not converted silently (a float image in [0, 1] would be read as nearly
+    black, a uint16 one as over-bright); the error says how to convert, the conversion the
+    command-line tools apply to files (grayscale: 3 equal channels; 16-bit: value // 257).
 
     Raises:
         TypeError: not a numpy array (a list, a tensor, a PIL image).
@@ -151,10 +156,19 @@ def check_image(image) -> None:
                 f"[0, 255]"
             )
         elif image.dtype == np.uint16:
-            how = "convert with (img // 257).astype(np.uint8), or read with cv2.imread(path)"
+            how = (
+                "convert with (img // 257).astype(np.uint8) for the full 16-bit range, or scale "
+                "by its maximum, (img * (255 / img.max())).astype(np.uint8), for data of fewer "
+                "bits (a 12-bit camera)"
+            )
         else:
             how = "convert with img.clip(0, 255).astype(np.uint8) if in [0, 255]"
         raise ValueError(f"{_EXPECTED}, got {image.dtype}; {how}")
+    if min(shape[:2]) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"image of {shape[0]}x{shape[1]} (HxW) px is too small or too elongated for the "
+            f"detector: each side needs at least {MIN_IMAGE_SIDE} px"
+        )
 
 
 def check_resized(height: int, width: int, new_h: int, new_w: int, settings: str = "") -> None:

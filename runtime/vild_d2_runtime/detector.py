@@ -13,9 +13,8 @@ import numpy as np
 
 from .contract import DEPLOY_METADATA_KEYS, TEXT_ENCODER_FILE, check_image, check_resized
 from .graphs import open_graph, run_detector
-from .image import paste_masks as paste_all_masks
-from .image import postprocess_boxes, resize_bilinear, resized_shape
-from .names import check_distinguishable, truncation_message
+from .image import PastedMasks, postprocess_boxes, resize_bilinear, resized_shape
+from .names import check_distinguishable, name_key, truncation_message
 from .text import TextEncoder
 
 __all__ = ["Detector", "Detections"]
@@ -65,7 +64,9 @@ class Detector:
             )
         self.uses_novel_mask = "novel_mask" in self.meta["inputs"]
         self.dim = int(self.meta["embedding_dim"])
-        self.train_names = set(self.meta["train_names"])
+        # A name is base when CLIP reads it as a training name (vild_d2's rule, the duplicate
+        # check's name_key): "RED  Circle" has "red circle"'s embedding, and so its scoring.
+        self.train_keys = {name_key(n) for n in self.meta["train_names"]}
         if isinstance(text_encoder, TextEncoder):  # shared by several detectors
             self.text_encoder = text_encoder
         else:
@@ -87,7 +88,8 @@ class Detector:
         self, names: Sequence[str], novel: Optional[Sequence[str]] = None
     ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """(K, D) class embeddings and (K,) novel mask (None unless ViLD-ensemble) of ``names``;
-        novel = the names outside the model's training vocabulary unless ``novel`` lists them."""
+        novel = the names outside the model's training vocabulary (compared as CLIP reads them:
+        :func:`.names.name_key`, as ``vild_d2``) unless ``novel`` lists them."""
         names = [str(n).strip() for n in names]
         key = (tuple(names), None if novel is None else tuple(novel))
         hit = self._vocabularies.get(key)
@@ -108,7 +110,9 @@ class Detector:
                 f"novel classes not among the class names: {sorted(set(novel) - set(names))}"
             )
         novel_set = (
-            set(novel) if novel is not None else {n for n in names if n not in self.train_names}
+            set(novel)
+            if novel is not None
+            else {n for n in names if name_key(n) not in self.train_keys}
         )
         mask = (
             np.array([n in novel_set for n in names], dtype=bool) if self.uses_novel_mask else None
@@ -150,13 +154,13 @@ class Detector:
             names: the K class names to detect.
             novel: the novel ones (ViLD-ensemble's scoring); default: those outside training.
             score_threshold: detections below it are dropped before any mask is pasted.
-            paste_masks: False = "mask_probs" (N, M, M) float32 instead of "masks", pasted one
-                at a time by :func:`.contract.detections_to_json`: memory then does not grow
-                with image size x detections (N x H x W bytes: 8 GB for 100 masks of 9000 x
-                9000 px).
+            paste_masks: False = "mask_probs" (N, M, M) float32 instead of "masks".
         Returns:
             {"boxes": (N, 4) XYXY, "scores": (N,), "classes": (N,) indices into ``names``,
             "masks": (N, H, W) bool (mask models)}, in the original image's coordinates.
+            "masks" is a :class:`.image.PastedMasks`: ``masks[i]`` pastes mask i when read, so
+            memory does not grow with image size x detections (N x H x W bytes pasted at once:
+            3.6 GB for 100 masks of 6000 x 6000 px); ``np.asarray(masks)`` pastes them all.
         """
         emb, mask = self.vocabulary(names, novel)
         original = image.shape[:2] if isinstance(image, np.ndarray) else None
@@ -176,5 +180,5 @@ class Detector:
                 dets["mask_probs"] = probs
             else:
                 threshold = self.meta["mask_threshold"]
-                dets["masks"] = paste_all_masks(probs, dets["boxes"], original, threshold)
+                dets["masks"] = PastedMasks(probs, dets["boxes"], original, threshold)
         return dets

@@ -23,6 +23,7 @@ __all__ = [
     "postprocess_boxes",
     "paste_mask",
     "paste_masks",
+    "PastedMasks",
     "rle_encode",
 ]
 
@@ -269,6 +270,52 @@ def paste_masks(
     for i, (mask, box) in enumerate(zip(masks, boxes)):
         paste_mask(mask, box, size, threshold, out=out[i])
     return out
+
+
+class PastedMasks:
+    """
+    N full-size masks pasted when read, as detectron2's ``ROIMasks``: ``masks[i]`` pastes
+    detection i's (H, W) bool mask (:func:`paste_mask`), iterating pastes one at a time, so the
+    memory holds one H x W mask, not N (100 masks of 6000 x 6000 px: 3.6 GB).
+    ``np.asarray(masks)`` pastes them all, (N, H, W) bool; ``masks[keep]`` (a slice, indices or
+    a bool array) selects some, still unpasted.
+
+    Attributes:
+        probs: (N, M, M) float32 mask probabilities; boxes: (N, 4) XYXY; size: (H, W);
+        threshold: a pixel is in the mask where its pasted probability is >= it.
+    """
+
+    dtype = np.dtype(bool)
+
+    def __init__(self, probs: np.ndarray, boxes: np.ndarray, size: Tuple[int, int], threshold=0.5):
+        self.probs, self.boxes = probs, boxes
+        self.size = (int(size[0]), int(size[1]))
+        self.threshold = float(threshold)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return (len(self.probs), *self.size)
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"mask {index} of {len(self)}")
+            return paste_mask(self.probs[index], self.boxes[index], self.size, self.threshold)
+        return PastedMasks(self.probs[index], self.boxes[index], self.size, self.threshold)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __array__(self, dtype=None, copy=None):
+        out = paste_masks(self.probs, self.boxes, self.size, self.threshold)
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"PastedMasks({len(self)} masks of {self.size[0]}x{self.size[1]} px, unpasted)"
 
 
 def rle_encode(mask: np.ndarray) -> dict:

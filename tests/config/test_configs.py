@@ -15,6 +15,7 @@ CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml"))
 # The shapes ablation's baselines and its base RPN: (meta-architecture, RoI heads).
 BASELINES = {
     "configs/Shapes/supervised_base.yaml": ("GeneralizedRCNN", "StandardROIHeads"),
+    "configs/Shapes/supervised_full.yaml": ("GeneralizedRCNN", "StandardROIHeads"),
     "configs/Shapes/clip_on_crops.yaml": ("CLIPOnCropsRCNN", "StandardROIHeads"),
     "configs/Shapes/rpn.yaml": ("ProposalNetwork", None),
 }

@@ -110,7 +110,12 @@ def test_annotations_are_the_drawn_pixels(world):
 def test_registration(world):
     root, spec = world
     names = register_shapes_world(str(root), prefix="shapes_t", folder="shapes")
-    assert names == ["shapes_t_train_base", "shapes_t_train", "shapes_t_val"]
+    assert names == [
+        "shapes_t_train_base",
+        "shapes_t_train",
+        "shapes_t_val",
+        "shapes_t_train_full",  # loads only a world made with --full-train
+    ]
     base = [c for c in SHAPES_CLASSES if c not in spec.novel]
     assert MetadataCatalog.get("shapes_t_train_base").thing_classes == base
     assert MetadataCatalog.get("shapes_t_val").thing_classes == SHAPES_CLASSES

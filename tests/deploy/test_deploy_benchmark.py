@@ -24,3 +24,16 @@ def test_deploy_task_reports_both_sides(tmp_path):
     vocab = report["deploy_vocabulary_ms"]
     assert vocab["new_1203_names_runtime"] > vocab["known_1203_names_new_list_runtime"] > 0
     assert "deploy_runtime_vs_pytorch_shapes_r18_fpn" in report["ratios"]
+
+
+def test_the_trained_grid_vocabularies():
+    """K = 6, 56, 1203: the world's names first, then LVIS names, none twice."""
+    from benchmarks.deploy import grid_vocabularies
+
+    world = ["red circle", "blue star", "bench", "green cross"]  # "bench" is an LVIS name too
+    vocabularies = grid_vocabularies(world)
+    assert sorted(vocabularies) == [6, 56, 1203]
+    for k, names in vocabularies.items():
+        assert len(names) == k == len(set(names)), k
+        assert names[:4] == world
+    assert vocabularies[6][4:] == ["aerosol_can", "air_conditioner"]  # LVIS v1: the first two

@@ -6,6 +6,7 @@ Test harness, not library code (it stays out of the wheel). Shape shorthand: B =
 S = 512 sampled RoIs, Q = 300 distillation slots, M = 128 mask RoIs, V = official variables.
 """
 
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -548,7 +549,13 @@ def run_step(name: str, images, common, ref, workdir: str, reverts: bool = True)
     before = {k: p.detach().clone() for k, p in params.items()}
     classifier = model.roi_heads.box_predictor.cls_score.train_embeddings.clone()
     optimizer = build_optimizer(cfg, model)
-    build_lr_scheduler(cfg, optimizer)  # sets the warm-up learning rate of step 0
+    # The fixture's step is taken at its global step (500: mid warm-up; at step 0 the update,
+    # lr x g ~ 3e-7, is a few float32 spacings of a weight near 1 and its rounding dominates).
+    scheduler = build_lr_scheduler(cfg, optimizer)  # the warm-up learning rate of step 0
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(int(ref["global_step"]) if "global_step" in ref else 0):
+            scheduler.step()
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     updates = {k: p.detach() - before[k] for k, p in params.items()}

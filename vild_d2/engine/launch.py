@@ -25,11 +25,23 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "ProcessDiedError", "RendezvousError", "usable_cpus"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "LaunchArgumentError",
+    "launch",
+    "ProcessDiedError",
+    "RendezvousError",
+    "usable_cpus",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # detectron2's
+
+
+class LaunchArgumentError(ValueError):
+    """--num-gpus / --num-machines / --dist-url that this machine cannot run, found before any
+    process starts: one line for the user, not a traceback."""
 
 
 class RendezvousError(RuntimeError):
@@ -75,7 +87,7 @@ def launch(
     """
     world_size = num_machines * num_gpus_per_machine
     if num_gpus_per_machine < 1 or num_machines < 1 or not 0 <= machine_rank < num_machines:
-        raise ValueError(
+        raise LaunchArgumentError(
             f"--num-gpus {num_gpus_per_machine} --num-machines {num_machines} --machine-rank "
             f"{machine_rank}: need at least one process and machine, and 0 <= rank < machines"
         )
@@ -84,7 +96,7 @@ def launch(
         return main_func(*args)
     if dist_url == "auto":
         if num_machines != 1:
-            raise ValueError("--dist-url auto picks a port on 127.0.0.1: one machine only")
+            raise LaunchArgumentError("--dist-url auto picks a port on 127.0.0.1: one machine only")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
     host, port = _parse_url(dist_url)
     if machine_rank == 0:
@@ -141,7 +153,7 @@ def _check_processes(per_machine: int) -> None:
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         if per_machine > gpus:
-            raise ValueError(
+            raise LaunchArgumentError(
                 f"--num-gpus {per_machine} but this machine has {gpus} GPU(s): detectron2 runs "
                 f"one process per GPU; use --num-gpus {gpus} or fewer (CUDA_VISIBLE_DEVICES "
                 f"limits what is visible)"
@@ -151,7 +163,7 @@ def _check_processes(per_machine: int) -> None:
     # refused rather than capped, since capping would silently change the images per process.
     cores = usable_cpus()
     if per_machine > cores:
-        raise ValueError(
+        raise LaunchArgumentError(
             f"--num-gpus {per_machine} on a machine without CUDA starts {per_machine} CPU "
             f"processes, but this process may use {cores} core(s): use --num-gpus {cores} "
             f"or fewer"
@@ -167,7 +179,7 @@ def _free_port() -> int:
 def _parse_url(dist_url: str):
     url = urlparse(dist_url or "")
     if url.scheme != "tcp" or not url.hostname or not url.port:
-        raise ValueError(f"--dist-url {dist_url!r}: expected tcp://HOST:PORT or 'auto'")
+        raise LaunchArgumentError(f"--dist-url {dist_url!r}: expected tcp://HOST:PORT or 'auto'")
     return url.hostname, url.port
 
 

@@ -188,8 +188,9 @@ class ViLDPredictor:
         Args:
             original_image: one (H, W, 3) uint8 image, BGR (as ``cv2.imread`` gives). Anything
                 else (float, uint16, grayscale, 4 channels, a batch, a list, a tensor, an empty
-                or too elongated image) raises ``TypeError`` / ``ValueError`` saying how to
-                convert it: see :func:`vild_d2_runtime.contract.check_image`.
+                or too elongated image, one under 8 px on a side) raises ``TypeError`` /
+                ``ValueError`` saying how to convert it: see
+                :func:`vild_d2_runtime.contract.check_image`.
             vocabulary: what to detect in this call only (as :meth:`set_vocabulary` takes;
                 pass the result of :meth:`resolve_vocabulary` to know the names); None =
                 :attr:`vocabulary`.

@@ -7,6 +7,7 @@ import os
 import weakref
 from collections import OrderedDict
 
+import torch
 import yaml
 
 from detectron2.data import (
@@ -21,6 +22,7 @@ from detectron2.evaluation import (
     PascalVOCDetectionEvaluator,
 )
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,7 +42,7 @@ from .resume import (
 )
 from .training_data import get_test_dicts, get_training_dicts
 
-__all__ = ["Trainer", "setup", "check_same_config"]
+__all__ = ["Trainer", "setup", "check_device", "check_same_config", "check_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +53,18 @@ def setup(args, *, check_data: bool = False):
     With ``check_data``, the datasets the run reads (training, or the test ones with
     ``args.eval_only``) are loaded first (:meth:`Trainer.check_data`), so that a refused
     dataset leaves the output folder as it was: detectron2's setup writes ``config.yaml`` and
-    ``log.txt`` there. What they log meanwhile goes to the log once it is set up.
+    ``log.txt`` there. What they log meanwhile goes to the log once it is set up. Before the
+    datasets, :func:`check_device` and :func:`check_weights` (a GPU the machine lacks, weights
+    it cannot read or download) give one clear error.
     """
     cfg = load_config(args.config_file, args.opts)
     check_same_config(cfg)
     held = []
     if check_data:
+        # What the run needs from this machine, before the datasets load and anything is
+        # written.
+        check_device(cfg)
+        check_weights(cfg, resume=getattr(args, "resume", False))
         with _holding_log_records(held):
             Trainer.check_data(cfg, eval_only=getattr(args, "eval_only", False))
     default_setup(cfg, args)
@@ -66,6 +74,50 @@ def setup(args, *, check_data: bool = False):
     for record in held:
         logging.getLogger(record.name).handle(record)
     return cfg
+
+
+def check_device(cfg) -> None:
+    """A ValueError naming ``MODEL.DEVICE cpu`` when the config asks for CUDA on a machine
+    without it (torch's own error, "Found no NVIDIA driver", comes when the model is moved,
+    after the output folder is written)."""
+    device = cfg.MODEL.DEVICE
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"MODEL.DEVICE is {device!r} but this machine has no CUDA GPU "
+            "(torch.cuda.is_available() is False): add MODEL.DEVICE cpu to the command line "
+            "(--num-gpus N then runs N CPU processes)"
+        )
+
+
+# detectron2's model-zoo prefix, as its PathManager handler resolves it.
+_D2_PREFIX, _D2_URL = "detectron2://", "https://dl.fbaipublicfiles.com/detectron2/"
+
+
+def check_weights(cfg, *, resume: bool = False) -> None:
+    """``MODEL.WEIGHTS`` readable before the run starts: a local file that exists, or a URL
+    fetched now into iopath's cache (where the checkpointer then finds it). Offline, a
+    ValueError naming the key and what to give instead, not urllib's traceback. Skipped when
+    the run resumes from its own ``last_checkpoint`` (it does not read ``MODEL.WEIGHTS``)."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        return
+    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    if "://" not in weights:
+        if not os.path.isfile(os.path.expanduser(weights)):
+            raise FileNotFoundError(f"MODEL.WEIGHTS {weights}: no such file")
+        return
+    try:
+        PathManager.get_local_path(weights)
+    except OSError as e:  # urllib's URLError / HTTPError: offline, DNS, proxy, 404
+        url = _D2_URL + weights[len(_D2_PREFIX) :] if weights.startswith(_D2_PREFIX) else weights
+        name = os.path.basename(url) or "weights.pkl"
+        raise ValueError(
+            f"MODEL.WEIGHTS {weights} could not be downloaded ({type(e).__name__}: "
+            f"{getattr(e, 'reason', e)}): offline, copy {url} from a machine online and give "
+            f"its path (MODEL.WEIGHTS /path/to/{name}), or MODEL.WEIGHTS \"\" to train from "
+            "scratch (docs/OWN_DATA.md, the CPU recipe)"
+        ) from e
 
 
 @contextlib.contextmanager

@@ -11,10 +11,11 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Instances
 
 from ..text import TextEncoder, Vocabulary, build_text_encoder, build_vocabularies
+from .postprocess import per_class_detections
 from .text_classifier import TextClassifier
 
 __all__ = ["ViLDOutputLayers", "inference_without_background"]
@@ -26,7 +27,8 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
     embedding vs frozen text embeddings + a learned background) and whose box regression is
     class-agnostic. ``losses`` and ``inference`` are detectron2's: softmax cross-entropy over
     K+1 and smooth-L1 in training; at test time softmax over K+1 with the background column
-    dropped WITHOUT renormalising, which is exactly ViLD's rule. ``num_classes`` is the training
+    dropped WITHOUT renormalising, which is exactly ViLD's rule (its per-class NMS as
+    :func:`.postprocess.per_class_detections`, which also exports). ``num_classes`` is the training
     vocabulary's size (the background index of ``gt_classes``).
     """
 
@@ -60,6 +62,18 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
             self.cls_score.in_features, train_vocabulary, test_vocabulary, temperature
         )
         self.text_encoder = text_encoder
+
+    def inference(self, predictions, proposals: List[Instances]):
+        """As detectron2's, with the exportable per-class NMS: (instances, kept indices)."""
+        scores = [s[:, :-1] for s in self.predict_probs(predictions, proposals)]
+        return per_class_detections(
+            self.predict_boxes(predictions, proposals),
+            scores,
+            [p.image_size for p in proposals],
+            self.test_score_thresh,
+            self.test_nms_thresh,
+            self.test_topk_per_image,
+        )
 
     def inference_with_scores(
         self, predictions, proposals: List[Instances], scores: torch.Tensor
@@ -122,9 +136,6 @@ def inference_without_background(
         boxes: per image (R_i, 4) class-agnostic boxes.
         scores: per image (R_i, K) class scores.
     """
-    # fast_rcnn_inference reads K+1 columns, the last one background, which it drops.
-    scores = [torch.cat([s, s.new_zeros(len(s), 1)], dim=1) for s in scores]
-    instances, _ = fast_rcnn_inference(
+    return per_class_detections(
         boxes, scores, image_shapes, score_thresh, nms_thresh, topk_per_image
-    )
-    return instances
+    )[0]

@@ -155,7 +155,13 @@ def decode_image(data, name: str, limits: Limits) -> np.ndarray:
     before any pixel is decoded."""
     image = data if isinstance(data, Image.Image) else open_image(data, name, limits)
     try:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):  # 16-bit (or 32-bit) grayscale
+            # PIL's convert("RGB") clips such values at 255 (a near-white picture); the tools'
+            # rule (runtime/vild_d2_runtime/contract.py, check_image): value // 257.
+            gray = (np.asarray(image).astype(np.int64) // 257).clip(0, 255).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+        image = image.convert("RGB")
     except Exception as e:  # truncated or corrupt data: PIL's errors are open-ended
         raise BadInput(f"{name}: cannot decode the image (corrupt or truncated?): {e}") from None
     return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])

@@ -157,11 +157,13 @@ class Vocabulary:
         return dataclasses.replace(cls.from_state_dict(d, where=str(path)), source=f"file {path}")
 
     def is_base_for(self, train_names: Sequence[str]) -> torch.Tensor:
-        """(K,) bool, True = base class: ``~novel`` if known, else "name is in ``train_names``"."""
+        """(K,) bool, True = base class: ``~novel`` if known, else "name is in ``train_names``"
+        as CLIP reads names (:func:`vild_d2_runtime.names.name_key`, the duplicate check's rule:
+        "RED  Circle" is the base class "red circle", whose embedding it has)."""
         if self.novel is not None:
             return ~self.novel
-        train = set(train_names)
-        return torch.tensor([n in train for n in self.names], dtype=torch.bool)
+        train = {name_key(n) for n in train_names}
+        return torch.tensor([name_key(n) in train for n in self.names], dtype=torch.bool)
 
 
 def novel_mask(names: Sequence[str], novel_names: Sequence[str]) -> torch.Tensor:

@@ -5,10 +5,14 @@ some overlapping, on a textured or noisy background, with instance masks of thei
 As in ViLD's LVIS setting, the novel categories (frequency "r") appear in training images but are
 never annotated there; val annotates every category, and lists all absent ones as negatives (so
 the LVIS evaluator counts every false positive). Base categories are "f", or "c" when the world
-draws them less often.
+draws them less often. The default novel categories are compositions of a seen colour and a seen
+shape; :func:`novel_for_shapes` makes whole shapes novel in every colour instead (unseen
+concepts, issue 31).
 
 Layout under ``root`` (written by :func:`generate_shapes_world`):
-``world.json`` (the parameters), ``annotations/{train,val}.json``, ``images/{train,val}/*.png``.
+``world.json`` (the parameters), ``annotations/{train,val}.json``, ``images/{train,val}/*.png``;
+on request ``annotations/train_full.json``, the training images with every object annotated,
+the novel ones included (for a supervised upper reference only).
 """
 
 import json
@@ -41,11 +45,13 @@ __all__ = [
     "SHAPES",
     "SHAPES_CLASSES",
     "DEFAULT_NOVEL",
+    "UNSEEN_SHAPES",
     "WorldSpec",
     "background_texture",
     "draw_scene",
     "generate_shapes_world",
     "load_world_spec",
+    "novel_for_shapes",
     "register_shapes_world",
 ]
 
@@ -60,6 +66,11 @@ DEFAULT_NOVEL = (
     "blue square",
     "purple triangle",
 )
+# The unseen-concept world's novel shapes (issue 31, docs/SHAPES.md): every colour of them is
+# novel, so no base category shows the shape; colours stay shared. Hearts a teacher names well
+# (99.2% on the hearts world); the star it confuses with a base shape (the cross) when
+# undertrained (docs/TEACHER.md): one easy and one hard unseen concept.
+UNSEEN_SHAPES = ("star", "heart")
 # Sampling weight of a category per frequency: "c" categories are drawn less often than "f";
 # novel ("r") ones as often as "f", so that distillation sees them (unannotated) in training.
 logger = logging.getLogger(__name__)
@@ -127,6 +138,19 @@ class WorldSpec:
         for k in ("objects_per_image", "object_size", "novel", "classes"):
             d[k] = tuple(d[k])
         return cls(**d)
+
+
+def novel_for_shapes(shapes: Sequence[str]) -> Tuple[str, ...]:
+    """The novel categories of a world whose novel concepts are whole ``shapes``: each of them
+    in every colour (in :data:`SHAPES_CLASSES` order), so no base category has that shape."""
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"novel shapes {unknown} are not shapes; choose among {list(SHAPES)}")
+    if len(set(shapes)) != len(shapes) or not 1 <= len(shapes) < len(SHAPES):
+        raise ValueError(
+            f"novel shapes must be 1 to {len(SHAPES) - 1} distinct shapes, got {list(shapes)}"
+        )
+    return tuple(c for c in SHAPES_CLASSES if c.split(" ")[1] in shapes)
 
 
 def draw_scene(
@@ -203,9 +227,13 @@ def _annotation(poly: np.ndarray, mask: np.ndarray) -> Optional[dict]:
     }
 
 
-def generate_shapes_world(root: str, spec: WorldSpec = WorldSpec(), progress=None) -> Path:
+def generate_shapes_world(
+    root: str, spec: WorldSpec = WorldSpec(), progress=None, full_train: bool = False
+) -> Path:
     """Write the world of ``spec`` under ``root`` (deterministic in ``spec``); ``world.json`` is
-    written last, so its presence means the world is complete. Returns ``root``."""
+    written last, so its presence means the world is complete. ``full_train``: also write
+    ``annotations/train_full.json``, the same training images with the novel objects annotated
+    too (the other files are the same bytes either way). Returns ``root``."""
     root = Path(root)
     freq = spec.frequencies
     categories = [
@@ -226,26 +254,22 @@ def generate_shapes_world(root: str, spec: WorldSpec = WorldSpec(), progress=Non
     ):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([spec.seed, 100 + split_index])
-        images, annotations = [], []
+        images, annotations, full = [], [], []
         for k in range(count):
             image_id = k + 1 + split_index * 1_000_000
             image, objects = draw_scene(rng, spec)
             file_name = f"{k:06d}.png"
             cv2.imwrite(str(root / "images" / split / file_name), image[:, :, ::-1])
             for name, poly, mask in objects:
-                if split == "train" and name in spec.novel:
-                    continue  # novel objects are in the picture, never in the training labels
                 ann = _annotation(poly, mask)
                 if ann is None:
                     continue
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": cat_id[name],
-                        **ann,
-                    }
-                )
+                ann = {"image_id": image_id, "category_id": cat_id[name], **ann}
+                if split == "train" and full_train:
+                    full.append({"id": len(full) + 1, **ann})
+                if split == "train" and name in spec.novel:
+                    continue  # novel objects are in the picture, never in the training labels
+                annotations.append({"id": len(annotations) + 1, **ann})
             images.append(
                 {
                     "id": image_id,
@@ -264,15 +288,20 @@ def generate_shapes_world(root: str, spec: WorldSpec = WorldSpec(), progress=Non
             )
             if progress is not None:
                 progress(split, k + 1, count)
-        doc = {
-            "info": {"description": f"vild_d2 shapes world ({split})", "seed": spec.seed},
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        }
         (root / "annotations").mkdir(exist_ok=True)
-        atomic_write(root / "annotations" / f"{split}.json", [json.dumps(doc).encode()])
+        docs = {
+            split: annotations,
+            **({"train_full": full} if split == "train" and full_train else {}),
+        }
+        for name, anns in docs.items():
+            doc = {
+                "info": {"description": f"vild_d2 shapes world ({name})", "seed": spec.seed},
+                "licenses": [],
+                "images": images,
+                "annotations": anns,
+                "categories": categories,
+            }
+            atomic_write(root / "annotations" / f"{name}.json", [json.dumps(doc).encode()])
     atomic_write(root / "world.json", [spec.to_json().encode()])
     return root
 
@@ -291,7 +320,11 @@ def load_world_spec(root: str) -> Optional[WorldSpec]:
 def _load(root: Path, split: str, name: str, datasets_root: str, keep=None) -> List[dict]:
     json_file = root / "annotations" / f"{split}.json"
     layout = _LAYOUT.replace("shapes/", f"{root.name}/")
-    require_files(name, [root / "world.json", json_file], datasets_root, layout, _SOURCE)
+    source = _SOURCE
+    if split == "train_full":
+        layout += f"{root.name}/annotations/train_full.json\n"
+        source = _SOURCE.replace(".py`", ".py --full-train`")
+    require_files(name, [root / "world.json", json_file], datasets_root, layout, source)
     load_world_spec(root)  # a damaged world.json is an error naming it
     dicts = load_lvis_json(str(json_file), str(root / "images") + os.sep)
     # keep: {0-based id over all classes: contiguous id over the kept ones}
@@ -307,7 +340,10 @@ def register_shapes_world(
     * ``<prefix>_train_base``: training images, base categories (contiguous ids) - for ViLD;
     * ``<prefix>_train``: the same images over all categories, the novel ones without a single
       annotation - for the supervised baseline, whose classifier has a row for every category;
-    * ``<prefix>_val``: all categories annotated; ``novel_classes`` = the "r" ones.
+    * ``<prefix>_val``: all categories annotated; ``novel_classes`` = the "r" ones;
+    * ``<prefix>_train_full``: the training images with the novel objects annotated too
+      (``annotations/train_full.json``, written only on request) - for a supervised upper
+      reference, never for an open-vocabulary model.
 
     The categories come from ``world.json`` when the world exists (the only file read here),
     else from the default spec; an unreadable one is an error, or with ``strict=False`` a
@@ -332,6 +368,7 @@ def register_shapes_world(
         f"{prefix}_train_base": ("train", keep, base, []),
         f"{prefix}_train": ("train", None, classes, list(spec.novel)),
         f"{prefix}_val": ("val", None, classes, list(spec.novel)),
+        f"{prefix}_train_full": ("train_full", None, classes, list(spec.novel)),
     }
     for name, (split, kept, names, novel) in entries.items():
         register_dataset(
