@@ -180,7 +180,11 @@ def main(argv=None):
                 merge(report, benchmark_deploy_trained(setup, args.config_file, args.weights))
             else:
                 merge(report, BENCHMARKS[task](setup))
-        merge(report, {"setup": setup.describe()})
+        described = setup.describe()
+        if args.weights:  # the grid's own model, sizes and images (its deploy_extra)
+            described = {"model": f"{args.config_file}, {args.weights}", "torch": torch.__version__}
+            described["repeats"] = setup.repeats
+        merge(report, {"setup": described})
     wall_s = round(time.perf_counter() - start, 1)
     report["setup"].update(threads=torch.get_num_threads(), wall_s=wall_s)
     report = ordered(report, LAYOUT)

@@ -73,6 +73,7 @@ PATH_KEYS = (
     "MODEL.VILD.PROMPT_TEMPLATES",
     "MODEL.VILD.DATASET_FILES",
     "MODEL.VILD.DISTILL.STORES",
+    "MODEL.VILD.SELF_DISTILL.START_WEIGHTS",
 )
 
 
@@ -163,6 +164,13 @@ def add_vild_config(cfg):
     # same numbers as the offline store). CLIP then runs in every dataloader worker.
     _C.MODEL.VILD.DISTILL.ONLINE = False
     _C.MODEL.VILD.DISTILL.ONLINE_DEVICE = "cpu"
+    # Fine-tuning that keeps the open vocabulary (docs/OWN_DATA.md, issue 32): WEIGHT x L1
+    # between the region embeddings and those of a frozen copy of the starting model (the
+    # checkpoint START_WEIGHTS, built from this config) on the same sampled RoIs
+    # (vild_d2/modeling/self_distill.py). 0 = off.
+    _C.MODEL.VILD.SELF_DISTILL = CN()
+    _C.MODEL.VILD.SELF_DISTILL.WEIGHT = 0.0
+    _C.MODEL.VILD.SELF_DISTILL.START_WEIGHTS = ""
     # ViLD-ensemble: score = p_t^l * p_i^(1-l) on base classes, p_t^(1-l) * p_i^l on novel ones.
     _C.MODEL.VILD.ENSEMBLE_LAMBDA = 2.0 / 3.0
     # Classifiers without a trained background (CLIP on crops, ViLD-image) score a box by their
@@ -288,6 +296,8 @@ RULES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
         "'cpu', 'cuda' or 'cuda:N'",
         lambda v: _text(v) and re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None,
     ),
+    "SELF_DISTILL.WEIGHT": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "SELF_DISTILL.START_WEIGHTS": ("a checkpoint file or ''", _text),
     "ENSEMBLE_LAMBDA": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
     "OBJECTNESS_WEIGHT": ("a number >= 0", lambda v: _number(v) and v >= 0),
     "CLIP_ON_CROPS.NUM_PROPOSALS": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
@@ -428,6 +438,12 @@ def check_vild_config(cfg) -> None:
     if _number(lsj_min) and _number(lsj_max) and lsj_max < lsj_min:
         problems.append(
             f"MODEL.VILD.LSJ.MAX_SCALE = {lsj_max!r}: must be >= LSJ.MIN_SCALE ({lsj_min!r})"
+        )
+    weight, start = values.get("SELF_DISTILL.WEIGHT"), values.get("SELF_DISTILL.START_WEIGHTS")
+    if _number(weight) and weight > 0 and start == "":
+        problems.append(
+            f"MODEL.VILD.SELF_DISTILL.WEIGHT = {weight!r} needs MODEL.VILD.SELF_DISTILL."
+            "START_WEIGHTS: the starting model's checkpoint (the MODEL.WEIGHTS being fine-tuned)"
         )
     for key, (allowed, ok) in D2_RULES.items():
         try:

@@ -32,6 +32,7 @@ from ..config import load_config
 from ..data import ViLDDatasetMapper
 from ..evaluation import COCOOpenVocabularyEvaluator
 from ..fileio import atomic_write
+from ..modeling.self_distill import attach_self_distillation, check_start_weights
 from .resume import (
     ResumeStateHook,
     build_resumable_train_loader,
@@ -65,6 +66,8 @@ def setup(args, *, check_data: bool = False):
         # written.
         check_device(cfg)
         check_weights(cfg, resume=getattr(args, "resume", False))
+        if not getattr(args, "eval_only", False):
+            check_start_weights(cfg)
         with _holding_log_records(held):
             Trainer.check_data(cfg, eval_only=getattr(args, "eval_only", False))
     default_setup(cfg, args)
@@ -176,6 +179,12 @@ class Trainer(DefaultTrainer):
     trains data-parallel on CPU processes too (gloo; the ``create_ddp_model`` bridge in
     :mod:`vild_d2.compat`). Its checkpoints also hold the data stream's position and the RNG
     states (:mod:`vild_d2.engine.resume`): a resumed run ends as an uninterrupted one would."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # Here, not in build_model (which evaluation shares): the frozen starting model of
+        # MODEL.VILD.SELF_DISTILL, for training only.
+        attach_self_distillation(self._trainer.model, cfg)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ made a plain DetectionCheckpointer; swap in ours before the

@@ -91,6 +91,17 @@ class ViLDROIHeads(StandardROIHeads):
         self._image_branch_syncs = image_box_head is not None and any(
             isinstance(m, sync) for m in image_box_head.modules()
         )
+        # MODEL.VILD.SELF_DISTILL's frozen starting model, set by the trainer
+        # (self_distill.attach_self_distillation); None = off.
+        self.self_distill = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # The self-distillation teacher is no submodule (not in the state dict, the optimizer,
+        # DDP, model.train()), but follows the model's moves and casts.
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "self_distill", None) is not None:
+            self.self_distill.teacher._apply(fn, *args, **kwargs)
+        return self
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -157,6 +168,8 @@ class ViLDROIHeads(StandardROIHeads):
             return super().forward(images, features, proposals)
         proposals = self.label_and_sample_proposals(proposals, targets)
         del targets
+        if self.self_distill is not None:  # the starting model's embeddings of the same RoIs
+            self.self_distill.add_targets(images, proposals)
         losses = self._forward_box(features, proposals, distill)
         losses.update(self._forward_mask(features, proposals))
         losses.update(self._forward_keypoint(features, proposals))
@@ -167,9 +180,11 @@ class ViLDROIHeads(StandardROIHeads):
         if self.training and self.variant != "text":
             return self._forward_box_with_distillation(features, proposals, distill)
         pooled = self.box_pooler(features, [p.proposal_boxes for p in proposals])
-        predictions = self.box_predictor(self.box_head(pooled))
+        box_features = self.box_head(pooled)
+        predictions = self.box_predictor(box_features)
         if self.training:
-            return self.box_predictor.losses(predictions, proposals)
+            losses = self.box_predictor.losses(predictions, proposals)
+            return {**losses, **self._self_distill_losses(box_features, pooled, proposals)}
         if self.variant == "ensemble":
             return self._ensemble_inference(pooled, predictions, proposals)
         if self.variant == "image":
@@ -203,12 +218,15 @@ class ViLDROIHeads(StandardROIHeads):
 
         if self.variant in ("vild", "image"):
             box_features = self.box_head(pooled)
-            predictions = self.box_predictor(box_features[~is_distill])
+            roi_features = box_features[~is_distill]
             region_embeddings = self.box_predictor.cls_score.embed(box_features[is_distill])
         else:  # ensemble: the text branch sees only RoIs, the image branch only distill boxes
-            predictions = self.box_predictor(self.box_head(pooled[~is_distill]))
+            roi_features = self.box_head(pooled[~is_distill])
             region_embeddings = self.embed_image_branch(pooled[is_distill])
+        predictions = self.box_predictor(roi_features)
         losses = self.box_predictor.losses(predictions, proposals)
+        if self.self_distill is not None:  # (pooled RoIs: the ensemble's image branch input)
+            losses.update(self._self_distill_losses(roi_features, pooled[~is_distill], proposals))
         # Parameters this step's loss does not reach still get a (zero) gradient through a
         # zero-weighted term: DDP (without find_unused_parameters, which costs a graph
         # traversal per step and hides real bugs) waits for every parameter's gradient, and
@@ -224,6 +242,13 @@ class ViLDROIHeads(StandardROIHeads):
             loss = self.distill_weight * distillation_loss(region_embeddings, targets)
         losses["loss_distill"] = loss + sum(p.sum() for p in unused) * 0.0
         return losses
+
+    def _self_distill_losses(self, box_features, pooled, proposals) -> Dict[str, torch.Tensor]:
+        """``loss_self_distill`` of the sampled RoIs' (R, C) box features and (R, C_in, S, S)
+        pooled features, when MODEL.VILD.SELF_DISTILL is on; else nothing."""
+        if self.self_distill is None:
+            return {}
+        return {"loss_self_distill": self.self_distill.loss(self, box_features, pooled, proposals)}
 
     def embed_image_branch(self, pooled):
         """
