@@ -16,7 +16,7 @@ import numpy as np
 
 def full_gradients(path: str) -> Dict[str, np.ndarray]:
     """{variable: float64 gradient} of the variables a fixture stores in full."""
-    ref = np.load(path)
+    ref = np.load(path, allow_pickle=False)
     sizes = dict(zip((str(n) for n in ref["var_names"]), ref["var_sizes"].tolist()))
     out, offset = {}, 0
     for n in ref["full_names"]:
