@@ -12,14 +12,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import vild_d2  # noqa: F401  (first: compat bridges)
+
 import numpy as np
 import torch
 from detectron2.structures import Boxes
 
 _HERE = Path(__file__).resolve()
 sys.path[:0] = [str(_HERE.parent), str(_HERE.parents[1]), str(_HERE.parents[2] / "tools")]
-
-import vild_d2  # noqa: F401,E402  (compat bridges)
 
 import official_training_harness as harness  # noqa: E402
 from vild_d2.official.checkpoint.variables import official_variables  # noqa: E402
