@@ -322,6 +322,12 @@ def main():
         "the committed training fixtures use it, see official_train_reference.py)",
     )
     parser.add_argument(
+        "--exact-bn",
+        action="store_true",
+        help="train mode: --exact-bn-moments, and the official BN's tf.nn.batch_normalization in "
+        "float64 too (its backward's sums for beta and gamma; fixture bn_moments 'float64_bn')",
+    )
+    parser.add_argument(
         "--global-step",
         type=int,
         default=0,

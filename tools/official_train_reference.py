@@ -46,11 +46,14 @@ class _TfProxy:
 
 
 class _NnProxy:
-    """Stands in for `tf.nn`: every attribute is TF's, except `moments`."""
+    """Stands in for `tf.nn`: every attribute is TF's, except `moments` (and, when given,
+    `batch_normalization`)."""
 
-    def __init__(self, nn, moments):
+    def __init__(self, nn, moments, batch_normalization=None):
         self._nn = nn
         self.moments = moments
+        if batch_normalization is not None:
+            self.batch_normalization = batch_normalization
 
     def __getattr__(self, name):
         return getattr(self._nn, name)
@@ -70,22 +73,44 @@ def exact_moments(tf):
     return moments
 
 
-def patch_bn_moments(tf):
-    """Installs `exact_moments` as the `tf.nn.moments` seen by tf_keras's BatchNormalization;
+def exact_batch_normalization(tf):
+    """`tf.nn.batch_normalization` computed in float64 and cast back: its backward (the sums
+    over the batch and positions that give beta's and gamma's gradients) is float64 too."""
+
+    def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name=None):
+        def f64(t):
+            return None if t is None else tf.cast(t, tf.float64)
+
+        y = tf.nn.batch_normalization(
+            f64(x), f64(mean), f64(variance), f64(offset), f64(scale), variance_epsilon
+        )
+        return tf.cast(y, x.dtype)
+
+    return batch_normalization
+
+
+def patch_bn_moments(tf, normalization: bool = False):
+    """Installs `exact_moments` as the `tf.nn.moments` seen by tf_keras's BatchNormalization
+    (and with ``normalization`` `exact_batch_normalization` as its `tf.nn.batch_normalization`);
     returns a function that undoes it."""
     from tf_keras.src.layers.normalization import batch_normalization as keras_bn
 
     real, calls = keras_bn.tf, []
-    moments = exact_moments(real)
+    moments, norm = exact_moments(real), exact_batch_normalization(real)
     proxy = _TfProxy(real, None)
     del proxy.random_shuffle  # back to the module's own (tf.compat.v2 has none)
-    proxy.nn = _NnProxy(real.nn, lambda *a, **k: calls.append(1) or moments(*a, **k))
+    proxy.nn = _NnProxy(
+        real.nn,
+        lambda *a, **k: calls.append("moments") or moments(*a, **k),
+        (lambda *a, **k: calls.append("norm") or norm(*a, **k)) if normalization else None,
+    )
     keras_bn.tf = proxy
 
     def undo():
         keras_bn.tf = real
-        if not calls:
-            raise SystemExit("--exact-bn-moments: the official BN never called tf.nn.moments")
+        missing = {"moments", *(["norm"] if normalization else [])} - set(calls)
+        if missing:
+            raise SystemExit(f"exact BN: the official BN never called tf.nn {sorted(missing)}")
 
     return undo
 
@@ -370,7 +395,7 @@ def run_config(
     with tf.Graph().as_default():
         params = _params(ref, tf, tpu_models, name, images.shape[1], paths, tempfile.mkdtemp())
         t0 = time.time()
-        undo = patch_bn_moments(tf) if exact_bn else (lambda: None)
+        undo = patch_bn_moments(tf, exact_bn == "float64_bn") if exact_bn else (lambda: None)
         try:
             spec, rec = build_train(tf, params, images, labels, roi_perm)
         finally:
@@ -394,7 +419,7 @@ def run_config(
     out["decay_names"] = [v.op.name for v in rec["filter_regularization_variables"]]
     out["trainable_names"] = [v.op.name for v in rec["filter_trainable_variables_args"][0]]
     res = fx.summarise(name, out, weights, after, variables, seed)
-    res["bn_moments"] = np.array("float64" if exact_bn else "tf")
+    res["bn_moments"] = np.array(exact_bn or "tf")
     res["global_step"] = np.int64(global_step)
     return res
 
@@ -434,7 +459,7 @@ def run(args, tf, tpu_models, images, batch, info, paths, rare_mask):
             roi_perm.astype(np.int32),
             seed,
             variables,
-            args.exact_bn_moments,
+            "float64_bn" if args.exact_bn else "float64" if args.exact_bn_moments else "",
             args.global_step,
         )
         res["roi_perm"] = roi_perm.astype(np.int32)
