@@ -105,10 +105,13 @@ LIMITS_TF_MOMENTS = dict(
 
 
 def limits_for(bn_moments: str) -> Dict:
-    """The limits the test asserts for a fixture whose `bn_moments` is this."""
-    if bn_moments not in ("float64", "tf"):
-        raise FixtureError(f"bn_moments {bn_moments!r}: expected 'float64' or 'tf'")
-    return LIMITS if bn_moments == "float64" else LIMITS_TF_MOMENTS
+    """The limits the test asserts for a fixture whose `bn_moments` is this. "float64_bn" (the
+    reference's BN wholly in float64, tools/official_reference.py --exact-bn; not committed):
+    as "float64", its worst "other" gradient measured 3.8e-2 (rpn_head/rpn-l5-bn/beta)."""
+    modes = {"float64_bn": LIMITS, "float64": LIMITS, "tf": LIMITS_TF_MOMENTS}
+    if bn_moments not in modes:
+        raise FixtureError(f"bn_moments {bn_moments!r}: expected one of {sorted(modes)}")
+    return modes[bn_moments]
 
 
 class FixtureError(ValueError):
