@@ -12,7 +12,7 @@ import vild_d2  # noqa: F401  (first: registers the model and applies compatibil
 from cli.args import add_config_arguments, parse_args as parse_tool_args, with_dataset_files
 from cli.errors import STARTUP_ERRORS, startup_error_line
 from detectron2.engine import default_argument_parser
-from vild_d2.checkpoint import ViLDCheckpointer
+from vild_d2.checkpoint import IncompatibleCheckpointError, ViLDCheckpointer
 from vild_d2.engine import Trainer, launch, setup
 from vild_d2.engine.launch import LaunchArgumentError, ProcessDiedError, RendezvousError
 
@@ -38,7 +38,10 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except IncompatibleCheckpointError as e:  # a SELF_DISTILL.START_WEIGHTS of another model
+        raise InputError(startup_error_line(e, args.config_file)) from e
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

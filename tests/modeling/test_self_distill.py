@@ -181,7 +181,7 @@ def test_weight_without_a_starting_model_is_one_line(tmp_path, capsys):
         assert not out.exists(), name
 
 
-def test_train_net_logs_the_loss_and_saves_no_teacher(tmp_path, tiny_clip_path):
+def test_train_net_logs_the_loss_and_saves_no_teacher(tmp_path, tiny_clip_path, capsys):
     """tools/train_net.py, the usual way: a ViLD-text start, 2 iterations with the keys set."""
     world = make_world(tmp_path / "datasets", prefix="sdtrain")
     clip = ["MODEL.VILD.CLIP_MODEL", tiny_clip_path]
@@ -205,3 +205,16 @@ def test_train_net_logs_the_loss_and_saves_no_teacher(tmp_path, tiny_clip_path):
     assert all("loss_self_distill" in m for m in metrics) and len(metrics) >= 1
     saved = torch.load(out / "model_final.pth", weights_only=True)["model"]
     assert set(saved) == set(torch.load(start, weights_only=True)["model"])
+    # A starting model of another variant: an error line naming the key and the file, exit 2.
+    train = ["DATASETS.TRAIN", f"('{world['train']}',)"]
+    other = load_config("configs/Shapes/vild_ensemble.yaml", [*TINY_OPTS, *clip, *train])
+    ViLDCheckpointer(build_model(other), str(tmp_path)).save("other")
+    argv = ["--config-file", config, *TINY_OPTS, *clip, *train, "DATASETS.TEST", "()"]
+    argv += ["MODEL.WEIGHTS", start, "MODEL.VILD.SELF_DISTILL.WEIGHT", "1.0"]
+    argv += ["MODEL.VILD.SELF_DISTILL.START_WEIGHTS", str(tmp_path / "other.pth")]
+    capsys.readouterr()
+    assert _train_net().cli([*argv, "OUTPUT_DIR", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    last = [x for x in err.splitlines() if x.strip()][-1]
+    assert "Traceback" not in err, err[-2000:]
+    assert last.startswith("error: MODEL.VILD.SELF_DISTILL.START_WEIGHTS") and "other.pth" in last
