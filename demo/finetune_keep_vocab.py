@@ -4,6 +4,7 @@ method, over seeds (docs/OWN_DATA.md, "Keeping the open vocabulary: design").
 
     python demo/finetune_keep_vocab.py --shapes output/shapes --datasets datasets \\
         --output output/keep_vocab [--variant vild_ensemble] [--seeds 0 1 2] [--iters 300]
+        # --new-style paper: the new data has names the shapes world lacks (the issue's)
 
 From the model `make demo` trained (``<shapes>/<variant>/model_final.pth``, its tiny CLIP, its
 base RPN; the old world ``shapes_*`` registered from ``--datasets``), for each method and seed:
@@ -140,17 +141,26 @@ def measure(args) -> dict:
     out, shapes = args.output.resolve(), args.shapes.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    dataset_file = args.dataset_file or data / "new_shapes" / "new_shapes.yaml"
-    select_file = args.select_dataset_file or data / "new_shapes_select" / "new_shapes_select.yaml"
+    # The default new data: demo/own_data.py's, of --new-style ("paper": names the world lacks).
+    name = "paper_shapes" if args.new_style == "paper" else "new_shapes"
+    dataset_file = args.dataset_file or data / name / f"{name}.yaml"
+    select_file = args.select_dataset_file or data / f"{name}_select" / f"{name}_select.yaml"
     if not args.dataset_file and not dataset_file.is_file():
-        write_coco_dataset(data / "new_shapes", num_train=args.num_train, num_val=args.num_val)
+        write_coco_dataset(
+            data / name,
+            name=name,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            style=args.new_style,
+        )
     if not args.select_dataset_file and not select_file.is_file():  # another draw, held out
         write_coco_dataset(
-            data / "new_shapes_select",
-            name="new_shapes_select",
+            data / f"{name}_select",
+            name=f"{name}_select",
             seed=1,
             num_train=4,
             num_val=args.num_val,
+            style=args.new_style,
         )
     new, select = _dataset_name(dataset_file), _dataset_name(select_file)
     teacher, start = shapes / "teacher" / "tiny_clip.pt", shapes / args.variant / "model_final.pth"
@@ -339,6 +349,12 @@ def main(argv=None):
     p.add_argument("--variant", default="vild_ensemble", choices=["vild_ensemble", "vild"])
     p.add_argument("--dataset-file", type=Path, help="the new data (default: demo/own_data.py's)")
     p.add_argument("--select-dataset-file", type=Path, help="held-out data for WiSE-FT's alpha")
+    p.add_argument(
+        "--new-style",
+        choices=["shapes", "paper"],
+        default="shapes",
+        help="the default new data's style (demo/own_data.py --style): paper has new names",
+    )
     p.add_argument("--num-train", type=int, default=300)
     p.add_argument("--num-val", type=int, default=60)
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
