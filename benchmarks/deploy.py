@@ -61,11 +61,20 @@ def _compare(predictor, detector, image, names, novel) -> dict:
     ref = predictor(image)["instances"]
     got = detector(image, names, novel)
     out = {"detections_pytorch": len(ref), "detections_runtime": len(got["boxes"])}
-    if len(ref) == len(got["boxes"]) and len(ref):
-        out["same_classes"] = bool(np.array_equal(ref.pred_classes.numpy(), got["classes"]))
-        out["max_box_diff_px"] = float(np.abs(ref.pred_boxes.tensor.numpy() - got["boxes"]).max())
-        out["max_score_diff"] = float(np.abs(ref.scores.numpy() - got["scores"]).max())
+    out.update(_differences(ref, got))
     return out
+
+
+def _differences(ref, got) -> dict:
+    """Same classes, largest box and score differences of the predictor's Instances and the
+    runtime's detections, when they have as many (non-zero) detections; else {}."""
+    if len(ref) != len(got["boxes"]) or not len(ref):
+        return {}
+    return {
+        "same_classes": bool(np.array_equal(ref.pred_classes.numpy(), got["classes"])),
+        "max_box_diff_px": float(np.abs(ref.pred_boxes.tensor.numpy() - got["boxes"]).max()),
+        "max_score_diff": float(np.abs(ref.scores.numpy() - got["scores"]).max()),
+    }
 
 
 def _time_model(label, config_file, opts, setup, workdir, text_encoder, names, novel, emb):
@@ -280,13 +289,9 @@ def _time_cell(predictor, detector, image, names, repeats: int) -> dict:
 
     seconds = round_robin({"pytorch": pytorch, "runtime": runtime}, repeats)
     ref, got = last["pytorch"], last["runtime"]
-    out = {
+    return {
         "pytorch_ms": 1000 * seconds["pytorch"],
         "runtime_ms": 1000 * seconds["runtime"],
         "detections": [len(ref), len(got["boxes"])],
+        **_differences(ref, got),
     }
-    if len(ref) == len(got["boxes"]) and len(ref):
-        out["same_classes"] = bool(np.array_equal(ref.pred_classes.numpy(), got["classes"]))
-        out["max_box_diff_px"] = float(np.abs(ref.pred_boxes.tensor.numpy() - got["boxes"]).max())
-        out["max_score_diff"] = float(np.abs(ref.scores.numpy() - got["scores"]).max())
-    return out

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from vild_d2 import ViLDCheckpointer, ViLDOutputLayers, Vocabulary
 from vild_d2.modeling import distillation_loss, ensemble_scores
-from tiny_model import DIM, TEST_NAMES, TRAIN_NAMES, random_vocab, tiny_cfg  # tests/ helper
+from tiny_model import DIM, TEST_NAMES, TRAIN_NAMES, random_vocab, tiny_cfg, tiny_inputs
 
 
 @pytest.fixture(scope="module")
@@ -27,38 +27,6 @@ def vocab_files(tmp_path_factory):
         files[key] = str(root / f"{key}.pth")
         random_vocab(names, seed).save(files[key])
     return files
-
-
-def _inputs(num_images=2, num_distill=(5, 3), with_gt=(True, True), dim=DIM, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h, w = 64, 80
-    inputs = []
-    for i in range(num_images):
-        image = torch.randint(0, 255, (3, h, w), generator=g, dtype=torch.uint8)
-        inst = Instances((h, w))
-        if with_gt[i]:
-            boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [40.0, 10.0, 76.0, 50.0]])
-            masks = torch.zeros(2, h, w, dtype=torch.bool)
-            for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-                masks[k, y0:y1, x0:x1] = True
-            inst.gt_boxes, inst.gt_classes, inst.gt_masks = (
-                Boxes(boxes),
-                torch.tensor([0, 2]),
-                BitMasks(masks),
-            )
-        else:
-            inst.gt_boxes = Boxes(torch.zeros(0, 4))
-            inst.gt_classes = torch.zeros(0, dtype=torch.long)
-            inst.gt_masks = BitMasks(torch.zeros(0, h, w, dtype=torch.bool))
-        m = num_distill[i]
-        xy = torch.rand(m, 2, generator=g) * torch.tensor([w / 2, h / 2])
-        distill = Instances((h, w))
-        distill.boxes = Boxes(torch.cat([xy, xy + 8 + torch.rand(m, 2, generator=g) * 20], 1))
-        distill.embeddings = torch.randn(m, dim, generator=g)
-        inputs.append(
-            {"image": image, "height": h, "width": w, "instances": inst, "distill": distill}
-        )
-    return inputs
 
 
 def _predictor(**kwargs):
@@ -198,7 +166,7 @@ def test_variant_train_step_and_inference(variant, vocab_files):
     torch.manual_seed(0)
     model = build_model(tiny_cfg(variant, vocab_files))
     with EventStorage():
-        losses = model(_inputs())
+        losses = model(tiny_inputs())
     expected = EXPECTED_LOSSES | ({"loss_distill"} if variant != "text" else set())
     if variant == "image":
         expected = expected - {"loss_cls"}
@@ -217,7 +185,7 @@ def test_variant_train_step_and_inference(variant, vocab_files):
         # The text-branch head receives no gradient from the distillation loss alone.
         model.zero_grad()
         with EventStorage():
-            model(_inputs())["loss_distill"].backward()
+            model(tiny_inputs())["loss_distill"].backward()
         assert (
             model.roi_heads.box_predictor.cls_score.projection.weight.grad is None
             or model.roi_heads.box_predictor.cls_score.projection.weight.grad.abs().sum() == 0
@@ -225,7 +193,7 @@ def test_variant_train_step_and_inference(variant, vocab_files):
 
     model.eval()
     with torch.no_grad():
-        (out,) = model([{"image": _inputs()[0]["image"], "height": 64, "width": 80}])
+        (out,) = model([{"image": tiny_inputs()[0]["image"], "height": 64, "width": 80}])
     inst = out["instances"]
     assert len(inst) > 0
     assert int(inst.pred_classes.max()) < len(TEST_NAMES)
@@ -241,7 +209,7 @@ def test_vild_image_has_no_text_term(vocab_files):
     model = build_model(tiny_cfg("image", vocab_files))
     classifier = model.roi_heads.box_predictor.cls_score
     with EventStorage():
-        losses = model(_inputs())
+        losses = model(tiny_inputs())
     total = sum(losses.values())
     from_total = torch.autograd.grad(total, classifier.projection.weight, retain_graph=True)[0]
     from_distill = torch.autograd.grad(
@@ -256,7 +224,7 @@ def test_vild_image_has_no_text_term(vocab_files):
     torch.manual_seed(0)
     vild = build_model(tiny_cfg("vild", vocab_files))
     with EventStorage():
-        vild_losses = vild(_inputs())
+        vild_losses = vild(tiny_inputs())
     (grad_bg,) = torch.autograd.grad(
         sum(vild_losses.values()), vild.roi_heads.box_predictor.cls_score.background
     )
@@ -270,7 +238,7 @@ def test_vild_image_scores_by_hand(vocab_files):
     cfg = tiny_cfg("image", vocab_files, **{"MODEL.VILD.TEMPERATURE": 0.5})
     model = build_model(cfg).eval()
     rh = model.roi_heads
-    image = _inputs()[0]["image"]
+    image = tiny_inputs()[0]["image"]
     with torch.no_grad():
         images = model.preprocess_image([{"image": image}])
         features = model.backbone(images.tensor)
@@ -295,10 +263,10 @@ def test_empty_annotations_and_empty_distillation(vocab_files):
         model = build_model(tiny_cfg(variant, vocab_files))
         with EventStorage():
             # Image 0 has no annotations, image 1 no distillation boxes.
-            losses = model(_inputs(num_distill=(4, 0), with_gt=(False, True)))
+            losses = model(tiny_inputs(num_distill=(4, 0), with_gt=(False, True)))
             assert all(torch.isfinite(v) for v in losses.values())
             # No distillation box in the whole batch: zero loss, still differentiable.
-            losses = model(_inputs(num_distill=(0, 0)))
+            losses = model(tiny_inputs(num_distill=(0, 0)))
         assert losses["loss_distill"].item() == 0.0
         sum(losses.values()).backward()
 
@@ -318,7 +286,7 @@ def test_ensemble_base_novel_from_training_vocabulary(vocab_files):
 def _detect(model, seed=3):
     model.eval()
     with torch.no_grad():
-        return model([{"image": _inputs(seed=seed)[0]["image"], "height": 64, "width": 80}])[0][
+        return model([{"image": tiny_inputs(seed=seed)[0]["image"], "height": 64, "width": 80}])[0][
             "instances"
         ]
 
@@ -372,12 +340,12 @@ def test_width_mismatch_is_a_clear_error(vocab_files, tmp_path):
         model.set_vocabulary(wide)
     # Distillation targets from another CLIP width.
     with EventStorage(), pytest.raises(ValueError, match=rf"{DIM * 2}-d.*{DIM}-d"):
-        model(_inputs(dim=DIM * 2))
+        model(tiny_inputs(dim=DIM * 2))
 
 
 def test_missing_distillation_inputs_and_bad_variant(vocab_files):
     model = build_model(tiny_cfg("vild", vocab_files))
-    inputs = _inputs()
+    inputs = tiny_inputs()
     for x in inputs:
         del x["distill"]
     with EventStorage(), pytest.raises(ValueError, match="distill"):
@@ -411,7 +379,7 @@ def test_vild_box_head_norm_after_every_layer_and_plain_math():
 # ---------------------------------------------------------------------------------------------
 # Wiring of the distillation and ensemble branches, against references computed separately
 def _features_and_proposals(model, seed=5):
-    inputs = _inputs(seed=seed)
+    inputs = tiny_inputs(seed=seed)
     images = model.preprocess_image(inputs)
     features = model.backbone(images.tensor)
     rh = model.roi_heads
@@ -489,7 +457,7 @@ def test_images_with_empty_width_unknown_distillation_are_skipped(vocab_files):
     """A mapper output for an image without boxes can have (0, 0) embeddings (width unknown)."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg("vild", vocab_files))
-    inputs = _inputs(num_distill=(3, 0))
+    inputs = tiny_inputs(num_distill=(3, 0))
     inputs[1]["distill"].embeddings = torch.zeros(0, 0)
     with EventStorage():
         losses = model(inputs)
@@ -514,7 +482,7 @@ def test_precomputed_proposals_and_one_box_image_branch(vocab_files):
     }
     model = build_model(tiny_cfg("ensemble", vocab_files, **overrides))
     assert model.proposal_generator is None
-    inputs = _inputs(num_distill=(1, 0))  # one distillation box in the whole batch
+    inputs = tiny_inputs(num_distill=(1, 0))  # one distillation box in the whole batch
     for x in inputs:
         p = Instances((64, 80))
         p.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 40, 40], [30, 10, 79, 60]]))

@@ -17,14 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from vild_d2 import ViLDCheckpointer
 from vild_d2.checkpoint import IncompatibleCheckpointError
 from vild_d2.config import load_config
 from vild_d2.modeling.self_distill import attach_self_distillation
-from tiny_model import DIM, TEST_NAMES, TRAIN_NAMES, random_vocab, tiny_cfg  # tests/ helper
+from tiny_model import DIM, TEST_NAMES, TRAIN_NAMES, random_vocab, tiny_cfg, tiny_inputs
 from tiny_world import TINY_OPTS, make_world  # tests/ helper
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,33 +57,6 @@ def _start_and_student(variant, vocab_files, tmp_path):
     return model.train()
 
 
-def _batch(seed=0):
-    """Two 64 x 80 images with two boxes each and five distillation boxes (random targets)."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = 64, 80
-    inputs = []
-    for _ in range(2):
-        inst = Instances((h, w))
-        boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [40.0, 10.0, 76.0, 50.0]])
-        masks = torch.zeros(2, h, w, dtype=torch.bool)
-        for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-            masks[k, y0:y1, x0:x1] = True
-        inst.gt_boxes, inst.gt_classes, inst.gt_masks = (
-            Boxes(boxes),
-            torch.tensor([0, 2]),
-            BitMasks(masks),
-        )
-        distill = Instances((h, w))
-        xy = torch.rand(5, 2, generator=g) * 30
-        distill.boxes = Boxes(torch.cat([xy, xy + 10 + torch.rand(5, 2, generator=g) * 20], 1))
-        distill.embeddings = torch.randn(5, DIM, generator=g)
-        image = torch.randint(0, 255, (3, h, w), generator=g, dtype=torch.uint8)
-        inputs.append(
-            {"image": image, "height": h, "width": w, "instances": inst, "distill": distill}
-        )
-    return inputs
-
-
 @pytest.mark.parametrize("variant", ["text", "vild", "ensemble"])
 def test_zero_at_the_start(variant, vocab_files, tmp_path):
     """Student = teacher's weights, same RoIs: the loss is 0 (the shapes heads have GN, no BN or
@@ -92,7 +64,7 @@ def test_zero_at_the_start(variant, vocab_files, tmp_path):
     model = _start_and_student(variant, vocab_files, tmp_path)
     torch.manual_seed(1)  # the RoI sampling
     with EventStorage():
-        loss = model(_batch())["loss_self_distill"]
+        loss = model(tiny_inputs(num_distill=(5, 5)))["loss_self_distill"]
     assert loss.item() == 0.0
 
 
@@ -107,7 +79,7 @@ def test_loss_by_hand_gradients_and_teacher_outside_the_model(vocab_files, tmp_p
     seen = []  # the box head's output: the sampled RoIs' features (the text variant: only them)
     hook = heads.box_head.register_forward_hook(lambda m, i, out: seen.append(out.detach()))
     with EventStorage():
-        loss = model(_batch())["loss_self_distill"]
+        loss = model(tiny_inputs(num_distill=(5, 5)))["loss_self_distill"]
     hook.remove()
     # float64, by hand: the box features are the teacher's too (the backbone and head are equal)
     x = seen[0].double()

@@ -18,7 +18,7 @@ from ..text import (
     resolve_vocabulary,
     vocabulary_specs,
 )
-from .vild_fast_rcnn import inference_without_background
+from .postprocess import per_class_detections
 
 __all__ = ["CLIPOnCropsRCNN"]
 
@@ -130,7 +130,7 @@ class CLIPOnCropsRCNN(GeneralizedRCNN):
             probs = probs * torch.sigmoid(p.objectness_logits)[:, None] ** self.objectness_weight
             scores.append(probs)
             boxes.append(p.proposal_boxes.tensor)
-        instances = inference_without_background(
+        instances, _ = per_class_detections(
             boxes,
             scores,
             images.image_sizes,

@@ -12,21 +12,25 @@ from .text_classifier import NORM_EPS
 __all__ = ["distillation_loss", "ensemble_scores"]
 
 
-def distillation_loss(region_embeddings, clip_embeddings):
+def distillation_loss(region_embeddings, clip_embeddings, normalize_targets: bool = True):
     """
     L1 distance between region embeddings and CLIP image embeddings, summed over D and
     averaged over the boxes (ViLD-image).
 
     Args:
         region_embeddings: (M, D), L2-normalised.
-        clip_embeddings: (M, D) targets, any norm (normalised here).
+        clip_embeddings: (M, D) targets, any norm (normalised here unless
+            ``normalize_targets`` is False: targets already unit, e.g. a teacher's embeddings,
+            which a second normalisation would move by a rounding).
     Returns:
         scalar; 0 (with a graph) when M == 0.
     """
     if region_embeddings.shape[0] == 0:
         return region_embeddings.sum() * 0.0
     # float32 even under autocast: a sum over D of small differences.
-    targets = F.normalize(clip_embeddings.float(), dim=1, eps=NORM_EPS)
+    targets = clip_embeddings.float()
+    if normalize_targets:
+        targets = F.normalize(targets, dim=1, eps=NORM_EPS)
     return (region_embeddings.float() - targets).abs().sum(dim=1).mean()
 
 

@@ -24,6 +24,8 @@ import torch
 from detectron2.structures import Instances
 from torch.nn.parallel import DistributedDataParallel
 
+from .losses import distillation_loss
+
 
 __all__ = ["SelfDistillation", "attach_self_distillation", "check_start_weights"]
 
@@ -72,19 +74,14 @@ class SelfDistillation:
             proposals: the sampled RoIs, with :meth:`add_targets`' fields.
         """
         student = heads.box_predictor.cls_score.embed(box_features)
-        loss = _l1(student, torch.cat([p.self_distill_text for p in proposals]))
+        teacher = torch.cat([p.self_distill_text for p in proposals])  # unit already
+        loss = distillation_loss(student, teacher, normalize_targets=False)
         if heads.variant == "ensemble":
             image = heads.embed_image_branch(pooled)
             if image is not None:  # None: too few RoIs for a batch-norm image head
-                loss = loss + _l1(image, torch.cat([p.self_distill_image for p in proposals]))
+                teacher = torch.cat([p.self_distill_image for p in proposals])
+                loss = loss + distillation_loss(image, teacher, normalize_targets=False)
         return self.weight * loss
-
-
-def _l1(student, teacher):
-    """(R, D), (R, D) unit embeddings -> L1 summed over D, averaged over R (0 when R == 0)."""
-    if student.shape[0] == 0:
-        return student.sum() * 0.0
-    return (student.float() - teacher.float()).abs().sum(dim=1).mean()
 
 
 def check_start_weights(cfg) -> None:

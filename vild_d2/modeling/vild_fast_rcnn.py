@@ -5,7 +5,7 @@ Shape shorthand: N = RoIs, C = box-head feature channels, D = CLIP embedding wid
 K = classes of the active vocabulary.
 """
 
-from typing import List, Sequence, Tuple
+from typing import List
 
 import torch
 from detectron2.config import configurable
@@ -18,7 +18,7 @@ from ..text import TextEncoder, Vocabulary, build_text_encoder, build_vocabulari
 from .postprocess import per_class_detections
 from .text_classifier import TextClassifier
 
-__all__ = ["ViLDOutputLayers", "inference_without_background"]
+__all__ = ["ViLDOutputLayers"]
 
 
 class ViLDOutputLayers(FastRCNNOutputLayers):
@@ -65,15 +65,8 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
 
     def inference(self, predictions, proposals: List[Instances]):
         """As detectron2's, with the exportable per-class NMS: (instances, kept indices)."""
-        scores = [s[:, :-1] for s in self.predict_probs(predictions, proposals)]
-        return per_class_detections(
-            self.predict_boxes(predictions, proposals),
-            scores,
-            [p.image_size for p in proposals],
-            self.test_score_thresh,
-            self.test_nms_thresh,
-            self.test_topk_per_image,
-        )
+        probs = torch.cat(self.predict_probs(predictions, proposals))[:, :-1]  # background out
+        return self._detections(predictions, proposals, probs)
 
     def inference_with_scores(
         self, predictions, proposals: List[Instances], scores: torch.Tensor
@@ -82,7 +75,11 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         Inference with the box deltas of ``predictions`` and class ``scores`` (R, K) that have
         no background column (ViLD-ensemble's, ViLD-image's): per-class NMS and top-k.
         """
-        return inference_without_background(
+        return self._detections(predictions, proposals, scores)[0]
+
+    def _detections(self, predictions, proposals, scores):
+        """:func:`.postprocess.per_class_detections` of the (R, K) ``scores`` over all images."""
+        return per_class_detections(
             self.predict_boxes(predictions, proposals),
             scores.split([len(p) for p in proposals]),
             [p.image_size for p in proposals],
@@ -118,24 +115,3 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         ):
             ret.pop(key, None)  # ours, or newer detectron2 options ViLD's softmax CE never uses
         return ret
-
-
-def inference_without_background(
-    boxes: Sequence[torch.Tensor],
-    scores: Sequence[torch.Tensor],
-    image_shapes: Sequence[Tuple[int, int]],
-    score_thresh: float,
-    nms_thresh: float,
-    topk_per_image: int,
-) -> List[Instances]:
-    """
-    detectron2's ``fast_rcnn_inference`` (per-class NMS, top-k) for scores that have no
-    background column (ViLD-ensemble, CLIP on crops).
-
-    Args:
-        boxes: per image (R_i, 4) class-agnostic boxes.
-        scores: per image (R_i, K) class scores.
-    """
-    return per_class_detections(
-        boxes, scores, image_shapes, score_thresh, nms_thresh, topk_per_image
-    )[0]
