@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import vild_d2  # noqa: F401  (first: applies compat bridges)
-from vild_d2.checkpoint import _RENAMED
+from vild_d2.checkpoint import rename_old_keys
 from vild_d2.fileio import atomic_open
 from vild_d2.safe_load import UnsafeFileError, load_pickle, torch_load
 from vild_d2.text import Vocabulary
@@ -84,10 +84,8 @@ def read_checkpoint(path, flag: str) -> Dict:
             raise InterpolationError(
                 f"{flag} {path}: model entry {name!r} is a {type(value).__name__}, not a tensor"
             )
-        for old, new in _RENAMED.items():  # older checkpoints' names, as the checkpointer reads
-            name = name.replace(old, new) if old in name else name
         state[name[len("module.") :] if name.startswith("module.") else name] = value
-    checkpoint["model"] = state
+    checkpoint["model"] = rename_old_keys(state)  # older checkpoints' names, as when loading
     checkpoint["_path"] = str(path)
     return checkpoint
 

@@ -14,7 +14,7 @@ from .fileio import atomic_torch_save, atomic_write
 from .safe_load import UnsafeFileError, load_pickle, torch_load
 from .text import Vocabulary
 
-__all__ = ["ViLDCheckpointer", "IncompatibleCheckpointError"]
+__all__ = ["ViLDCheckpointer", "IncompatibleCheckpointError", "rename_old_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,20 @@ _RENAMED = {
     "box_predictor.projection.": "box_predictor.cls_score.projection.",
     "box_predictor.background": "box_predictor.cls_score.background",
 }
+
+
+def rename_old_keys(state: dict) -> dict:
+    """``state`` (a state dict) with older checkpoints' parameter names (:data:`_RENAMED`)
+    made current, in place; returns it."""
+    for key in list(state):
+        current = key
+        for old, new in _RENAMED.items():
+            current = current.replace(old, new)
+        if current != key:
+            state[current] = state.pop(key)
+    return state
+
+
 # A checkpoint that has these was trained with ViLD's text classifier: every parameter of a
 # ViLD model must then come from it.
 _VILD_KEYS = (
@@ -193,11 +207,7 @@ class ViLDCheckpointer(DetectionCheckpointer):
         atomic_write(path, [last_filename_basename.encode("utf-8")])
 
     def _load_model(self, checkpoint):
-        state = checkpoint["model"]
-        for key in list(state):
-            for old, new in _RENAMED.items():
-                if old in key:
-                    state[key.replace(old, new)] = state.pop(key)
+        state = rename_old_keys(checkpoint["model"])
         keys = {k[len("module.") :] if k.startswith("module.") else k for k in state}
         self._check_finite(state)
         incompatible = super()._load_model(checkpoint)
