@@ -328,6 +328,13 @@ def main():
         "float64 too (its backward's sums for beta and gamma; fixture bn_moments 'float64_bn')",
     )
     parser.add_argument(
+        "--exact-layers",
+        action="store_true",
+        help="train mode: --exact-bn, and the convolutions, dense layers, bias adds and the "
+        "RoIAlign in float64 too, each cast back to float32 (fixture bn_moments "
+        "'float64_layers'; docs/OFFICIAL.md 'Change 4')",
+    )
+    parser.add_argument(
         "--global-step",
         type=int,
         default=0,

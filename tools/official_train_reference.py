@@ -115,6 +115,74 @@ def patch_bn_moments(tf, normalization: bool = False):
     return undo
 
 
+def patch_layers_float64(tf, spatial_transform_ops):
+    """The official graph's other reductions in float64, each layer's result cast back to float32
+    (`--exact-layers`, fixture mode "float64_layers"): tf_keras's convolutions
+    (`Conv.convolution_op`), transposed convolutions, dense matmuls and every `bias_add` of
+    those layers, and the official RoIAlign's gather and interpolation
+    (`spatial_transform_ops.selective_crop_and_resize`, its features cast; the boxes and the
+    level assignment stay float32). Their backward passes (the sums over positions, RoIs and
+    channels that make the gradients) are then float64 too. Wrappers only: no official file is
+    edited. Returns a function that undoes it."""
+    from tf_keras.src.layers.convolutional import base_conv, conv2d_transpose
+    from tf_keras.src.layers.core import dense
+
+    calls = set()
+
+    def in_float64(key, fn):
+        """fn(x, w, ...) on x and w cast to float64, its result cast back to x's dtype."""
+
+        def wrapped(x, w, *args, **kwargs):
+            calls.add(key)
+            out = fn(tf.cast(x, tf.float64), tf.cast(w, tf.float64), *args, **kwargs)
+            return tf.cast(out, x.dtype)
+
+        return wrapped
+
+    real_tf, real_backend = base_conv.tf, conv2d_transpose.backend
+    modules = (base_conv, conv2d_transpose, dense)
+    tf_proxy = _TfProxy(real_tf, None)
+    del tf_proxy.random_shuffle
+    tf_proxy.nn = _NnProxy(real_tf.nn, real_tf.nn.moments)
+    tf_proxy.nn.bias_add = in_float64("bias_add", real_tf.nn.bias_add)
+    matmul = in_float64("matmul", real_tf.matmul)
+    tf_proxy.matmul = lambda a, b, **kwargs: matmul(a, b, **kwargs)
+    backend_proxy = _TfProxy(real_backend, None)
+    del backend_proxy.random_shuffle
+    backend_proxy.conv2d_transpose = in_float64("conv2d_transpose", real_backend.conv2d_transpose)
+    real_op = base_conv.Conv.convolution_op
+
+    def convolution_op(self, inputs, kernel):
+        return in_float64("convolution", lambda x, w: real_op(self, x, w))(inputs, kernel)
+
+    real_crop = spatial_transform_ops.selective_crop_and_resize
+
+    def selective_crop_and_resize(features, *args, **kwargs):
+        calls.add("roi_align")
+        out = real_crop(tf.cast(features, tf.float64), *args, **kwargs)
+        return tf.cast(out, features.dtype)
+
+    for m in modules:
+        m.tf = tf_proxy
+    conv2d_transpose.backend = backend_proxy
+    base_conv.Conv.convolution_op = convolution_op
+    spatial_transform_ops.selective_crop_and_resize = selective_crop_and_resize
+
+    def undo():
+        for m in modules:
+            m.tf = real_tf
+        conv2d_transpose.backend = real_backend
+        base_conv.Conv.convolution_op = real_op
+        spatial_transform_ops.selective_crop_and_resize = real_crop
+        wanted = {"bias_add", "matmul", "conv2d_transpose", "convolution", "roi_align"}
+        if wanted - calls:
+            raise SystemExit(
+                f"exact layers: the official graph never called {sorted(wanted - calls)}"
+            )
+
+    return undo
+
+
 def _params(ref, tf, tpu_models, config_name, image_size, paths, model_dir):
     overrides = {
         "use_tpu": False,
@@ -395,10 +463,20 @@ def run_config(
     with tf.Graph().as_default():
         params = _params(ref, tf, tpu_models, name, images.shape[1], paths, tempfile.mkdtemp())
         t0 = time.time()
-        undo = patch_bn_moments(tf, exact_bn == "float64_bn") if exact_bn else (lambda: None)
+        undo = (
+            patch_bn_moments(tf, exact_bn in ("float64_bn", "float64_layers"))
+            if exact_bn
+            else (lambda: None)
+        )
+        undo_layers = lambda: None  # noqa: E731
+        if exact_bn == "float64_layers":
+            from ops import spatial_transform_ops  # as the official modules import it
+
+            undo_layers = patch_layers_float64(tf, spatial_transform_ops)
         try:
             spec, rec = build_train(tf, params, images, labels, roi_perm)
         finally:
+            undo_layers()
             undo()
         fetch = train_fetches(tf, spec, rec)
         print(f"{name}: graph built in {time.time() - t0:.0f} s", flush=True)
@@ -459,7 +537,13 @@ def run(args, tf, tpu_models, images, batch, info, paths, rare_mask):
             roi_perm.astype(np.int32),
             seed,
             variables,
-            "float64_bn" if args.exact_bn else "float64" if args.exact_bn_moments else "",
+            "float64_layers"
+            if args.exact_layers
+            else "float64_bn"
+            if args.exact_bn
+            else "float64"
+            if args.exact_bn_moments
+            else "",
             args.global_step,
         )
         res["roi_perm"] = roi_perm.astype(np.int32)
