@@ -118,8 +118,8 @@ def patch_bn_moments(tf, normalization: bool = False):
 def patch_layers_float64(tf, spatial_transform_ops):
     """The official graph's other reductions in float64, each layer's result cast back to float32
     (`--exact-layers`, fixture mode "float64_layers"): tf_keras's convolutions
-    (`Conv.convolution_op`), transposed convolutions, dense matmuls and every `bias_add` of
-    those layers, and the official RoIAlign's gather and interpolation
+    (`Conv.convolution_op`), transposed convolutions, dense layers (`matmul`, `tensordot`) and
+    every `bias_add` of those layers, and the official RoIAlign's gather and interpolation
     (`spatial_transform_ops.selective_crop_and_resize`, its features cast; the boxes and the
     level assignment stay float32). Their backward passes (the sums over positions, RoIs and
     channels that make the gradients) are then float64 too. Wrappers only: no official file is
@@ -145,8 +145,9 @@ def patch_layers_float64(tf, spatial_transform_ops):
     del tf_proxy.random_shuffle
     tf_proxy.nn = _NnProxy(real_tf.nn, real_tf.nn.moments)
     tf_proxy.nn.bias_add = in_float64("bias_add", real_tf.nn.bias_add)
-    matmul = in_float64("matmul", real_tf.matmul)
-    tf_proxy.matmul = lambda a, b, **kwargs: matmul(a, b, **kwargs)
+    matmul = in_float64("dense", real_tf.matmul)
+    tf_proxy.matmul = lambda a, b, **kwargs: matmul(a, b, **kwargs)  # rank-2 inputs
+    tf_proxy.tensordot = in_float64("dense", real_tf.tensordot)  # rank 3 (the official heads)
     backend_proxy = _TfProxy(real_backend, None)
     del backend_proxy.random_shuffle
     backend_proxy.conv2d_transpose = in_float64("conv2d_transpose", real_backend.conv2d_transpose)
@@ -174,7 +175,7 @@ def patch_layers_float64(tf, spatial_transform_ops):
         conv2d_transpose.backend = real_backend
         base_conv.Conv.convolution_op = real_op
         spatial_transform_ops.selective_crop_and_resize = real_crop
-        wanted = {"bias_add", "matmul", "conv2d_transpose", "convolution", "roi_align"}
+        wanted = {"bias_add", "dense", "conv2d_transpose", "convolution", "roi_align"}
         if wanted - calls:
             raise SystemExit(
                 f"exact layers: the official graph never called {sorted(wanted - calls)}"
