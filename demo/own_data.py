@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from vild_d2.data.datasets.shapes import WorldSpec, draw_scene, visible_box
-from vild_d2.data.datasets.shapes import _annotation as exact_annotation
+from vild_d2.data.datasets.shapes import exact_annotation
 from vild_d2.data.datasets.shapes_geometry import rasterise
 
 REPO = Path(__file__).resolve().parent.parent

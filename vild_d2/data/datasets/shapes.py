@@ -49,6 +49,7 @@ __all__ = [
     "WorldSpec",
     "background_texture",
     "draw_scene",
+    "exact_annotation",
     "generate_shapes_world",
     "load_world_spec",
     "novel_for_shapes",
@@ -199,7 +200,7 @@ def draw_scene(
     return image, objects
 
 
-def _annotation(poly: np.ndarray, mask: np.ndarray) -> Optional[dict]:
+def exact_annotation(poly: np.ndarray, mask: np.ndarray) -> Optional[dict]:
     """
     LVIS fields of an object from its shape polygon and visible pixels ``mask``: the polygon
     itself when nothing covers it, else the outlines of the visible pixels; ``bbox`` = the
@@ -261,7 +262,7 @@ def generate_shapes_world(
             file_name = f"{k:06d}.png"
             cv2.imwrite(str(root / "images" / split / file_name), image[:, :, ::-1])
             for name, poly, mask in objects:
-                ann = _annotation(poly, mask)
+                ann = exact_annotation(poly, mask)
                 if ann is None:
                     continue
                 ann = {"image_id": image_id, "category_id": cat_id[name], **ann}
