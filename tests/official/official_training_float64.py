@@ -82,8 +82,12 @@ def main(name: str) -> None:
         rows.append((f32[n][0], n, f64[n][0], self_rel, f32[n][1], f64[n][1]))
     rows.sort(reverse=True)
     print("variable: ours32 vs TF rel (cos) | ours64 vs TF rel (cos) | ours32 vs ours64 rel")
-    for r32, n, r64, self_rel, c32, c64 in rows[:12]:
-        print(f"  {n}: {r32:.2e} ({c32:.5f}) | {r64:.2e} ({c64:.5f}) | {self_rel:.2e}")
+    by64 = sorted(rows, key=lambda r: -r[2])
+    named = [r for r in rows if r[1] in ("fpn/p4-bn/beta", "rpn_head/rpn-l5-bn/beta")]
+    for title, shown in (("by ours32 vs TF", rows[:12]), ("by ours64 vs TF", by64[:6])):
+        print(f" worst {title} (of {len(rows)}):")
+        for r32, n, r64, self_rel, c32, c64 in shown + named:
+            print(f"  {n}: {r32:.2e} ({c32:.5f}) | {r64:.2e} ({c64:.5f}) | {self_rel:.2e}")
 
 
 if __name__ == "__main__":

