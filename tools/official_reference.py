@@ -13,8 +13,8 @@ With `--mode train` (and `TF_ENABLE_ONEDNN_OPTS=0`) it runs one official trainin
 writes `train_*.npz` (see `tools/official_train_reference.py` and FORMAT.md, "Training fixture"):
 
     TF_USE_LEGACY_KERAS=1 TF_ENABLE_ONEDNN_OPTS=0 /work/tfref/venv/bin/python \
-        tools/official_reference.py --mode train --exact-bn-moments --tpu-repo /work/tfref/tpu \
-        --tpu-commit 7dc921f846c9e4071f3884b768a7ddf521272a49
+        tools/official_reference.py --mode train --exact-layers --global-step 500 \
+        --tpu-repo /work/tfref/tpu --tpu-commit 7dc921f846c9e4071f3884b768a7ddf521272a49
 
 The weights are `random_official_weights(official_variables(50, ensemble), seed)`, loaded from
 `vild_d2/official/checkpoint/variables.py` and `tools/reference/random_weights.py` by file path

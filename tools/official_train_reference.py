@@ -3,7 +3,7 @@
 Called by `tools/official_reference.py --mode train` (the entry point; same TF venv, never CI):
 
     TF_USE_LEGACY_KERAS=1 TF_ENABLE_ONEDNN_OPTS=0 /work/tfref/venv/bin/python \\
-        tools/official_reference.py --mode train --exact-bn-moments --global-step 500 \\
+        tools/official_reference.py --mode train --exact-layers --global-step 500 \\
         --tpu-repo /work/tfref/tpu \\
         --tpu-commit 7dc921f846c9e4071f3884b768a7ddf521272a49
 
@@ -15,7 +15,10 @@ config; the two `tf.random_shuffle` calls (anchor and RoI sampling) are pinned b
 recorded. Writes `train_common.npz`, `train_vild.npz`, `train_vild_ensemble.npz`, described in
 `tests/fixtures/official_vild/FORMAT.md` ("Training fixture").
 
-`--exact-bn-moments` (the mode the committed fixtures use; recorded as `bn_moments` = "float64",
+`--exact-layers` (the mode the committed fixtures use, `bn_moments` = "float64_layers";
+docs/OFFICIAL.md, changes 4 and 5) adds to `--exact-bn-moments` the BN's normalisation and the
+convolutions, dense layers, bias adds and RoIAlign in float64 (`patch_layers_float64`).
+`--exact-bn-moments` alone (the fixtures before; recorded as `bn_moments` = "float64",
 "tf" without it): the official BN's `tf.nn.moments` (called by tf_keras's BatchNormalization,
 the base class of `nn_ops.BatchNormalization`) is replaced, through a proxy for that module's
 `tf`, by the same biased moments reduced in float64 and cast back to float32. Its two float32

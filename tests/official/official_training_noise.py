@@ -1,7 +1,7 @@
 """Why the training-parity figures against the plain official graph missed the issue's
 tolerances (docs/OFFICIAL.md "Training parity"): the official graph's batch-norm moments carry
 float32 reduction error, and the BN backward amplifies it towards the stem. (The committed
-fixtures now come from the official graph with exact BN moments, ``--exact-bn-moments``, so
+fixtures now come from the official graph with exact reductions, ``--exact-layers``, so
 :func:`spread` there compares against that reference; the plain-TF figures are in the doc.)
 
 TF's ``tf.nn.moments`` (the official ``BatchNormalization``, ``use_sync_bn: true``, non-fused)
