@@ -319,7 +319,7 @@ def main():
         "--exact-bn-moments",
         action="store_true",
         help="train mode: reduce the official BN's tf.nn.moments in float64 (a wrapper; "
-        "the committed training fixtures use it, see official_train_reference.py)",
+        "the training fixtures before --exact-layers, see official_train_reference.py)",
     )
     parser.add_argument(
         "--exact-bn",

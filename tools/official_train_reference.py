@@ -124,7 +124,8 @@ def patch_layers_float64(tf, spatial_transform_ops):
     (`Conv.convolution_op`), transposed convolutions, dense layers (`matmul`, `tensordot`) and
     every `bias_add` of those layers, and the official RoIAlign's gather and interpolation
     (`spatial_transform_ops.selective_crop_and_resize`, its features cast; the boxes and the
-    level assignment stay float32). Their backward passes (the sums over positions, RoIs and
+    level assignment stay float32; the mask targets' crops, which call it too, are float64
+    as well). Their backward passes (the sums over positions, RoIs and
     channels that make the gradients) are then float64 too. Wrappers only: no official file is
     edited. Returns a function that undoes it."""
     from tf_keras.src.layers.convolutional import base_conv, conv2d_transpose
@@ -172,14 +173,14 @@ def patch_layers_float64(tf, spatial_transform_ops):
     base_conv.Conv.convolution_op = convolution_op
     spatial_transform_ops.selective_crop_and_resize = selective_crop_and_resize
 
-    def undo():
+    def undo(check: bool = True):
         for m in modules:
             m.tf = real_tf
         conv2d_transpose.backend = real_backend
         base_conv.Conv.convolution_op = real_op
         spatial_transform_ops.selective_crop_and_resize = real_crop
         wanted = {"bias_add", "dense", "conv2d_transpose", "convolution", "roi_align"}
-        if wanted - calls:
+        if check and wanted - calls:
             raise SystemExit(
                 f"exact layers: the official graph never called {sorted(wanted - calls)}"
             )
@@ -472,16 +473,19 @@ def run_config(
             if exact_bn
             else (lambda: None)
         )
-        undo_layers = lambda: None  # noqa: E731
+        undo_layers = lambda check=True: None  # noqa: E731
         if exact_bn == "float64_layers":
             from ops import spatial_transform_ops  # as the official modules import it
 
             undo_layers = patch_layers_float64(tf, spatial_transform_ops)
         try:
             spec, rec = build_train(tf, params, images, labels, roi_perm)
+        except BaseException:
+            undo_layers(check=False)  # restore, and let the build's own error through
+            raise
         finally:
-            undo_layers()
             undo()
+        undo_layers()
         fetch = train_fetches(tf, spec, rec)
         print(f"{name}: graph built in {time.time() - t0:.0f} s", flush=True)
         with tf.Session(config=config) as sess:

@@ -1,5 +1,5 @@
 """Whose float32 is it? vild_d2's official training step run in float64 (model, inputs, targets,
-every tensor it makes) against the committed exact-moments fixture, beside the float32 run the
+every tensor it makes) against the committed fixture, beside the float32 run the
 parity test makes (docs/OFFICIAL.md, "Experiment: whose float32"). For the variables the fixture
 stores in full: ours32 vs TF, ours64 vs TF, ours32 vs ours64 (relative L2 and cosine).
 
@@ -83,10 +83,11 @@ def main(name: str) -> None:
     rows.sort(reverse=True)
     print("variable: ours32 vs TF rel (cos) | ours64 vs TF rel (cos) | ours32 vs ours64 rel")
     by64 = sorted(rows, key=lambda r: -r[2])
-    named = [r for r in rows if r[1] in ("fpn/p4-bn/beta", "rpn_head/rpn-l5-bn/beta")]
+    named = ("fpn/p4-bn/beta", "rpn_head/rpn-l5-bn/beta")
     for title, shown in (("by ours32 vs TF", rows[:12]), ("by ours64 vs TF", by64[:6])):
         print(f" worst {title} (of {len(rows)}):")
-        for r32, n, r64, self_rel, c32, c64 in shown + named:
+        extra = [r for r in rows if r[1] in named and r not in shown]
+        for r32, n, r64, self_rel, c32, c64 in shown + extra:
             print(f"  {n}: {r32:.2e} ({c32:.5f}) | {r64:.2e} ({c64:.5f}) | {self_rel:.2e}")
 
 

@@ -79,7 +79,10 @@ TOL = {
 # What the test asserts, by the fixture's `bn_moments` (FORMAT.md, "Training fixture").
 # "float64_layers" (the committed fixtures): the official graph with its BN, convolutions, dense
 # layers and RoIAlign reduced in float64 (tools/official_train_reference.py --exact-layers,
-# wrappers): the issue's tolerances, every one (docs/OFFICIAL.md, changes 4 and 5).
+# wrappers): the issue's tolerances, every one (docs/OFFICIAL.md, changes 4 and 5), with the L1
+# distillation's subgradient replayed from the fixture at its kink (`_pin_l1_ties`): at most
+# `l1_pins_max` elements, each within `l1_pin_gap` of the kink (measured: 2 and 1, <= 1.8e-6).
+LIMITS_LAYERS = dict(TOL, l1_pin_gap=1e-5, l1_pins_max=8)
 # "float64" (--exact-bn-moments, the fixtures before): every figure met the issue's tolerance
 # except one group, whose limit is the measured figure with a margin:
 LIMITS = dict(
@@ -111,7 +114,7 @@ def limits_for(bn_moments: str) -> Dict:
     reference's BN wholly in float64, tools/official_reference.py --exact-bn; not committed):
     as "float64", its worst "other" gradient measured 3.8e-2 (rpn_head/rpn-l5-bn/beta)."""
     modes = {
-        "float64_layers": TOL,
+        "float64_layers": LIMITS_LAYERS,
         "float64_bn": LIMITS,
         "float64": LIMITS,
         "tf": LIMITS_TF_MOMENTS,
@@ -415,6 +418,8 @@ def verdicts(report: Dict, tol: Dict) -> Dict[str, bool]:
         "bn": report["bn_worst"][1] <= tol["bn_stats"],
         "head_grads": all(v <= tol["head_grad"] for v in heads.values())
         and report["distill_grad_flip_max_gap"] <= tol["distill_flip_gap"]
+        # the replayed kink ties: bounded where the limits pin them (the issue's TOL has no pins)
+        and report["distill_ties_pinned"] <= tol.get("l1_pins_max", float("inf"))
         and report["distill_grad_magnitude_rel"] <= tol["head_grad"],
         "grads": variables_ok(report["grads"], tol),
         "updates": variables_ok(report["updates"], tol),
@@ -443,33 +448,24 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-class _Pinned:
-    """The mask of pinned elements, filled in by the backward hook."""
-
-    def __init__(self):
-        self.mask = None
-
-    def sum(self):
-        return 0 if self.mask is None else self.mask.sum()
-
-
-def _pin_l1_ties(embeddings: torch.Tensor, gap: torch.Tensor, ref, tol: Dict) -> _Pinned:
+def _pin_l1_ties(embeddings: torch.Tensor, gap: torch.Tensor, ref, pin_gap: float) -> Dict:
     """The L1 distillation's subgradient at its kink, replayed (docs/OFFICIAL.md "Change 5").
-    Where |embedding - target| (``gap``, (2, 300, D)) is at most ``tol["distill_flip_gap"]`` and
-    vild_d2's gradient sign differs from the fixture's, the element gets the fixture's gradient
-    (a backward hook on ``embeddings``, so everything upstream sees it): at the kink any value in
+    Where |embedding - target| (``gap``, (2, 300, D)) is below ``pin_gap`` and vild_d2's
+    gradient sign differs from the fixture's, the element gets the fixture's gradient (a
+    backward hook on ``embeddings``, so everything upstream sees it): at the kink any value in
     [-c, c] is a subgradient, and float rounding picks the side. A sign that differs farther
-    from the kink is left alone, and fails the comparison."""
+    from the kink is left alone, and fails the comparison. Returns {"mask": the pinned elements
+    (set by the hook), "handle": the hook's, to remove after the backward pass}."""
     theirs = torch.as_tensor(ref["grad_distill_embeddings"])
-    ties = gap <= tol["distill_flip_gap"]
-    pinned = _Pinned()
+    ties = gap < pin_gap
+    pinned = {"mask": torch.zeros_like(ties)}
 
     def hook(grad):
         g = grad.view(2, 300, -1)
-        pinned.mask = ties & (torch.sign(g) != torch.sign(theirs.to(g.dtype)))
-        return torch.where(pinned.mask, theirs.to(g.dtype), g).view_as(grad)
+        pinned["mask"] = ties & (torch.sign(g) != torch.sign(theirs.to(g.dtype)))
+        return torch.where(pinned["mask"], theirs.to(g.dtype), g).view_as(grad)
 
-    embeddings.register_hook(hook)
+    pinned["handle"] = embeddings.register_hook(hook)
     return pinned
 
 
@@ -551,9 +547,13 @@ def run_step(name: str, images, common, ref, workdir: str, reverts: bool = True)
     rec = roi.record
     tgt = F.normalize(torch.cat([d.embeddings for d in distill]).double(), dim=1, eps=1e-8)
     gap = (rec["region_embeddings"][0].detach().double() - tgt).abs().view(2, 300, -1)
-    pinned = _pin_l1_ties(rec["region_embeddings"][0], gap, ref, limits_for(report["bn_moments"]))
+    pin_gap = limits_for(report["bn_moments"]).get("l1_pin_gap", 0.0)  # 0: nothing is pinned
+    pinned = _pin_l1_ties(rec["region_embeddings"][0], gap, ref, pin_gap)
     model_loss.backward()
-    report["distill_ties_pinned"] = int(pinned.sum())
+    pinned["handle"].remove()
+    report["distill_ties_pinned"] = int(pinned["mask"].sum())
+    mask = pinned["mask"]
+    report["distill_ties_pinned_max_gap"] = float(gap[mask].max()) if mask.any() else 0.0
     g_cls = rec["class_logits"][0].grad.view(2, 512, -1)
     g_cls = torch.cat([g_cls[..., -1:], g_cls[..., :-1]], dim=-1)  # official: background first
     heads = {
