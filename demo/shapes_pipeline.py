@@ -19,22 +19,13 @@ ablation adds ``supervised_full``, trained on the training images with the novel
 annotated too (``annotations/train_full.json``): an upper reference, not a baseline.
 """
 
-import functools
-import hashlib
 import json
 import os
-import re
-import shutil
-import subprocess
-import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from vild_d2.fileio import atomic_write
+from stages import StageRunner, file_key  # demo/ sibling module
 from vild_d2.data.datasets.shapes import DEFAULT_NOVEL, WorldSpec, load_world_spec
 
 __all__ = [
@@ -108,15 +99,7 @@ class ShapesOptions:
     detector_seed: Optional[int] = None  # SEED of every detector run; None = the config's
 
 
-@dataclass
-class _Branch:
-    """How the stages of one :meth:`ShapesPipeline.side_by_side` branch run."""
-
-    log_file: Optional[Path] = None  # None: the terminal
-    threads_file: Optional[Path] = None  # the branch's current share of the cores (None: all)
-
-
-class ShapesPipeline:
+class ShapesPipeline(StageRunner):
     """Runs the stages for ``options``; ``repo`` is the project checkout (tools/, configs/)."""
 
     def __init__(self, options: ShapesOptions, repo: Path, log=None):
@@ -136,158 +119,13 @@ class ShapesPipeline:
         }
         self.proposals_store = self.out / "stores" / "proposals_train"
         self.targets_store = self.out / "stores" / "clip_train"
-        # Flushed: the stage lines must interleave with the tools' own output in a log file.
-        self.log = log or functools.partial(print, flush=True)
-        self.keys: Dict[str, str] = {}
-        self.timings: Dict[str, float] = {}
-        self.env = dict(os.environ, DETECTRON2_DATASETS=str(self.datasets))
-        self._branch = threading.local()  # the side_by_side branch a thread runs, if any
-        self.cores = os.cpu_count() or 1
+        super().__init__(
+            self.out, self.repo, dict(os.environ, DETECTRON2_DATASETS=str(self.datasets)), log
+        )
         # Processes of a detector run and shards of the targets (0: one per core, at most 2):
         # on 2 cores a second process gains more than a second torch thread (docs/SHAPES.md
         # "Stage times").
         self.processes = options.processes or min(2, self.cores)
-
-    def side_by_side(self, *branches: Sequence[Callable[[], None]], cores: int = 0):
-        """
-        Run each branch (a list of stage methods, in order) in its own thread, at the same
-        time, the cores split between them (``cores`` = 0: all of this machine's). When a
-        branch ends, its cores go to the branches still running: a tool that reads
-        ``$VILD_D2_THREADS_FILE`` (the teacher, ``demo/tiny_clip.py``) takes them mid-run. Two
-        processes of one thread each use 2 cores fully, which a second torch thread does not
-        (docs/SHAPES.md "Stage times"). The first branch writes to the terminal, the others to
-        ``<output>/stages/<first stage>.log``. With one core, the branches run in turn.
-        """
-        cores = cores or self.cores
-        if cores < 2 or len(branches) < 2:
-            for stage in (s for b in branches for s in b):
-                stage()
-            return
-        logs = self.out / "stages"
-        logs.mkdir(parents=True, exist_ok=True)
-
-        names = [b[0].__name__.replace("run_", "") for b in branches]
-        threads_files = [logs / f"{n}.threads" for n in names]
-        running = set(range(len(branches)))
-        lock = threading.Lock()
-
-        def share_cores():  # under lock: the cores split between the branches still running
-            for j in running:
-                atomic_write(threads_files[j], [str(max(1, cores // len(running))).encode()])
-
-        def run(i, stages):
-            self._branch.value = _Branch(
-                log_file=None if i == 0 else logs / f"{names[i]}.log",
-                threads_file=threads_files[i],
-            )
-            try:
-                for stage in stages:
-                    stage()
-            finally:
-                with lock:
-                    running.discard(i)
-                    share_cores()
-
-        with lock:
-            share_cores()
-
-        with ThreadPoolExecutor(len(branches)) as pool:
-            futures = [pool.submit(run, i, list(b)) for i, b in enumerate(branches)]
-            errors = [f.exception() for f in futures]  # waits for every branch
-        for error in errors:
-            if error is not None:
-                raise error
-
-    # ---------------------------------------------------------------------------- stages
-    def _stage(
-        self,
-        name: str,
-        commands: List[List[str]],
-        outputs: List[Path],
-        after: Sequence[str] = (),
-        clean: Sequence[Path] = (),
-        configs: Sequence[str] = (),
-        valid: Optional[Callable[[], bool]] = None,
-        at_once: bool = False,
-    ):
-        """
-        Run ``commands`` (in turn, or all at once with the cores split between them: shards)
-        unless the stage's marker holds the same key and ``outputs`` exist
-        (and ``valid()``, if given, holds). The key covers the commands, the contents of the
-        ``configs`` they read (with their _BASE_ files) and the keys of the stages ``after``.
-        Before running, ``clean`` paths are deleted: the tools resume what they find, and a
-        store or training folder made for another key must not be resumed. Inside
-        :meth:`side_by_side`, the commands get that branch's share of the cores and log file.
-        """
-        texts = [(self.repo / c).read_text() for c in _config_chain(self.repo, configs)]
-        key = hashlib.sha256(
-            json.dumps([commands, texts, [self.keys[a] for a in after]]).encode()
-        ).hexdigest()[:16]
-        self.keys[name] = key
-        marker = self.out / "stages" / f"{name}.json"
-        if marker.is_file() and all(p.exists() for p in outputs) and (valid is None or valid()):
-            try:
-                done = json.loads(marker.read_text())
-            except ValueError:
-                done = {}
-            if done.get("key") == key:
-                self.log(f"[{name}] cached ({done.get('seconds', 0):.0f} s when it ran)")
-                self.timings[name] = 0.0
-                return
-        self.log(f"[{name}] running")
-        marker.unlink(missing_ok=True)
-        for path in clean:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        branch = getattr(self._branch, "value", None) or _Branch()
-        # at_once: the commands start together (shards of one store), the cores split.
-        groups = [list(commands)] if at_once else [[c] for c in commands]
-        start = time.perf_counter()
-        for group in groups:
-            # The branch's share of the cores as its tools start (the teacher follows it later).
-            share = int(branch.threads_file.read_text()) if branch.threads_file else 0
-            threads = share or (self.cores if len(group) > 1 else 0)
-            threads = max(1, threads // len(group)) if threads else 0
-            env = dict(self.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-            if branch.threads_file is not None:  # not in the key: how a stage runs, not what
-                env["VILD_D2_THREADS_FILE"] = str(branch.threads_file)
-            running = []
-            for i, cmd in enumerate(group):
-                self.log("  + " + " ".join(_quote(c) for c in cmd))
-                log_file = branch.log_file or (
-                    self.out / "stages" / f"{name}.{i}.log" if i else None
-                )
-                if log_file is not None:
-                    self.log(f"    (its output: {log_file})")
-                    log_file.parent.mkdir(parents=True, exist_ok=True)
-                out = open(log_file, "ab") if log_file is not None else None
-                proc = subprocess.Popen(
-                    [sys.executable, *cmd],
-                    cwd=self.repo,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT if out else None,
-                )
-                running.append((cmd, log_file, out, proc))
-            failed = []
-            for cmd, log_file, out, proc in running:  # every one ends before an error is raised
-                code = proc.wait()
-                if out is not None:
-                    out.close()
-                if code:
-                    seen = f"; its output is in {log_file}" if log_file else ""
-                    failed.append(f"exit {code}) running: {' '.join(cmd)}{seen}")
-            if failed:
-                raise RuntimeError(f"stage {name!r} failed ({failed[0]}")
-        missing = [str(p) for p in outputs if not p.exists()]
-        if missing:
-            raise RuntimeError(f"stage {name!r} finished but did not write {missing}")
-        seconds = time.perf_counter() - start
-        self.timings[name] = seconds
-        atomic_write(marker, [json.dumps({"key": key, "seconds": seconds}).encode()])
-        self.log(f"[{name}] done in {seconds:.0f} s")
 
     def world_spec(self) -> WorldSpec:
         o = self.o
@@ -323,7 +161,7 @@ class ShapesPipeline:
         if self.o.teacher_file:  # given: its key is its content, so a changed file reruns
             if not self.teacher.is_file():
                 raise FileNotFoundError(f"--teacher: no CLIP checkpoint at {self.teacher}")
-            self.keys["teacher"] = _file_key(self.teacher)
+            self.keys["teacher"] = file_key(self.teacher)
             self.log(f"[teacher] given: {self.teacher}")
             return
         temperature = self.o.teacher_temperature
@@ -536,31 +374,6 @@ class ShapesPipeline:
     def teacher_summary(self) -> Optional[dict]:
         path = self.teacher.with_suffix(".json")
         return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _config_chain(repo: Path, configs: Sequence[str]) -> List[str]:
-    """``configs`` and the _BASE_ files they inherit from, repo-relative."""
-    out: List[str] = []
-    todo = list(configs)
-    while todo:
-        path = todo.pop()
-        out.append(path)
-        base = re.search(r'^_BASE_:\s*"?([^"\n]+)"?', (repo / path).read_text(), re.M)
-        if base:
-            todo.append(os.path.normpath(os.path.join(os.path.dirname(path), base.group(1))))
-    return out
-
-
-def _file_key(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def _quote(arg: str) -> str:
-    return f"'{arg}'" if (" " in arg or "(" in arg) else arg
 
 
 def results_table(rows: Dict[str, Dict[str, Dict[str, float]]]) -> str:
