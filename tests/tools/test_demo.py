@@ -818,3 +818,26 @@ def test_ranges_of_the_demos_numbers(demo, toy, tmp_path, capsys, flag, value, m
     assert _main(demo, toy, "--input", str(photo), "--output", str(out), flag, value) == 2
     assert _one_error_line(capsys.readouterr().err) == f"error: {message}"
     assert not out.exists()
+
+
+def test_16_bit_images_are_read_as_value_div_257(tmp_path):
+    """The tools read a 16-bit file as the deployment contract says (value // 257, worked out
+    here in Python integers), not as OpenCV's 8-bit conversion (v / 256 rounded: 385 -> 2,
+    40000 -> 156, where // 257 gives 1 and 155); an 8-bit file as cv2.imread reads it."""
+    from cli.demo_files import read_image  # tools/cli
+
+    values = [0, 256, 257, 385, 1000, 40000, 65534, 65535]
+    grey = np.array([values] * 8, dtype=np.uint16)  # 8 x 8
+    colour = np.stack([grey, grey[:, ::-1], np.full_like(grey, 40000)], axis=2)
+    for name, image in (("grey16.png", grey), ("colour16.png", colour)):
+        path = str(tmp_path / name)
+        assert cv2.imwrite(path, image)
+        got = read_image(path, max_megapixels=1)
+        want = image[:, :, None].repeat(3, axis=2) if image.ndim == 2 else image
+        expected = np.array([[[int(v) // 257 for v in px] for px in row] for row in want])
+        assert got.dtype == np.uint8 and got.shape == (8, 8, 3)
+        assert np.array_equal(got, expected), name
+    eight = (np.arange(8 * 8 * 3, dtype=np.uint8) * 5).reshape(8, 8, 3)
+    path = str(tmp_path / "eight.png")
+    assert cv2.imwrite(path, eight)
+    assert np.array_equal(read_image(path, max_megapixels=1), cv2.imread(path, cv2.IMREAD_COLOR))

@@ -233,7 +233,8 @@ def image_size(path: str) -> Tuple[int, int]:
 
 def read_image(path: str, max_megapixels: float) -> np.ndarray:
     """
-    The image as BGR uint8 (what ``cv2.imread`` gives), or an :class:`InputError` with the
+    The image as BGR uint8 (what ``cv2.imread`` gives; a 16-bit one as value // 257, the
+    deployment contract's rule), or an :class:`InputError` with the
     reason: missing, a folder, empty, a link loop, no image, corrupt, or more pixels than
     ``max_megapixels`` (read from the header: a 20000 x 20000 PNG of 389 KB is refused
     before its 1.2 GB are decoded).
@@ -249,7 +250,11 @@ def read_image(path: str, max_megapixels: float) -> np.ndarray:
             "or raise --max-megapixels if the memory allows (about 20 bytes a pixel)"
         )
     try:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        # ANYDEPTH keeps 16 bits, so that the conversion below is the contract's, not OpenCV's
+        # (which rounds v / 256: one grey level off v // 257 on some values).
+        image = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+        if image is not None and image.dtype not in (np.uint8, np.uint16):  # float EXR / HDR
+            image = cv2.imread(path, cv2.IMREAD_COLOR)
     except cv2.error as e:  # OpenCV's own checks: its text is a C++ assertion, say it in words
         if "CV_IO_MAX_IMAGE_PIXELS" in str(e):
             why = f"{w}x{h} px is over OpenCV's own limit of 2^30 pixels per image"
@@ -260,6 +265,8 @@ def read_image(path: str, max_megapixels: float) -> np.ndarray:
         raise InputError(
             f"cannot decode the image ({w}x{h} px in its header): corrupt or truncated?"
         )
+    if image.dtype == np.uint16:  # the rule of runtime/vild_d2_runtime/contract.py, check_image
+        image = (image // 257).astype(np.uint8)
     return image
 
 
