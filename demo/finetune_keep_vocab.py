@@ -257,6 +257,22 @@ def measure(args) -> dict:
             report["runs"][method][seed] = {**run, "wall s": times[key], **extra}
     report["summary"] = _summary(report, args.methods)
     report["choice"] = choose(report["summary"])
+    # The explaining experiment (docs/OWN_DATA.md): WiSE-FT's whole path, both worlds.
+    report["frontier"] = {
+        seed: {
+            a: _figures(
+                runner.evaluate(
+                    config,
+                    out / "wise_ft" / f"seed{seed}" / f"alpha_{a}.pth",
+                    tests,
+                    out / "wise_ft" / f"seed{seed}" / f"frontier_{a}",
+                ),
+                new,
+            )
+            for a in args.alphas
+        }
+        for seed in (args.frontier_seeds if "wise_ft" in args.methods else [])
+    }
     (out / "keep_vocab.json").write_text(json.dumps(report, indent=1))
     (out / "keep_vocab.md").write_text(_table(report, args.methods))
     return report
@@ -368,6 +384,16 @@ def _table(report: dict, methods: Sequence[str]) -> str:
         cells += ["-" if s["margins"][k] is None else f"{s['margins'][k]:+.2f}" for k in margins]
         met = sum(bool(v) for v in s["goals"].values())
         lines.append(f"| {m} | {s['seeds']} | " + " | ".join(cells) + f" | {met}/3 |")
+    for seed, path in report.get("frontier", {}).items():
+        lines += [
+            "",
+            f"WiSE-FT's path, seed {seed} (every alpha on both worlds; explains, never chooses):",
+            "",
+            "| alpha | " + " | ".join(cols[:-1]) + " |",
+            "|---|" + "---|" * (len(cols) - 1),
+        ]
+        for a, fig in path.items():
+            lines.append(f"| {a} | " + " | ".join(f"{fig[c]:.1f}" for c in cols[:-1]) + " |")
     choice = report.get("choice", {}).get("chosen")
     lines.append(
         ""
@@ -400,6 +426,13 @@ def main(argv=None):
     p.add_argument("--max-boxes", type=int, default=100)
     p.add_argument("--self-distill-weight", type=float, default=1.0)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    p.add_argument(
+        "--frontier-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="seeds whose WiSE-FT alphas are all evaluated on both worlds (the explaining run)",
+    )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE ... for all")
     args = p.parse_args(argv)
     report = measure(args)
