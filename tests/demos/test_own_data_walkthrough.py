@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from own_data import CATEGORIES, NOVEL, write_coco_dataset  # demo/ (pytest.ini pythonpath)
 from tiny_world import TINY_OPTS, make_random_model, save_random_clip  # tests/ helper
@@ -122,6 +123,7 @@ def test_the_page_names_what_the_test_runs():
 @pytest.mark.slow
 def test_walkthrough_commands(walk):
     home, env, blocks = walk["home"], walk["env"], walk["blocks"]
+    demo_model = home / "vild_d2/output/shapes/vild_ensemble/model_final.pth"
     # 0. The page's setup, as written: $VILD_D2, the work folder, the configs and CLIP links.
     _bash("\n".join(blocks[0]), home, env)
     work = home / "vild_work"
@@ -160,6 +162,13 @@ def test_walkthrough_commands(walk):
     # 9. The demo's ViLD-ensemble (3 other classes) fine-tuned with its variant's config; then
     # interpolated with it and evaluated on the held-out split, AP-all printed by the grep.
     assert (out / "vild_ft/inference/my_parts_val/results.json").is_file()
+    # ... with self-distillation from the start: its loss logged, no copy of the start saved.
+    metrics = [json.loads(x) for x in (out / "vild_sd/metrics.json").read_text().splitlines()]
+    steps = [m for m in metrics if "total_loss" in m]  # the other line: the evaluation's
+    assert steps and all("loss_self_distill" in m for m in steps)
+    saved = torch.load(out / "vild_sd/model_final.pth", map_location="cpu", weights_only=True)
+    start = torch.load(demo_model, map_location="cpu", weights_only=True)
+    assert set(saved["model"]) == set(start["model"])
     assert (out / "wise/alpha_0.5.pth").is_file()
     assert re.search(r'eval_0\.5/.*"AP-all": ', logs[-1]), logs[-1][-2000:]
     # Nothing of the walk-through went elsewhere: the stand-in checkout holds what it held.
